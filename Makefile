@@ -1,0 +1,35 @@
+# Two commands do all the set-up (see README): `make demo` and `make test`.
+PYTHON ?= python3
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+# The CPU/CUDA wheels pip finds for these pins; keep torch within the range pyproject allows.
+TORCH  ?= torch==2.14.1 torchvision==0.29.1
+
+.PHONY: demo test install lint bench clean
+
+$(BIN)/vlmindex: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet $(TORCH)
+	$(BIN)/pip install --quiet '.[test,ocr]'
+	@touch $@
+
+install: $(BIN)/vlmindex
+
+demo: install
+	$(BIN)/vlmindex demo
+
+test: install
+	$(BIN)/pip install --quiet --no-deps --force-reinstall .
+	$(BIN)/python -m pytest -q
+
+lint: install
+	$(BIN)/ruff check src tests benchmarks
+
+bench: install
+	$(BIN)/python benchmarks/bench_metrics.py
+	$(BIN)/python benchmarks/bench_embed.py
+	$(BIN)/python benchmarks/bench_index.py
+
+clean:
+	rm -rf $(VENV) build dist vlmindex-workspace

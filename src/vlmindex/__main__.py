@@ -1,0 +1,3 @@
+from vlmindex.cli import main
+
+main()

@@ -1,0 +1,55 @@
+"""Read-side catalog queries shared by the CLI and later stages."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import duckdb
+
+from vlmindex.errors import VlmindexError
+
+
+def dataset_summaries(con: duckdb.DuckDBPyConnection) -> list[dict[str, Any]]:
+    """One row per dataset: format, modalities, classes, and image counts per split."""
+    rows = con.execute(
+        """
+        SELECT d.name, d.format,
+               string_agg(DISTINCT i.modality, ', ' ORDER BY i.modality) AS modality,
+               count(DISTINCT i.label) AS n_classes,
+               string_agg(DISTINCT i.label, ', ' ORDER BY i.label) AS classes,
+               count(i.image_id) AS images,
+               count(DISTINCT i.group_id) AS groups,
+               d.n_skipped AS skipped,
+               d.source
+        FROM datasets d LEFT JOIN images i ON i.dataset = d.name
+        GROUP BY ALL ORDER BY d.name
+        """
+    ).fetchall()
+    cols = ["name", "format", "modality", "n_classes", "classes", "images", "groups", "skipped", "source"]
+    out = [dict(zip(cols, r, strict=True)) for r in rows]
+    splits = con.execute(
+        "SELECT dataset, coalesce(split, '(none)'), count(*) FROM images GROUP BY ALL ORDER BY ALL"
+    ).fetchall()
+    per = {}
+    for ds, split, n in splits:
+        per.setdefault(ds, {})[split] = n
+    for row in out:
+        row["splits"] = per.get(row["name"], {})
+    return out
+
+
+def require_dataset(con: duckdb.DuckDBPyConnection, name: str) -> None:
+    if con.execute("SELECT 1 FROM datasets WHERE name = ?", [name]).fetchone():
+        return
+    known = [r[0] for r in con.execute("SELECT name FROM datasets ORDER BY name").fetchall()]
+    hint = f"known datasets: {', '.join(known)}" if known else "the workspace has none yet"
+    raise VlmindexError(
+        f"unknown dataset {name!r} ({hint}); add it with `vlmindex ingest` or `vlmindex synth`"
+    )
+
+
+def class_names(con: duckdb.DuckDBPyConnection, dataset: str) -> list[str]:
+    return [r[0] for r in con.execute(
+        "SELECT DISTINCT label FROM images WHERE dataset = ? AND label IS NOT NULL ORDER BY label",
+        [dataset],
+    ).fetchall()]

@@ -1,0 +1,183 @@
+"""Commands over the catalog: ingest, synth, datasets, sql."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import click
+import duckdb
+
+from vlmindex.cli import cli, pass_ctx
+from vlmindex.cli.output import echo_rows, format_option, relation_rows
+from vlmindex.datasets import FORMATS, IngestOptions
+from vlmindex.errors import VlmindexError
+
+
+@cli.command()
+@click.argument("name")
+@click.argument("source", type=click.Path(path_type=Path))
+@click.option("--format", "fmt", type=click.Choice(list(FORMATS)), required=True,
+              help="How SOURCE is laid out.")
+@click.option("--exclude", multiple=True, metavar="GLOB",
+              help="Skip files whose name or relative path matches (repeatable), e.g. '*_mask*.png'.")
+@click.option("--group-regex", metavar="REGEX",
+              help=r"Derive group ids (patient/lesion) from file names: first capture group, e.g. '^(person\d+)_'.")
+@click.option("--modality", help="Modality of every image (dermoscopy, xray, ultrasound, ...).")
+@click.option("--path-col", help="csv: column with image paths or ids.")
+@click.option("--label-col", help="csv: column with class labels.")
+@click.option("--split-col", help="csv: column with train/val/test.")
+@click.option("--group-col", help="csv: column with patient or lesion ids.")
+@click.option("--modality-col", help="csv: column with the modality.")
+@click.option("--image-root", type=click.Path(path_type=Path),
+              help="csv: folder that manifest paths are relative to (default: the CSV's folder).")
+@click.option("--ext", "extension", help="csv: extension added to ids that have none (ISIC, HAM10000: .jpg).")
+@click.option("--flavour", help="medmnist: dermamnist, breastmnist, pneumoniamnist, bloodmnist, ... "
+              "(default: from the file name).")
+@click.option("--labels", "labels_csv", type=click.Path(path_type=Path),
+              help="dicom: a CSV with path and label columns instead of class folders.")
+@click.option("--replace", is_flag=True, help="Drop the dataset's images first and ingest anew.")
+@click.option("--strict", is_flag=True, help="Exit non-zero when any file was skipped.")
+@pass_ctx
+def ingest(ctx, name, source, fmt, exclude, group_regex, modality, path_col, label_col, split_col,
+           group_col, modality_col, image_root, extension, flavour, labels_csv, replace, strict):
+    """Add the images in SOURCE to the workspace as dataset NAME.
+
+    Unreadable files are skipped and recorded with the reason (table `skipped`); re-ingesting a
+    name adds only what is new.
+
+    \b
+    Examples:
+      vlmindex ingest busi Dataset_BUSI_with_GT --format imagefolder --exclude '*_mask*'
+      vlmindex ingest kermany chest_xray --format imagefolder --group-regex '^(person\\d+)_'
+      vlmindex ingest ham HAM10000_metadata.csv --format csv --image-root images --ext .jpg
+      vlmindex ingest derma dermamnist_224.npz --format medmnist
+      vlmindex ingest ct dicom_dir --format dicom
+    """
+    from vlmindex.ingest import ingest as run_ingest
+
+    options = IngestOptions(
+        exclude=tuple(exclude), group_regex=group_regex, modality=modality, path_col=path_col,
+        label_col=label_col, split_col=split_col, group_col=group_col, modality_col=modality_col,
+        image_root=image_root, extension=extension, flavour=flavour, labels_csv=labels_csv,
+    )
+    report = run_ingest(ctx.workspace, name, source, fmt, options, replace=replace,
+                        progress=sys.stderr.isatty())
+    click.echo(report.summary())
+    if report.total == 0 or report.ingested == 0 and report.skipped:
+        raise VlmindexError(f"nothing was ingested from {source}; check --format and the path")
+    if strict and report.skipped:
+        sys.exit(2)
+
+
+@cli.command()
+@click.argument("name")
+@click.option("--seed", default=0, show_default=True, help="Same seed, same pixels.")
+@click.option("--lesions-per-class", type=int, default=None, help="Distinct lesions per class.")
+@click.option("--views", type=int, default=None, help="Images of each lesion (one group).")
+@click.option("--size", type=int, default=None, help="Image side in pixels.")
+@click.option("--replace", is_flag=True, help="Drop an existing dataset of that name first.")
+@pass_ctx
+def synth(ctx, name, seed, lesions_per_class, views, size, replace):
+    """Generate the synthetic multi-modality lesion set and ingest it as NAME.
+
+    Dermoscopy-, X-ray- and ultrasound-like images, two or more classes each, several views of
+    every lesion (group ids), train/test split by lesion. Deterministic by --seed.
+
+    \b
+    Example:
+      vlmindex synth demo && vlmindex datasets
+    """
+    from vlmindex.ingest import ingest_synthetic
+
+    kwargs = {k: v for k, v in {"lesions_per_class": lesions_per_class, "views_per_lesion": views,
+                                "size": size}.items() if v is not None}
+    report = ingest_synthetic(ctx.workspace, name, seed=seed, replace=replace,
+                              progress=sys.stderr.isatty(), **kwargs)
+    click.echo(report.summary())
+
+
+@cli.command()
+@format_option()
+@pass_ctx
+def datasets(ctx, fmt):
+    """List the datasets: format, modalities, classes, counts per split."""
+    from vlmindex.catalog import dataset_summaries
+
+    with ctx.workspace.read() as con:
+        rows = dataset_summaries(con)
+    if fmt == "table":
+        for r in rows:
+            r["splits"] = " ".join(f"{k}={v}" for k, v in r["splits"].items())
+            r.pop("source")
+    echo_rows(rows, fmt)
+
+
+def _shipped_queries() -> dict[str, Path]:
+    from vlmindex.workspace import sql_dir
+
+    return {p.stem: p for p in sorted(sql_dir().glob("*.sql")) if p.stem != "schema"}
+
+
+def _description(path: Path) -> str:
+    for line in path.read_text().splitlines():
+        if line.startswith("--"):
+            return line.lstrip("- ").strip()
+    return ""
+
+
+@cli.command()
+@click.argument("query", required=False)
+@click.option("--list", "list_", is_flag=True, help="List the shipped analyses.")
+@click.option("--write", is_flag=True, help="Allow statements that change the catalog.")
+@click.option("-p", "--param", "params", multiple=True, metavar="NAME=VALUE",
+              help="Value for a $NAME parameter of the query (repeatable).")
+@format_option()
+@pass_ctx
+def sql(ctx, query, list_, write, params, fmt):
+    """Run SQL over the catalog, or a shipped analysis by NAME (see --list).
+
+    Tables: images, datasets, skipped, conditions, runs, query_metrics, summaries, ...
+    Views over Parquet: embeddings, neighbors. Read-only unless --write.
+
+    \b
+    Examples:
+      vlmindex sql "SELECT dataset, label, count(*) FROM images GROUP BY ALL"
+      vlmindex sql leaderboard --format csv
+      vlmindex sql --list
+    """
+    shipped = _shipped_queries()
+    if list_:
+        echo_rows([{"name": k, "description": _description(p)} for k, p in shipped.items()], fmt)
+        return
+    if not query:
+        raise click.UsageError("give a SQL query or the name of a shipped analysis (see --list)")
+    text = shipped[query].read_text() if query in shipped else query
+    bound = {}
+    for p in params:
+        key, sep, value = p.partition("=")
+        if not sep:
+            raise VlmindexError(f"parameter {p!r} is not NAME=VALUE")
+        bound[key] = _parse_value(value)
+    opener = ctx.workspace.write(wait=10) if write else ctx.workspace.read()
+    with opener as con:
+        try:
+            cur = con.execute(text, bound) if bound else con.execute(text)
+        except duckdb.Error as exc:
+            msg = " ".join(str(exc).split())
+            if not write and "read-only" in msg.lower():
+                msg += " (pass --write to change the catalog)"
+            raise VlmindexError(f"SQL error: {msg}") from None
+        if cur.description is None:
+            click.echo("ok")
+            return
+        columns, rows = relation_rows(cur)
+    echo_rows(rows, fmt, columns)
+
+
+def _parse_value(value: str):
+    try:
+        return json.loads(value)
+    except json.JSONDecodeError:
+        return value

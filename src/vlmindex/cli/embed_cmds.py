@@ -1,0 +1,97 @@
+"""Commands that make embeddings: embed, embeddings import/export."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import click
+
+from vlmindex.cli import cli, pass_ctx
+
+
+def condition_option(func):
+    return click.option("--condition", "-c", default="clean", show_default=True,
+                        help="Overlay condition (see `vlmindex overlay list`); clean = no overlay.")(func)
+
+
+@cli.command()
+@click.option("--model", "-m", "models", required=True,
+              help="Model name(s), comma-separated (see `vlmindex models`).")
+@click.option("--dataset", "-d", required=True, help="Dataset name (see `vlmindex datasets`).")
+@condition_option
+@click.option("--split", help="Embed only this split.")
+@click.option("--shard", metavar="i/n", help="Embed only the i-th of n disjoint shards (0-based).")
+@click.option("--batch-size", type=int, default=32, show_default=True)
+@click.option("--workers", type=int, default=None, help="Decoding processes (default: one per core).")
+@click.option("--dtype", type=click.Choice(["float32", "float16"]), default="float32", show_default=True,
+              help="Storage precision of the embeddings.")
+@click.option("--device", help="cpu, cuda, cuda:1, ... (default: cuda when present).")
+@click.option("--checkpoint", type=click.Path(exists=True, file_okay=False),
+              help="Load the model's weights from this local directory.")
+@click.option("--trust-remote-code", is_flag=True,
+              help="Allow models that run code shipped with their checkpoint (LLM2CLIP).")
+@pass_ctx
+def embed(ctx, models, dataset, condition, split, shard, batch_size, workers, dtype, device,
+          checkpoint, trust_remote_code):
+    """Embed a dataset's images with one or more models.
+
+    Cached and resumable: images that already have an embedding are skipped, so a re-run of a
+    finished model does nothing and a killed run continues where it stopped.
+
+    \b
+    Examples:
+      vlmindex embed --model hog,colour-hist --dataset demo
+      vlmindex embed -m biomedclip -d ham --condition label-br --shard 0/4
+    """
+    from vlmindex.embed import EmbedOptions, parse_shard
+    from vlmindex.embed import embed as run_embed
+
+    opts = EmbedOptions(batch_size=batch_size, num_workers=workers, dtype=dtype, shard=parse_shard(shard),
+                        split=split, device=device, checkpoint=checkpoint,
+                        trust_remote_code=trust_remote_code, progress=sys.stderr.isatty())
+    for model in [m.strip() for m in models.split(",") if m.strip()]:
+        report = run_embed(ctx.workspace, model, dataset, condition, opts)
+        click.echo(report.summary())
+
+
+@cli.group()
+def embeddings():
+    """Import embeddings computed elsewhere, or export ours."""
+
+
+@embeddings.command("import")
+@click.argument("file", type=click.Path(path_type=Path))
+@click.option("--model", "-m", required=True, help="Name to store them under (any name).")
+@click.option("--dataset", "-d", required=True)
+@condition_option
+@click.option("--ids", "ids_file", type=click.Path(path_type=Path),
+              help="With an NPY matrix: a file of image_ids or paths, one per line (or an NPY).")
+@click.option("--dtype", type=click.Choice(["float32", "float16"]), default="float32", show_default=True)
+@pass_ctx
+def embeddings_import(ctx, file, model, dataset, condition, ids_file, dtype):
+    """Store embeddings from FILE (Parquet with image_id|path + embedding, or NPY + --ids).
+
+    \b
+    Example:
+      vlmindex embeddings import feats.parquet --model my-model --dataset ham
+    """
+    from vlmindex.transfer import import_embeddings
+
+    n = import_embeddings(ctx.workspace, model, dataset, file, condition=condition, ids_file=ids_file,
+                          dtype=dtype)
+    click.echo(f"imported {n} embeddings as {model} on {dataset}/{condition}")
+
+
+@embeddings.command("export")
+@click.argument("out", type=click.Path(path_type=Path))
+@click.option("--model", "-m", required=True)
+@click.option("--dataset", "-d", required=True)
+@condition_option
+@pass_ctx
+def embeddings_export(ctx, out, model, dataset, condition):
+    """Write a run's embeddings to OUT (.parquet, or .npy plus OUT.ids.txt)."""
+    from vlmindex.transfer import export_embeddings
+
+    n = export_embeddings(ctx.workspace, model, dataset, out, condition=condition)
+    click.echo(f"exported {n} embeddings to {out}")

@@ -1,0 +1,126 @@
+"""Commands that measure: index build, analyze, query."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import click
+
+from vlmindex.cli import cli, pass_ctx
+from vlmindex.cli.embed_cmds import condition_option
+from vlmindex.cli.output import echo_rows, format_option
+
+
+@cli.group()
+def index():
+    """FAISS indexes over a run's embeddings."""
+
+
+@index.command("build")
+@click.option("--model", "-m", required=True)
+@click.option("--dataset", "-d", required=True)
+@condition_option
+@click.option("--kind", type=click.Choice(["auto", "flat", "ivf", "hnsw", "ivfpq"]), default="auto",
+              show_default=True, help="auto: exact flat up to 200,000 vectors, HNSW above.")
+@click.option("--param", "params", multiple=True, metavar="NAME=VALUE",
+              help="Index parameter (nlist, nprobe, M, efSearch, m, ...), repeatable.")
+@click.option("--force", is_flag=True, help="Rebuild even when the index is up to date.")
+@format_option()
+@pass_ctx
+def index_build(ctx, model, dataset, condition, kind, params, force, fmt):
+    """Build the index of a (model, dataset, condition) run; a stale one is rebuilt.
+
+    Approximate kinds report recall@10 against exact search on a sample, overall and per class.
+
+    \b
+    Example:
+      vlmindex index build --model hog --dataset demo
+    """
+    from vlmindex.index import build_index
+
+    parsed = {}
+    for p in params:
+        key, _, value = p.partition("=")
+        parsed[key] = json.loads(value) if value else value
+    info, built = build_index(ctx.workspace, model, dataset, condition, kind=kind, params=parsed or None,
+                              force=force)
+    row = {"model": info.model, "dataset": info.dataset, "condition": info.condition, "kind": info.kind,
+           "count": info.count, "dim": info.dim, "build_seconds": round(info.build_seconds, 3),
+           "status": "built" if built else "up to date"}
+    if info.recall:
+        row["recall@%d" % info.recall["k"]] = round(info.recall["recall"], 4)
+        if fmt != "table":
+            row["recall_per_class"] = info.recall.get("per_class")
+    echo_rows([row], fmt)
+
+
+@cli.command()
+@click.argument("images", nargs=-1, required=True, type=click.Path(path_type=Path))
+@click.option("--model", "-m", required=True)
+@click.option("--dataset", "-d", required=True)
+@condition_option
+@click.option("-k", default=10, show_default=True, help="Neighbours per query image.")
+@click.option("--checkpoint", type=click.Path(exists=True, file_okay=False))
+@click.option("--trust-remote-code", is_flag=True)
+@click.option("--device")
+@format_option()
+@pass_ctx
+def query(ctx, images, model, dataset, condition, k, checkpoint, trust_remote_code, device, fmt):
+    """Print the nearest indexed neighbours of IMAGE files (inside or outside the catalog).
+
+    Query images are embedded with the model's own preprocessing, the one the index was built with.
+
+    \b
+    Example:
+      vlmindex query lesion.png --model hog --dataset demo -k 5
+    """
+    from vlmindex.query import query as run_query
+
+    rows = run_query(ctx.workspace, list(images), model, dataset, condition, k=k, checkpoint=checkpoint,
+                     trust_remote_code=trust_remote_code, device=device)
+    echo_rows(rows, fmt, ["query", "rank", "image_id", "path", "label", "score"])
+
+
+HEADLINE = ["model", "dataset", "condition", "k", "n_queries", "map_micro", "map_macro", "map_at_r_micro",
+            "p_at_1_micro", "purity_micro", "purity_macro", "knn_acc_macro", "silhouette", "fisher_ratio",
+            "probe_balanced_accuracy"]
+
+
+@cli.command()
+@click.option("--model", "-m", "models", required=True, help="Model name(s), comma-separated.")
+@click.option("--dataset", "-d", required=True)
+@condition_option
+@click.option("-k", default=10, show_default=True, help="Neighbours for purity@k and the kNN vote.")
+@click.option("--exclude-group", is_flag=True,
+              help="Leave images of the query's group (patient/lesion) out of its ranking.")
+@click.option("--query-split", help="Queries from this split only (e.g. test).")
+@click.option("--gallery-split", help="Gallery from this split only (e.g. train).")
+@click.option("--modality", help="Only images of this modality.")
+@click.option("--no-probe", is_flag=True, help="Skip the linear-probe balanced accuracy (slow on big sets).")
+@format_option()
+@pass_ctx
+def analyze(ctx, models, dataset, condition, k, exclude_group, query_split, gallery_split, modality,
+            no_probe, fmt):
+    """Neighbours and discriminability metrics of embedded runs.
+
+    Per query: purity@k, AP over the full ranking, MAP@R, R-precision, P@1, kNN vote (rows in
+    `query_metrics`, neighbours in the `neighbors` view); per run: micro and macro means and the
+    distribution figures (table `summaries`; `vlmindex sql leaderboard`).
+
+    \b
+    Example:
+      vlmindex analyze --model hog,raw-pixels --dataset demo -k 10 --exclude-group
+    """
+    from vlmindex.analyze import AnalyzeOptions
+    from vlmindex.analyze import analyze as run_analyze
+
+    opts = AnalyzeOptions(k=k, exclude_group=exclude_group, query_split=query_split,
+                          gallery_split=gallery_split, modality=modality, probe=not no_probe)
+    rows = [run_analyze(ctx.workspace, m.strip(), dataset, condition, opts)
+            for m in models.split(",") if m.strip()]
+    if fmt == "table":
+        echo_rows(rows, fmt, HEADLINE)
+    else:
+        echo_rows([{c: v for c, v in r.items() if c != "provenance"} |
+                   {"provenance": json.loads(r["provenance"])} for r in rows], fmt)

@@ -1,0 +1,232 @@
+"""FAISS indexes over L2-normalised embeddings (inner product = cosine), ids = ``image_id``.
+
+Each index is saved with a JSON sidecar: kind, parameters, dimension, count, build seconds and the
+checksum of the embeddings it was built from, so a stale index is detected rather than trusted.
+Approximate kinds are measured against exact search on a sample of queries (recall@k, overall and
+per class) when they are built.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import asdict, dataclass
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import faiss
+import numpy as np
+
+from vlmindex import store
+from vlmindex.errors import VlmindexError
+from vlmindex.workspace import Workspace, atomic_write_bytes, atomic_write_json
+
+KINDS = ("flat", "ivf", "hnsw", "ivfpq")
+EXACT_LIMIT = 200_000  # 'auto' builds exact flat indexes up to this many vectors
+
+
+@dataclass
+class IndexInfo:
+    model: str
+    dataset: str
+    condition: str
+    kind: str
+    params: dict[str, Any]
+    dim: int
+    count: int
+    build_seconds: float
+    checksum: str
+    faiss_version: str
+    built_at: str
+    recall: dict[str, Any] | None = None
+
+    @classmethod
+    def load(cls, path: Path) -> IndexInfo:
+        return cls(**json.loads(path.read_text()))
+
+
+def normalise(x: np.ndarray) -> np.ndarray:
+    """Rows scaled to unit L2 norm (zero rows stay zero), float32 and C-contiguous for FAISS."""
+    x = np.ascontiguousarray(x, dtype=np.float32)
+    norms = np.linalg.norm(x, axis=1, keepdims=True)
+    return np.ascontiguousarray(x / np.maximum(norms, 1e-12))
+
+
+def default_params(kind: str, n: int, dim: int) -> dict[str, Any]:
+    nlist = max(1, min(int(4 * math.sqrt(n)), n // 39 or 1))  # FAISS wants ~39 points per centroid
+    if kind == "ivf":
+        return {"nlist": nlist, "nprobe": min(nlist, max(8, nlist // 8))}
+    if kind == "hnsw":
+        return {"M": 32, "efConstruction": 200, "efSearch": 128}
+    if kind == "ivfpq":
+        m = next(m for m in (dim // 4, dim // 8, 16, 8, 4, 2, 1) if m >= 1 and dim % m == 0)
+        return {"nlist": nlist, "nprobe": min(nlist, max(8, nlist // 8)), "m": m, "nbits": 8,
+                "refine_k_factor": 4}
+    return {}
+
+
+def make_index(kind: str, dim: int, params: dict[str, Any]) -> faiss.Index:
+    """An empty index of ``kind`` taking ids, for cosine similarity on unit vectors."""
+    ip = faiss.METRIC_INNER_PRODUCT
+    if kind == "flat":
+        return faiss.IndexIDMap(faiss.IndexFlatIP(dim))
+    if kind == "ivf":
+        index = faiss.IndexIVFFlat(faiss.IndexFlatIP(dim), dim, params["nlist"], ip)
+        index.nprobe = params["nprobe"]
+        return faiss.IndexIDMap(index)
+    if kind == "hnsw":
+        index = faiss.IndexHNSWFlat(dim, params["M"], ip)
+        index.hnsw.efConstruction = params["efConstruction"]
+        index.hnsw.efSearch = params["efSearch"]
+        return faiss.IndexIDMap(index)
+    if kind == "ivfpq":
+        # PQ codes alone lose the ordering of close neighbours; an exact re-ranking of the
+        # refine_k_factor * k candidates restores it (sidecar params say so).
+        ivfpq = faiss.IndexIVFPQ(faiss.IndexFlatIP(dim), dim, params["nlist"], params["m"],
+                                 params["nbits"], ip)
+        ivfpq.nprobe = params["nprobe"]
+        refine = faiss.IndexRefineFlat(ivfpq)
+        refine.k_factor = params["refine_k_factor"]
+        return faiss.IndexIDMap(refine)
+    raise VlmindexError(f"unknown index kind {kind!r}; choose one of: {', '.join(KINDS)}")
+
+
+def _set_search_params(index: faiss.Index, kind: str, params: dict[str, Any]) -> None:
+    """Search-time parameters are not all serialised by FAISS: set them again after loading."""
+    inner = faiss.downcast_index(index.index) if isinstance(index, faiss.IndexIDMap) else index
+    if kind == "ivf":
+        inner.nprobe = params["nprobe"]
+    elif kind == "hnsw":
+        inner.hnsw.efSearch = params["efSearch"]
+    elif kind == "ivfpq":
+        inner.k_factor = params["refine_k_factor"]
+        faiss.downcast_index(inner.base_index).nprobe = params["nprobe"]
+
+
+def _gpu_count() -> int:
+    try:
+        return faiss.get_num_gpus()
+    except AttributeError:
+        return 0
+
+
+def build(ids: np.ndarray, vectors: np.ndarray, kind: str, params: dict[str, Any] | None = None,
+          *, seed: int = 0) -> tuple[faiss.Index, dict[str, Any]]:
+    """Build an index of ``kind`` over ``vectors`` (normalised here) with ``ids``."""
+    n, dim = vectors.shape
+    params = {**default_params(kind, n, dim), **(params or {})}
+    x = normalise(vectors)
+    index = make_index(kind, dim, params)
+    on_gpu = _gpu_count() > 0 and kind in ("flat", "ivf")
+    if on_gpu:
+        index = faiss.index_cpu_to_all_gpus(index)
+    if not index.is_trained:
+        rng = np.random.default_rng(seed)
+        sample = x[rng.choice(n, size=min(n, 256 * params.get("nlist", 1)), replace=False)]
+        faiss.seed = seed
+        index.train(sample)
+    index.add_with_ids(x, np.ascontiguousarray(ids, dtype=np.int64))
+    if on_gpu:
+        index = faiss.index_gpu_to_cpu(index)
+    _set_search_params(index, kind, params)
+    return index, {**params, "gpu": on_gpu}
+
+
+def search(index: faiss.Index, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Top-``k`` (scores, ids) for each query row; queries are normalised here."""
+    k = min(k, index.ntotal)
+    scores, ids = index.search(normalise(queries), k)
+    return scores, ids
+
+
+def recall_at_k(exact_ids: np.ndarray, approx_ids: np.ndarray) -> np.ndarray:
+    """Per-query recall@k: |approx top-k ∩ exact top-k| / k."""
+    k = exact_ids.shape[1]
+    return np.array([len(set(a) & set(e)) / k for a, e in zip(approx_ids, exact_ids, strict=True)])
+
+
+def measure_recall(index: faiss.Index, ids: np.ndarray, vectors: np.ndarray, labels: np.ndarray | None,
+                   *, k: int = 10, sample: int = 1000, seed: int = 0) -> dict[str, Any]:
+    """Recall@k of ``index`` against exact search on a seeded sample of the indexed vectors."""
+    x = normalise(vectors)
+    rng = np.random.default_rng(seed)
+    pick = np.sort(rng.choice(len(x), size=min(sample, len(x)), replace=False))
+    exact = faiss.IndexFlatIP(x.shape[1])
+    exact.add(x)
+    _, exact_pos = exact.search(x[pick], min(k, len(x)))
+    _, approx = index.search(x[pick], min(k, len(x)))
+    per_query = recall_at_k(ids[exact_pos], approx)
+    out: dict[str, Any] = {"k": k, "sample": len(pick), "recall": float(per_query.mean())}
+    if labels is not None:
+        lab = np.asarray(labels)[pick]
+        out["per_class"] = {str(c): float(per_query[lab == c].mean()) for c in np.unique(lab)}
+    return out
+
+
+def choose_kind(kind: str | None, n: int) -> str:
+    if kind in (None, "auto"):
+        return "flat" if n <= EXACT_LIMIT else "hnsw"
+    if kind not in KINDS:
+        raise VlmindexError(f"unknown index kind {kind!r}; choose one of: auto, {', '.join(KINDS)}")
+    return kind
+
+
+def build_index(ws: Workspace, model: str, dataset: str, condition: str = "clean", *,
+                kind: str | None = None, params: dict[str, Any] | None = None,
+                force: bool = False, recall_k: int = 10) -> tuple[IndexInfo, bool]:
+    """Build (or keep, when up to date) the index of one run. Returns ``(info, built)``."""
+    from vlmindex.catalog import require_dataset
+
+    emb_dir = ws.embeddings_dir(model, dataset, condition)
+    ids, vectors = store.read_embeddings(emb_dir)
+    if len(ids) == 0:
+        with ws.read() as con:
+            require_dataset(con, dataset)
+        raise VlmindexError(
+            f"no embeddings for model {model!r} on {dataset}/{condition}; run "
+            f"`vlmindex embed --model {model} --dataset {dataset} --condition {condition}` first"
+        )
+    checksum = store.embeddings_checksum(ids, vectors)
+    path = ws.index_path(model, dataset, condition)
+    sidecar = path.with_suffix(".json")
+    chosen = choose_kind(kind, len(ids))
+    if sidecar.exists() and path.exists() and not force:
+        info = IndexInfo.load(sidecar)
+        if info.checksum == checksum and info.kind == chosen and not params:
+            return info, False
+    t0 = time.perf_counter()
+    index, used = build(ids, vectors, chosen, params)
+    seconds = time.perf_counter() - t0
+    recall = None
+    if chosen != "flat":
+        with ws.read() as con:
+            lab = dict(con.execute("SELECT image_id, label FROM images WHERE dataset = ?", [dataset]).fetchall())
+        labels = np.array([lab.get(int(i)) for i in ids], dtype=object)
+        recall = measure_recall(index, ids, vectors, labels, k=recall_k)
+    info = IndexInfo(model, dataset, condition, chosen, used, int(vectors.shape[1]), int(len(ids)),
+                     seconds, checksum, faiss.__version__, datetime.now().isoformat(timespec="seconds"),
+                     recall)
+    atomic_write_bytes(path, faiss.serialize_index(index).tobytes())
+    atomic_write_json(sidecar, asdict(info))
+    return info, True
+
+
+def load_index(ws: Workspace, model: str, dataset: str, condition: str = "clean") -> tuple[faiss.Index, IndexInfo]:
+    """Load an index, refusing one that is missing or older than its embeddings."""
+    path = ws.index_path(model, dataset, condition)
+    sidecar = path.with_suffix(".json")
+    build_cmd = f"vlmindex index build --model {model} --dataset {dataset} --condition {condition}"
+    if not path.exists() or not sidecar.exists():
+        raise VlmindexError(f"no index for {model!r} on {dataset}/{condition}; build it with `{build_cmd}`")
+    info = IndexInfo.load(sidecar)
+    ids, vectors = store.read_embeddings(ws.embeddings_dir(model, dataset, condition))
+    if store.embeddings_checksum(ids, vectors) != info.checksum:
+        raise VlmindexError(
+            f"the index of {model!r} on {dataset}/{condition} is stale (its embeddings changed "
+            f"since it was built); rebuild it with `{build_cmd}`"
+        )
+    index = faiss.deserialize_index(np.frombuffer(path.read_bytes(), dtype=np.uint8))
+    _set_search_params(index, info.kind, info.params)
+    return index, info

@@ -1,0 +1,219 @@
+"""Ingestion: run an adapter, check every candidate image, and record it (or why not) in the catalog.
+
+Bad input never stops an ingest: a file that cannot be decoded becomes a row in ``skipped`` with
+its reason, so SQL can see exactly what a study left out.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+from collections.abc import Iterable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass
+from datetime import datetime
+from pathlib import Path
+
+import pyarrow as pa
+from PIL import Image, UnidentifiedImageError
+from tqdm import tqdm
+
+from vlmindex.datasets import Adapter, Candidate, IngestOptions, Skip, get_adapter
+from vlmindex.errors import VlmindexError
+from vlmindex.imageio import file_sha256, to_rgb
+from vlmindex.workspace import Workspace
+
+NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+BATCH = 256
+
+
+@dataclass
+class IngestReport:
+    dataset: str
+    ingested: int      # images added or refreshed by this run
+    skipped: int       # files recorded in `skipped` by this run
+    total: int         # images of the dataset in the catalog afterwards
+
+    def summary(self) -> str:
+        line = f"ingested {self.ingested} images into {self.dataset!r} ({self.total} in total), skipped {self.skipped}"
+        if self.skipped:
+            line += f"; see them with: vlmindex sql \"SELECT * FROM skipped WHERE dataset = '{self.dataset}'\""
+        return line
+
+
+def image_id_for(dataset: str, key: str) -> int:
+    """A stable positive 63-bit id from (dataset, key): the same file re-ingested keeps its id."""
+    digest = hashlib.sha1(f"{dataset}\0{key}".encode()).digest()
+    return int.from_bytes(digest[:8], "big") >> 1
+
+
+def check_name(name: str, what: str = "dataset") -> str:
+    if not NAME_RE.match(name):
+        raise VlmindexError(
+            f"invalid {what} name {name!r}: use letters, digits, '.', '_' or '-' (at most 64), "
+            "starting with a letter or digit"
+        )
+    return name
+
+
+def _inspect(cand: Candidate) -> tuple[Candidate, int, int, str] | Skip:
+    """Fully decode one candidate; a Skip with the reason when it cannot be used."""
+    path = cand.path
+    try:
+        if not path.exists():
+            return Skip(str(path), "file not found")
+        if path.stat().st_size == 0:
+            return Skip(str(path), "zero-byte file")
+        with Image.open(path) as img:
+            img.load()
+            width, height = img.size
+            to_rgb(img)  # proves the mode converts (CMYK, palette, 16-bit)
+        return cand, width, height, file_sha256(path)
+    except UnidentifiedImageError:
+        return Skip(str(path), "not an image file PIL can read")
+    except (OSError, SyntaxError, ValueError) as exc:
+        reason = str(exc) or type(exc).__name__
+        if "truncated" in reason.lower():
+            reason = f"truncated image: {reason}"
+        return Skip(str(path), f"corrupt image: {reason}")
+    except Image.DecompressionBombError as exc:
+        return Skip(str(path), f"image too large: {exc}")
+
+
+def ingest(
+    ws: Workspace,
+    name: str,
+    source: str | os.PathLike[str],
+    fmt: str,
+    options: IngestOptions | None = None,
+    *,
+    replace: bool = False,
+    progress: bool = True,
+    scan: Adapter | None = None,
+) -> IngestReport:
+    """Ingest ``source`` as dataset ``name``. Idempotent: re-ingesting adds only what is new.
+
+    ``scan`` overrides the adapter of ``fmt`` (the synthetic set uses its own manifest).
+    """
+    check_name(name)
+    options = options or IngestOptions()
+    source = Path(source).expanduser()
+    if scan is None:
+        if not source.exists():
+            raise VlmindexError(f"source {source} does not exist; give the folder or file to ingest")
+        scan = get_adapter(fmt)
+    now = datetime.now()
+    with ws.write() as con:
+        existing = con.execute("SELECT format FROM datasets WHERE name = ?", [name]).fetchone()
+        if existing and existing[0] != fmt and not replace:
+            raise VlmindexError(
+                f"dataset {name!r} was ingested as {existing[0]!r}, not {fmt!r}; "
+                "pick another name or pass --replace"
+            )
+        if replace:
+            con.execute("DELETE FROM images WHERE dataset = ?", [name])
+        con.execute("DELETE FROM skipped WHERE dataset = ?", [name])
+
+        out_dir = ws.images_dir(name)
+        ingested = skipped = 0
+        rows: list[dict] = []
+        skips: list[dict] = []
+        bar = tqdm(desc=f"ingest {name}", unit="img", disable=not progress, leave=False)
+        with ThreadPoolExecutor(max_workers=os.cpu_count() or 2) as pool:
+            for result in pool.map(_inspect_or_pass, scan(source, options, out_dir)):
+                bar.update(1)
+                if isinstance(result, Skip):
+                    skips.append({"dataset": name, "path": result.path, "reason": result.reason,
+                                  "skipped_at": now})
+                    skipped += 1
+                    continue
+                cand, width, height, sha = result
+                rows.append(_row(name, cand, width, height, sha, options, now))
+                ingested += 1
+                if len(rows) >= BATCH:
+                    _insert(con, rows)
+                    rows = []
+        bar.close()
+        _insert(con, rows)
+        if skips:
+            con.executemany(
+                "INSERT INTO skipped VALUES ($dataset, $path, $reason, $skipped_at)", skips
+            )
+        total = con.execute("SELECT count(*) FROM images WHERE dataset = ?", [name]).fetchone()[0]
+        opts = {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(options).items()}
+        con.execute(
+            "INSERT OR REPLACE INTO datasets VALUES (?, ?, ?, ?, ?, ?, ?)",
+            [name, fmt, str(source.resolve()), json.dumps(opts), total, skipped, now],
+        )
+    return IngestReport(name, ingested, skipped, total)
+
+
+def _inspect_or_pass(item: Candidate | Skip) -> tuple[Candidate, int, int, str] | Skip:
+    return item if isinstance(item, Skip) else _inspect(item)
+
+
+def _row(name: str, cand: Candidate, width: int, height: int, sha: str,
+         options: IngestOptions, now: datetime) -> dict:
+    image_id = image_id_for(name, cand.key)
+    return {
+        "image_id": image_id,
+        "dataset": name,
+        "path": str(Path(cand.path).resolve()),
+        "source_path": cand.source_path,
+        "label": cand.label,
+        "split": cand.split,
+        "group_id": cand.group_id or cand.key,
+        "modality": cand.modality or options.modality,
+        "width": width,
+        "height": height,
+        "sha256": sha,
+        "ingested_at": now,
+    }
+
+
+_COLUMNS = ["image_id", "dataset", "path", "source_path", "label", "split", "group_id", "modality",
+            "width", "height", "sha256", "ingested_at"]
+
+
+def _insert(con, rows: Iterable[dict]) -> None:
+    rows = list(rows)
+    if not rows:
+        return
+    batch = pa.Table.from_pylist(rows).select(_COLUMNS)  # noqa: F841 - read by DuckDB by name
+    con.execute(f"INSERT OR REPLACE INTO images ({', '.join(_COLUMNS)}) SELECT {', '.join(_COLUMNS)} FROM batch")
+
+
+def ingest_synthetic(
+    ws: Workspace, name: str, *, seed: int = 0, replace: bool = False, progress: bool = True,
+    **generate_kwargs: int,
+) -> IngestReport:
+    """Generate the synthetic lesion set into the workspace and ingest it as ``name``."""
+    from vlmindex import synth
+
+    check_name(name)
+    out_dir = ws.images_dir(name)
+    with ws.read() as con:
+        row = con.execute("SELECT options FROM datasets WHERE name = ?", [name]).fetchone()
+    params = {"seed": seed, **generate_kwargs}
+    if row and not replace:
+        before = json.loads(row[0] or "{}").get("extra", {}).get("synth")
+        if before is not None and json.loads(before) != params:
+            raise VlmindexError(
+                f"dataset {name!r} was generated with {before}; pass --replace to regenerate it "
+                "with other settings, or choose another name"
+            )
+    if replace and out_dir.exists():
+        import shutil
+
+        shutil.rmtree(out_dir)
+    manifest = synth.generate(out_dir, seed=seed, progress=progress, **generate_kwargs)
+
+    def scan(_source: Path, _options: IngestOptions, _out: Path):
+        for item in manifest:
+            yield Candidate(path=out_dir / item.relpath, key=item.relpath, label=item.label,
+                            split=item.split, group_id=item.group_id, modality=item.modality)
+
+    options = IngestOptions(extra={"synth": json.dumps(params, sort_keys=True)})
+    return ingest(ws, name, out_dir, "synth", options, replace=replace, progress=progress, scan=scan)

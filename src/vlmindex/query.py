@@ -1,0 +1,72 @@
+"""Nearest neighbours of query images (files inside or outside the catalog) in a built index."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from vlmindex.errors import VlmindexError
+from vlmindex.imageio import load_image
+from vlmindex.index import load_index, search
+from vlmindex.workspace import Workspace
+
+
+def embed_files(extractor, paths: list[Path], batch_size: int = 32) -> np.ndarray:
+    """Embed image files with the extractor's own preprocessing (the one the index was built with)."""
+    tensors = []
+    for p in paths:
+        try:
+            tensors.append(extractor.preprocess(load_image(p)))
+        except FileNotFoundError:
+            raise VlmindexError(f"query image {p} does not exist") from None
+        except Exception as exc:  # noqa: BLE001 - any decode failure is the user's file
+            raise VlmindexError(f"cannot read query image {p}: {exc}") from None
+    out = []
+    with torch.inference_mode():
+        for i in range(0, len(tensors), batch_size):
+            batch = torch.stack(tensors[i:i + batch_size]).to(extractor.device)
+            out.append(extractor.encode_image(batch).float().cpu().numpy())
+    return np.concatenate(out)
+
+
+def query(ws: Workspace, images: list[Path], model: str, dataset: str, condition: str = "clean", *,
+          k: int = 10, checkpoint: str | None = None, trust_remote_code: bool = False,
+          device: str | None = None) -> list[dict[str, Any]]:
+    """Rows ``query, rank, image_id, path, label, score`` for each query image's top ``k``."""
+    from vlmindex.catalog import require_dataset
+    from vlmindex.embed import auto_device
+    from vlmindex.models import get_spec, load_model
+
+    if k < 1:
+        raise VlmindexError(f"-k must be at least 1, got {k}")
+    with ws.read() as con:
+        require_dataset(con, dataset)
+    get_spec(model)
+    index, info = load_index(ws, model, dataset, condition)
+    extractor = load_model(model, checkpoint=checkpoint, trust_remote_code=trust_remote_code,
+                           device=auto_device(device))
+    vectors = embed_files(extractor, [Path(p) for p in images])
+    if vectors.shape[1] != info.dim:
+        raise VlmindexError(
+            f"model {model!r} gives {vectors.shape[1]}-d embeddings but the index of "
+            f"{dataset}/{condition} holds {info.dim}-d ones; rebuild it with `vlmindex embed` "
+            "and `vlmindex index build`, or query with the model it was built from"
+        )
+    scores, ids = search(index, vectors, k)
+    found = sorted({int(i) for i in ids.ravel() if i >= 0})
+    with ws.read() as con:
+        meta = {r[0]: r[1:] for r in con.execute(
+            "SELECT image_id, path, label FROM images WHERE image_id IN (SELECT unnest(?))", [found]
+        ).fetchall()}
+    rows = []
+    for q, (qscores, qids) in enumerate(zip(scores, ids, strict=True)):
+        for rank, (s, i) in enumerate(zip(qscores, qids, strict=True), start=1):
+            if i < 0:
+                continue
+            path, label = meta.get(int(i), (None, None))
+            rows.append({"query": str(images[q]), "rank": rank, "image_id": int(i), "path": path,
+                         "label": label, "score": round(float(s), 6)})
+    return rows

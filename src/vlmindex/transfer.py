@@ -1,0 +1,137 @@
+"""Embeddings in and out: analyse vectors computed elsewhere, or take ours to another tool.
+
+Exchange format (as the ``embeddings`` view): Parquet with an ``image_id`` or ``path`` column and
+an ``embedding`` list column; or an NPY matrix plus an id file (one image_id or path per line, or
+an NPY of ids).
+"""
+
+from __future__ import annotations
+
+import json
+import uuid
+from datetime import datetime
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from vlmindex import store
+from vlmindex.catalog import require_dataset
+from vlmindex.errors import VlmindexError
+from vlmindex.workspace import Workspace
+
+
+def _read_keys(path: Path) -> list[str]:
+    if path.suffix == ".npy":
+        return [str(x) for x in np.load(path, allow_pickle=False).tolist()]
+    return [line.strip() for line in path.read_text().splitlines() if line.strip()]
+
+
+def _resolve_ids(con, dataset: str, keys: list, by_path: bool, source: Path) -> np.ndarray:
+    if by_path:
+        rows = con.execute(
+            "SELECT image_id, path, source_path FROM images WHERE dataset = ?", [dataset]
+        ).fetchall()
+        lookup: dict[str, int] = {}
+        for image_id, path, src in rows:
+            for key in (path, src, Path(path).name):
+                if key:
+                    lookup.setdefault(str(key), image_id)
+        out = []
+        for key in keys:
+            key = str(key)
+            hit = lookup.get(key, lookup.get(str(Path(key).resolve()), lookup.get(Path(key).name)))
+            if hit is None:
+                raise VlmindexError(f"{source}: path {key!r} is not an image of dataset {dataset!r}")
+            out.append(hit)
+        return np.asarray(out, dtype=np.int64)
+    ids = np.asarray([int(k) for k in keys], dtype=np.int64)
+    known = {r[0] for r in con.execute("SELECT image_id FROM images WHERE dataset = ?", [dataset]).fetchall()}
+    missing = [int(i) for i in ids if int(i) not in known]
+    if missing:
+        raise VlmindexError(
+            f"{source}: {len(missing)} image_id(s) are not in dataset {dataset!r} (first: {missing[0]})"
+        )
+    return ids
+
+
+def import_embeddings(ws: Workspace, model: str, dataset: str, file: Path, *, condition: str = "clean",
+                      ids_file: Path | None = None, dtype: str = "float32") -> int:
+    """Store embeddings from ``file`` as model ``model``'s run; replaces an earlier import."""
+    file = Path(file)
+    if not file.exists():
+        raise VlmindexError(f"embeddings file {file} does not exist")
+    if file.suffix == ".npy":
+        if ids_file is None:
+            raise VlmindexError(f"{file}: an NPY matrix needs --ids FILE (one image_id or path per line)")
+        matrix = np.load(file, allow_pickle=False)
+        keys: list = _read_keys(Path(ids_file))
+        by_path = not all(k.lstrip("-").isdigit() for k in keys)
+    else:
+        try:
+            table = pq.read_table(file)
+        except (pa.ArrowInvalid, OSError) as exc:
+            raise VlmindexError(f"cannot read {file} as Parquet: {exc}") from None
+        if "embedding" not in table.column_names:
+            raise VlmindexError(f"{file} has no 'embedding' column (columns: {', '.join(table.column_names)})")
+        key_col = "image_id" if "image_id" in table.column_names else "path"
+        if key_col not in table.column_names:
+            raise VlmindexError(f"{file} needs an 'image_id' or a 'path' column")
+        keys = table[key_col].to_pylist()
+        by_path = key_col == "path"
+        matrix = np.asarray(table["embedding"].to_pylist(), dtype=np.float32)
+    if matrix.ndim != 2 or len(matrix) != len(keys):
+        raise VlmindexError(f"{file}: {len(keys)} ids but an embedding matrix of shape {matrix.shape}")
+    if not np.isfinite(matrix).all():
+        raise VlmindexError(f"{file}: embeddings contain NaN or infinite values")
+    with ws.read() as con:
+        require_dataset(con, dataset)
+        ids = _resolve_ids(con, dataset, keys, by_path, file)
+    if len(np.unique(ids)) != len(ids):
+        raise VlmindexError(f"{file}: some images appear more than once")
+    out_dir = ws.embeddings_dir(model, dataset, condition)
+    old = store.part_paths(out_dir)
+    store.write_part(out_dir, model=model, dataset=dataset, condition=condition, image_ids=ids,
+                     embeddings=matrix, dtype=dtype, tag="import-")
+    for p in old:
+        p.unlink()
+    with ws.write(wait=60) as con:
+        now = datetime.now()
+        con.execute(
+            "INSERT INTO runs (run_id, model, dataset, condition, n, total, dim, dtype, device, "
+            "preprocessing, started_at, finished_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, 'import', ?, ?, ?)",
+            [uuid.uuid4().hex, model, dataset, condition, len(ids), len(ids), matrix.shape[1], dtype,
+             json.dumps({"imported_from": str(file.resolve())}), now, now],
+        )
+    return len(ids)
+
+
+def export_embeddings(ws: Workspace, model: str, dataset: str, out: Path, *, condition: str = "clean") -> int:
+    """Write a run's embeddings to ``out``: ``.parquet`` (image_id, path, label, embedding) or ``.npy``
+    (plus ``<out>.ids.txt``)."""
+    ids, matrix = store.read_embeddings(ws.embeddings_dir(model, dataset, condition))
+    if len(ids) == 0:
+        raise VlmindexError(f"no embeddings for model {model!r} on {dataset}/{condition}")
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    if out.suffix == ".npy":
+        tmp = out.with_name(f".{out.name}.tmp.npy")
+        np.save(tmp, matrix)
+        tmp.replace(out)
+        Path(f"{out}.ids.txt").write_text("\n".join(str(i) for i in ids) + "\n")
+        return len(ids)
+    with ws.read() as con:
+        meta = {r[0]: r[1:] for r in con.execute(
+            "SELECT image_id, path, label FROM images WHERE dataset = ?", [dataset]).fetchall()}
+    dim = matrix.shape[1]
+    table = pa.table({
+        "image_id": pa.array(ids),
+        "path": pa.array([meta.get(int(i), (None, None))[0] for i in ids], pa.string()),
+        "label": pa.array([meta.get(int(i), (None, None))[1] for i in ids], pa.string()),
+        "embedding": pa.FixedSizeListArray.from_arrays(pa.array(matrix.reshape(-1)), dim),
+    })
+    tmp = out.with_name(f".{out.name}.tmp")
+    pq.write_table(table, tmp)
+    tmp.replace(out)
+    return len(ids)
