@@ -43,3 +43,101 @@ CREATE TABLE IF NOT EXISTS conditions (
     created_at TIMESTAMP,
     PRIMARY KEY (dataset, name)
 );
+
+-- Burned-in text found by OCR (vlmindex detect-text), one row per image and condition, so real
+-- datasets can be sliced by detected text. has_text is NULL and error says why when an image
+-- could not be read: a silently dropped image skews a study.
+CREATE TABLE IF NOT EXISTS text_detections (
+    dataset VARCHAR NOT NULL,
+    condition VARCHAR NOT NULL,       -- 'clean' or an overlay condition's name
+    image_id BIGINT NOT NULL,
+    has_text BOOLEAN,
+    text VARCHAR,                     -- recognised strings in reading order, joined by ' '
+    area_fraction DOUBLE,             -- union of text boxes / image area, in [0, 1]
+    n_boxes INTEGER,
+    score DOUBLE,                     -- lowest recognition confidence among kept boxes
+    boxes JSON,                       -- [[x0,y0,x1,y1,x2,y2,x3,y3], ...] in image pixels
+    engine VARCHAR,                   -- OCR package, version and settings
+    error VARCHAR,
+    detected_at TIMESTAMP,
+    PRIMARY KEY (dataset, condition, image_id)
+);
+
+-- One row per embedding run that embedded anything (a resumed or sharded run adds a row).
+CREATE TABLE IF NOT EXISTS runs (
+    run_id VARCHAR PRIMARY KEY,
+    model VARCHAR NOT NULL,
+    dataset VARCHAR NOT NULL,
+    condition VARCHAR NOT NULL,
+    split VARCHAR,
+    shard VARCHAR,
+    n BIGINT,                 -- images embedded by this run
+    total BIGINT,             -- images of the selection embedded after it
+    dim INTEGER,
+    dtype VARCHAR,
+    seconds DOUBLE,
+    images_per_s DOUBLE,
+    device VARCHAR,
+    batch_size INTEGER,
+    num_workers INTEGER,
+    preprocessing JSON,
+    versions JSON,
+    weights_sha256 VARCHAR,
+    started_at TIMESTAMP,
+    finished_at TIMESTAMP
+);
+
+-- One row per query image and analysis (vlmindex analyze). Metric definitions: DESIGN.md.
+CREATE TABLE IF NOT EXISTS query_metrics (
+    analysis_id VARCHAR NOT NULL,
+    model VARCHAR NOT NULL,
+    dataset VARCHAR NOT NULL,
+    condition VARCHAR NOT NULL,
+    image_id BIGINT NOT NULL,
+    label VARCHAR,
+    modality VARCHAR,
+    split VARCHAR,
+    k INTEGER,
+    exclude_group BOOLEAN,
+    n_relevant BIGINT,        -- R: gallery items of the query's class after exclusions
+    purity_at_k DOUBLE,
+    ap DOUBLE,                -- over the full ranking; NULL when R = 0
+    map_at_r DOUBLE,
+    r_precision DOUBLE,
+    p_at_1 DOUBLE,
+    knn_pred VARCHAR,
+    knn_correct BOOLEAN
+);
+
+-- One row per analysis: headline metrics (micro = mean over queries, macro = mean of class
+-- means) and distribution figures, with the provenance of every number.
+CREATE TABLE IF NOT EXISTS summaries (
+    analysis_id VARCHAR PRIMARY KEY,
+    model VARCHAR NOT NULL,
+    dataset VARCHAR NOT NULL,
+    condition VARCHAR NOT NULL,
+    k INTEGER,
+    exclude_group BOOLEAN,
+    query_split VARCHAR,
+    gallery_split VARCHAR,
+    n_queries BIGINT,
+    n_skipped_queries BIGINT,  -- queries with R = 0
+    n_gallery BIGINT,
+    n_classes INTEGER,
+    dim INTEGER,
+    purity_micro DOUBLE, purity_macro DOUBLE,
+    map_micro DOUBLE, map_macro DOUBLE,              -- mean AP over the full ranking
+    map_at_r_micro DOUBLE, map_at_r_macro DOUBLE,
+    r_precision_micro DOUBLE, r_precision_macro DOUBLE,
+    p_at_1_micro DOUBLE, p_at_1_macro DOUBLE,
+    knn_acc_micro DOUBLE, knn_acc_macro DOUBLE,
+    silhouette DOUBLE,
+    davies_bouldin DOUBLE,
+    calinski_harabasz DOUBLE,
+    fisher_ratio DOUBLE,
+    probe_balanced_accuracy DOUBLE,
+    probe_protocol VARCHAR,
+    seconds DOUBLE,
+    provenance JSON,           -- preprocessing, weights, index kind, library versions
+    created_at TIMESTAMP
+);

@@ -104,8 +104,8 @@ def _split_mask(splits: np.ndarray, split: str | None, what: str) -> np.ndarray 
 
 def provenance(ws: Workspace, model: str, dataset: str, condition: str) -> dict[str, Any]:
     """What produced a run's embeddings: preprocessing, weights checksum, versions, index kind."""
-    from vlmindex.versions import library_versions
     from vlmindex.index import IndexInfo
+    from vlmindex.versions import library_versions
 
     with ws.read() as con:
         row = con.execute(

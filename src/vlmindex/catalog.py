@@ -53,3 +53,18 @@ def class_names(con: duckdb.DuckDBPyConnection, dataset: str) -> list[str]:
         "SELECT DISTINCT label FROM images WHERE dataset = ? AND label IS NOT NULL ORDER BY label",
         [dataset],
     ).fetchall()]
+
+
+def class_pools(con: duckdb.DuckDBPyConnection, dataset: str) -> dict[str | None, list[str]]:
+    """Sorted class names per modality of a dataset.
+
+    A ``wrong-label`` overlay draws from the image's own modality, so a chest X-ray is never
+    labelled "melanoma": that would test a model's reading, not its pull toward a plausible class.
+    """
+    pools: dict[str | None, list[str]] = {}
+    for modality, label in con.execute(
+        "SELECT DISTINCT modality, label FROM images WHERE dataset = ? AND label IS NOT NULL "
+        "ORDER BY modality, label", [dataset],
+    ).fetchall():
+        pools.setdefault(modality, []).append(label)
+    return pools

@@ -15,7 +15,6 @@ import time
 import uuid
 from dataclasses import dataclass, field
 from datetime import datetime
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -24,7 +23,7 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 from vlmindex import store
-from vlmindex.catalog import class_names, require_dataset
+from vlmindex.catalog import class_pools, require_dataset
 from vlmindex.errors import VlmindexError
 from vlmindex.imageio import load_image
 from vlmindex.versions import library_versions
@@ -88,22 +87,22 @@ def parse_shard(text: str | None) -> tuple[int, int] | None:
 class ImageSource(Dataset):
     """The reader: one (image_id, tensor) per catalog row, overlay applied before preprocessing."""
 
-    def __init__(self, rows: list[tuple[int, str, str | None]], preprocess, recipe=None,
-                 classes: list[str] | None = None) -> None:
-        self.rows, self.preprocess, self.recipe, self.classes = rows, preprocess, recipe, classes or []
+    def __init__(self, rows: list[tuple[int, str, str | None, str | None]], preprocess, recipe=None,
+                 pools: dict[str | None, list[str]] | None = None) -> None:
+        self.rows, self.preprocess, self.recipe, self.pools = rows, preprocess, recipe, pools or {}
 
     def __len__(self) -> int:
         return len(self.rows)
 
     def __getitem__(self, i: int):
-        image_id, path, label = self.rows[i]
+        image_id, path, label, modality = self.rows[i]
         try:
             img = load_image(path)
             if self.recipe is not None:
                 from vlmindex.overlay import apply_overlay
 
                 img = apply_overlay(img, self.recipe, image_id=image_id, label=label,
-                                    class_names=self.classes)
+                                    class_names=self.pools.get(modality, []))
             return image_id, self.preprocess(img), None
         except Exception as exc:  # noqa: BLE001 - recorded per image, never silently dropped
             return image_id, None, f"{type(exc).__name__}: {exc}"
@@ -122,14 +121,15 @@ def _worker_init(_: int) -> None:
 
 
 def select_images(ws: Workspace, dataset: str, condition: str, split: str | None):
-    """Catalog rows ``(image_id, path, label)`` of a dataset (and split), the recipe and class names."""
+    """Catalog rows ``(image_id, path, label, modality)`` of a dataset (and split), the recipe and
+    the class names per modality (the pools a wrong-label overlay draws from)."""
     from vlmindex.overlay import get_condition
 
     with ws.read() as con:
         require_dataset(con, dataset)
         recipe = get_condition(con, dataset, condition)
-        classes = class_names(con, dataset)
-        sql = "SELECT image_id, path, label FROM images WHERE dataset = ?"
+        pools = class_pools(con, dataset)
+        sql = "SELECT image_id, path, label, modality FROM images WHERE dataset = ?"
         args: list[Any] = [dataset]
         if split:
             sql += " AND split = ?"
@@ -138,7 +138,7 @@ def select_images(ws: Workspace, dataset: str, condition: str, split: str | None
     if not rows:
         where = f" split {split!r} of" if split else ""
         raise VlmindexError(f"no images in{where} dataset {dataset!r}")
-    return rows, recipe, classes
+    return rows, recipe, pools
 
 
 def auto_device(device: str | None) -> str:
@@ -154,7 +154,7 @@ def embed(ws: Workspace, model: str, dataset: str, condition: str = "clean",
 
     opts = options or EmbedOptions()
     get_spec(model)  # an unknown name fails before any work
-    rows, recipe, classes = select_images(ws, dataset, condition, opts.split)
+    rows, recipe, pools = select_images(ws, dataset, condition, opts.split)
     if opts.shard:
         i, n = opts.shard
         rows = [r for r in rows if r[0] % n == i]
@@ -173,7 +173,7 @@ def embed(ws: Workspace, model: str, dataset: str, condition: str = "clean",
         extractor = extractor.to(device, half=True)
     workers = opts.num_workers if opts.num_workers is not None else min(os.cpu_count() or 1, 8)
     loader = DataLoader(
-        ImageSource(pending, extractor.preprocess, recipe, classes),
+        ImageSource(pending, extractor.preprocess, recipe, pools),
         batch_size=opts.batch_size, num_workers=workers, collate_fn=_collate,
         worker_init_fn=_worker_init if workers else None,
         prefetch_factor=4 if workers else None, pin_memory=device.startswith("cuda"),

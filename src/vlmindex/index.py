@@ -63,7 +63,7 @@ def default_params(kind: str, n: int, dim: int) -> dict[str, Any]:
     if kind == "ivfpq":
         m = next(m for m in (dim // 4, dim // 8, 16, 8, 4, 2, 1) if m >= 1 and dim % m == 0)
         return {"nlist": nlist, "nprobe": min(nlist, max(8, nlist // 8)), "m": m, "nbits": 8,
-                "refine_k_factor": 4}
+                "refine_k_factor": 8}
     return {}
 
 
@@ -202,7 +202,8 @@ def build_index(ws: Workspace, model: str, dataset: str, condition: str = "clean
     recall = None
     if chosen != "flat":
         with ws.read() as con:
-            lab = dict(con.execute("SELECT image_id, label FROM images WHERE dataset = ?", [dataset]).fetchall())
+            lab = dict(con.execute("SELECT image_id, label FROM images WHERE dataset = ?",
+                                   [dataset]).fetchall())
         labels = np.array([lab.get(int(i)) for i in ids], dtype=object)
         recall = measure_recall(index, ids, vectors, labels, k=recall_k)
     info = IndexInfo(model, dataset, condition, chosen, used, int(vectors.shape[1]), int(len(ids)),
@@ -213,7 +214,8 @@ def build_index(ws: Workspace, model: str, dataset: str, condition: str = "clean
     return info, True
 
 
-def load_index(ws: Workspace, model: str, dataset: str, condition: str = "clean") -> tuple[faiss.Index, IndexInfo]:
+def load_index(ws: Workspace, model: str, dataset: str,
+               condition: str = "clean") -> tuple[faiss.Index, IndexInfo]:
     """Load an index, refusing one that is missing or older than its embeddings."""
     path = ws.index_path(model, dataset, condition)
     sidecar = path.with_suffix(".json")

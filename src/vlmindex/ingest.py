@@ -37,9 +37,11 @@ class IngestReport:
     total: int         # images of the dataset in the catalog afterwards
 
     def summary(self) -> str:
-        line = f"ingested {self.ingested} images into {self.dataset!r} ({self.total} in total), skipped {self.skipped}"
+        line = (f"ingested {self.ingested} images into {self.dataset!r} ({self.total} in total), "
+                f"skipped {self.skipped}")
         if self.skipped:
-            line += f"; see them with: vlmindex sql \"SELECT * FROM skipped WHERE dataset = '{self.dataset}'\""
+            line += ("; see them with: vlmindex sql "
+                     f"\"SELECT * FROM skipped WHERE dataset = '{self.dataset}'\"")
         return line
 
 
@@ -75,11 +77,12 @@ def _inspect(cand: Candidate) -> tuple[Candidate, int, int, str] | Skip:
         return Skip(str(path), "not an image file PIL can read")
     except (OSError, SyntaxError, ValueError) as exc:
         reason = str(exc) or type(exc).__name__
-        if "truncated" in reason.lower():
-            reason = f"truncated image: {reason}"
-        return Skip(str(path), f"corrupt image: {reason}")
+        kind = "truncated image" if "truncated" in reason.lower() else "corrupt image"
+        return Skip(str(path), f"{kind}: {reason}")
     except Image.DecompressionBombError as exc:
         return Skip(str(path), f"image too large: {exc}")
+    except Exception as exc:  # noqa: BLE001 - a decoder bug on one odd file must not end the ingest
+        return Skip(str(path), f"cannot read image: {type(exc).__name__}: {exc}")
 
 
 def ingest(
@@ -112,42 +115,67 @@ def ingest(
                 f"dataset {name!r} was ingested as {existing[0]!r}, not {fmt!r}; "
                 "pick another name or pass --replace"
             )
-        if replace:
-            con.execute("DELETE FROM images WHERE dataset = ?", [name])
-        con.execute("DELETE FROM skipped WHERE dataset = ?", [name])
-
-        out_dir = ws.images_dir(name)
-        ingested = skipped = 0
-        rows: list[dict] = []
-        skips: list[dict] = []
-        bar = tqdm(desc=f"ingest {name}", unit="img", disable=not progress, leave=False)
-        with ThreadPoolExecutor(max_workers=os.cpu_count() or 2) as pool:
-            for result in pool.map(_inspect_or_pass, scan(source, options, out_dir)):
-                bar.update(1)
-                if isinstance(result, Skip):
-                    skips.append({"dataset": name, "path": result.path, "reason": result.reason,
-                                  "skipped_at": now})
-                    skipped += 1
-                    continue
-                cand, width, height, sha = result
-                rows.append(_row(name, cand, width, height, sha, options, now))
-                ingested += 1
-                if len(rows) >= BATCH:
-                    _insert(con, rows)
-                    rows = []
-        bar.close()
-        _insert(con, rows)
-        if skips:
-            con.executemany(
-                "INSERT INTO skipped VALUES ($dataset, $path, $reason, $skipped_at)", skips
-            )
-        total = con.execute("SELECT count(*) FROM images WHERE dataset = ?", [name]).fetchone()[0]
-        opts = {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(options).items()}
-        con.execute(
-            "INSERT OR REPLACE INTO datasets VALUES (?, ?, ?, ?, ?, ?, ?)",
-            [name, fmt, str(source.resolve()), json.dumps(opts), total, skipped, now],
-        )
+        # One transaction: an ingest that fails half-way (a damaged archive, Ctrl-C) leaves the
+        # catalog as it was, rather than a --replace that has dropped the old rows and added few.
+        con.execute("BEGIN TRANSACTION")
+        try:
+            ingested, skipped, total = _ingest_rows(con, name, source, fmt, options, scan, ws, replace,
+                                                    progress, now)
+            con.execute("COMMIT")
+        except BaseException:
+            con.execute("ROLLBACK")
+            raise
     return IngestReport(name, ingested, skipped, total)
+
+
+def _ingest_rows(con, name: str, source: Path, fmt: str, options: IngestOptions, scan: Adapter,
+                 ws: Workspace, replace: bool, progress: bool, now: datetime) -> tuple[int, int, int]:
+    if replace:
+        con.execute("DELETE FROM images WHERE dataset = ?", [name])
+    con.execute("DELETE FROM skipped WHERE dataset = ?", [name])
+
+    out_dir = ws.images_dir(name)
+    ingested = skipped = 0
+    rows: list[dict] = []
+    skips: list[dict] = []
+    seen: dict[int, str] = {}
+    bar = tqdm(desc=f"ingest {name}", unit="img", disable=not progress, leave=False)
+    with ThreadPoolExecutor(max_workers=os.cpu_count() or 2) as pool:
+        for result in pool.map(_inspect_or_pass, scan(source, options, out_dir)):
+            bar.update(1)
+            if not isinstance(result, Skip):
+                cand = result[0]
+                image_id = image_id_for(name, cand.key)
+                if image_id in seen:
+                    # Two rows for one key (a manifest listing a file twice) would fight over one
+                    # image_id; keep the first and say so.
+                    result = Skip(str(cand.path), f"duplicate entry: {cand.key!r} was already listed")
+                else:
+                    seen[image_id] = cand.key
+            if isinstance(result, Skip):
+                skips.append({"dataset": name, "path": result.path, "reason": result.reason,
+                              "skipped_at": now})
+                skipped += 1
+                continue
+            cand, width, height, sha = result
+            rows.append(_row(name, cand, width, height, sha, options, now))
+            ingested += 1
+            if len(rows) >= BATCH:
+                _insert(con, rows)
+                rows = []
+    bar.close()
+    _insert(con, rows)
+    if skips:
+        con.executemany(
+            "INSERT INTO skipped VALUES ($dataset, $path, $reason, $skipped_at)", skips
+        )
+    total = con.execute("SELECT count(*) FROM images WHERE dataset = ?", [name]).fetchone()[0]
+    opts = {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(options).items()}
+    con.execute(
+        "INSERT OR REPLACE INTO datasets VALUES (?, ?, ?, ?, ?, ?, ?)",
+        [name, fmt, str(source.resolve()), json.dumps(opts), total, skipped, now],
+    )
+    return ingested, skipped, total
 
 
 def _inspect_or_pass(item: Candidate | Skip) -> tuple[Candidate, int, int, str] | Skip:
@@ -182,7 +210,8 @@ def _insert(con, rows: Iterable[dict]) -> None:
     if not rows:
         return
     batch = pa.Table.from_pylist(rows).select(_COLUMNS)  # noqa: F841 - read by DuckDB by name
-    con.execute(f"INSERT OR REPLACE INTO images ({', '.join(_COLUMNS)}) SELECT {', '.join(_COLUMNS)} FROM batch")
+    cols = ", ".join(_COLUMNS)
+    con.execute(f"INSERT OR REPLACE INTO images ({cols}) SELECT {cols} FROM batch")
 
 
 def ingest_synthetic(

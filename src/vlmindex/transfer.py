@@ -74,7 +74,8 @@ def import_embeddings(ws: Workspace, model: str, dataset: str, file: Path, *, co
         except (pa.ArrowInvalid, OSError) as exc:
             raise VlmindexError(f"cannot read {file} as Parquet: {exc}") from None
         if "embedding" not in table.column_names:
-            raise VlmindexError(f"{file} has no 'embedding' column (columns: {', '.join(table.column_names)})")
+            have = ", ".join(table.column_names)
+            raise VlmindexError(f"{file} has no 'embedding' column (columns: {have})")
         key_col = "image_id" if "image_id" in table.column_names else "path"
         if key_col not in table.column_names:
             raise VlmindexError(f"{file} needs an 'image_id' or a 'path' column")

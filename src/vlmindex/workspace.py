@@ -120,7 +120,7 @@ class Workspace:
         """Hold the workspace's exclusive write lock; raise WorkspaceBusy after ``wait`` seconds."""
         self.root.mkdir(parents=True, exist_ok=True)
         path = self.root / ".lock"
-        fh = open(path, "a+")
+        fh = open(path, "a+")  # noqa: SIM115 - held open for the lock's lifetime
         deadline = time.monotonic() + wait
         try:
             while True:

@@ -23,7 +23,8 @@ from vlmindex.errors import VlmindexError
 @click.option("--exclude", multiple=True, metavar="GLOB",
               help="Skip files whose name or relative path matches (repeatable), e.g. '*_mask*.png'.")
 @click.option("--group-regex", metavar="REGEX",
-              help=r"Derive group ids (patient/lesion) from file names: first capture group, e.g. '^(person\d+)_'.")
+              help=r"Derive group ids (patient/lesion) from file names: first capture group, "
+              r"e.g. '^(person\d+)_'.")
 @click.option("--modality", help="Modality of every image (dermoscopy, xray, ultrasound, ...).")
 @click.option("--path-col", help="csv: column with image paths or ids.")
 @click.option("--label-col", help="csv: column with class labels.")
@@ -68,6 +69,7 @@ def ingest(ctx, name, source, fmt, exclude, group_regex, modality, path_col, lab
     if report.total == 0 or report.ingested == 0 and report.skipped:
         raise VlmindexError(f"nothing was ingested from {source}; check --format and the path")
     if strict and report.skipped:
+        click.echo(f"Error: --strict and {report.skipped} file(s) were skipped", err=True)
         sys.exit(2)
 
 

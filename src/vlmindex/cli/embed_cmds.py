@@ -31,9 +31,11 @@ def condition_option(func):
               help="Load the model's weights from this local directory.")
 @click.option("--trust-remote-code", is_flag=True,
               help="Allow models that run code shipped with their checkpoint (LLM2CLIP).")
+@click.option("--part-size", type=click.IntRange(min=1), default=512, show_default=True,
+              help="Images per Parquet part: a killed run loses at most this many.")
 @pass_ctx
 def embed(ctx, models, dataset, condition, split, shard, batch_size, workers, dtype, device,
-          checkpoint, trust_remote_code):
+          checkpoint, trust_remote_code, part_size):
     """Embed a dataset's images with one or more models.
 
     Cached and resumable: images that already have an embedding are skipped, so a re-run of a
@@ -49,7 +51,8 @@ def embed(ctx, models, dataset, condition, split, shard, batch_size, workers, dt
 
     opts = EmbedOptions(batch_size=batch_size, num_workers=workers, dtype=dtype, shard=parse_shard(shard),
                         split=split, device=device, checkpoint=checkpoint,
-                        trust_remote_code=trust_remote_code, progress=sys.stderr.isatty())
+                        trust_remote_code=trust_remote_code, part_size=part_size,
+                        progress=sys.stderr.isatty())
     for model in [m.strip() for m in models.split(",") if m.strip()]:
         report = run_embed(ctx.workspace, model, dataset, condition, opts)
         click.echo(report.summary())

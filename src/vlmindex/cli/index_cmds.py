@@ -49,7 +49,7 @@ def index_build(ctx, model, dataset, condition, kind, params, force, fmt):
            "count": info.count, "dim": info.dim, "build_seconds": round(info.build_seconds, 3),
            "status": "built" if built else "up to date"}
     if info.recall:
-        row["recall@%d" % info.recall["k"]] = round(info.recall["recall"], 4)
+        row[f"recall@{info.recall['k']}"] = round(info.recall["recall"], 4)
         if fmt != "table":
             row["recall_per_class"] = info.recall.get("per_class")
     echo_rows([row], fmt)

@@ -1,0 +1,62 @@
+"""Shared fixtures: a small synthetic workspace made once per session, and an in-process CLI runner."""
+
+from __future__ import annotations
+
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+SMALL_SYNTH = {"lesions_per_class": 4, "views_per_lesion": 3, "size": 64}
+
+
+@dataclass
+class CliResult:
+    code: int
+    out: str
+    err: str
+
+
+@pytest.fixture
+def vlm(capsys):
+    """Run the CLI in-process: ``vlm(ws, "datasets", "--format", "json", expect=0)``."""
+    from vlmindex.cli import main
+
+    def run(ws: Path | None, *args: object, expect: int | None = 0) -> CliResult:
+        argv = (["-w", str(ws)] if ws is not None else []) + [str(a) for a in args]
+        code = 0
+        try:
+            main(argv)
+        except SystemExit as exc:
+            code = exc.code if isinstance(exc.code, int) else 1
+        out, err = capsys.readouterr()
+        if expect is not None:
+            assert code == expect, f"exit {code} for {argv}\nstdout: {out}\nstderr: {err}"
+        return CliResult(code, out, err)
+
+    return run
+
+
+@pytest.fixture(scope="session")
+def synth_template(tmp_path_factory) -> Path:
+    """A workspace holding the small synthetic set 'demo' (3 modalities x 2 classes x 4 lesions x 3 views)."""
+    from vlmindex.ingest import ingest_synthetic
+    from vlmindex.workspace import Workspace
+
+    root = tmp_path_factory.mktemp("synth-template")
+    ingest_synthetic(Workspace(root), "demo", seed=0, progress=False, **SMALL_SYNTH)
+    return root
+
+
+@pytest.fixture
+def synth_ws(synth_template, tmp_path) -> Path:
+    """A fresh workspace whose catalog holds the synthetic set (images shared, read-only)."""
+    root = tmp_path / "ws"
+    root.mkdir()
+    shutil.copy(synth_template / "catalog.duckdb", root / "catalog.duckdb")
+    return root

@@ -1,0 +1,155 @@
+"""The embedding pipeline: cached, resumable after SIGKILL, shardable, import/export round trip."""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from vlmindex import store
+from vlmindex.embed import EmbedOptions, embed, parse_shard
+from vlmindex.errors import VlmindexError
+from vlmindex.workspace import Workspace
+
+OFFLINE = ["raw-pixels", "color-hist", "hog", "untrained-vit-tiny"]
+
+
+def catalog_ids(ws: Workspace, dataset: str = "demo") -> np.ndarray:
+    with ws.read() as con:
+        return np.array(sorted(r[0] for r in con.execute(
+            "SELECT image_id FROM images WHERE dataset = ?", [dataset]).fetchall()), dtype=np.int64)
+
+
+@pytest.mark.parametrize("model", OFFLINE)
+def test_every_offline_extractor_end_to_end_from_cli(vlm, synth_ws, model):
+    first = vlm(synth_ws, "embed", "--model", model, "--dataset", "demo", "--workers", "1")
+    assert "embedded 72 images" in first.out
+    second = vlm(synth_ws, "embed", "--model", model, "--dataset", "demo")
+    assert "already embedded (72 images); nothing to do" in second.out
+    ws = Workspace(synth_ws)
+    ids, vectors = store.read_embeddings(ws.embeddings_dir(model, "demo"))
+    assert np.array_equal(ids, catalog_ids(ws))
+    assert np.isfinite(vectors).all() and vectors.shape[1] > 1
+    with ws.read() as con:
+        runs = con.execute("SELECT n, total, dim, preprocessing, versions FROM runs WHERE model = ?",
+                           [model]).fetchall()
+    assert len(runs) == 1 and runs[0][0] == 72 and runs[0][2] == vectors.shape[1]
+    assert json.loads(runs[0][4])["torch"]
+
+
+def test_embeddings_view_and_float16(synth_ws, vlm):
+    vlm(synth_ws, "embed", "-m", "raw-pixels", "-d", "demo", "--dtype", "float16", "--workers", "0")
+    out = vlm(synth_ws, "sql", "SELECT model, count(*) AS n, max(len(embedding)) AS dim FROM embeddings "
+              "GROUP BY model", "--format", "json").out
+    assert json.loads(out) == [{"model": "raw-pixels", "n": 72, "dim": json.loads(out)[0]["dim"]}]
+    part = store.part_paths(Workspace(synth_ws).embeddings_dir("raw-pixels", "demo"))[0]
+    assert pq.read_schema(part).field("embedding").type.value_type == pa.float16()
+
+
+def test_new_images_are_the_only_ones_embedded_next_time(synth_ws):
+    ws = Workspace(synth_ws)
+    embed(ws, "raw-pixels", "demo", options=EmbedOptions(split="train", num_workers=0, progress=False))
+    report = embed(ws, "raw-pixels", "demo", options=EmbedOptions(num_workers=0, progress=False))
+    with ws.read() as con:
+        n_test = con.execute("SELECT count(*) FROM images WHERE split = 'test'").fetchone()[0]
+    assert report.embedded == n_test and report.total == 72
+
+
+def test_two_shards_equal_one_run(synth_ws, tmp_path):
+    ws = Workspace(synth_ws)
+    opts = dict(num_workers=0, progress=False)
+    r0 = embed(ws, "hog", "demo", "clean", EmbedOptions(shard=(0, 2), **opts))
+    r1 = embed(ws, "hog", "demo", "clean", EmbedOptions(shard=(1, 2), **opts))
+    assert r0.embedded > 0 and r1.embedded > 0 and r0.embedded + r1.embedded == 72
+    sharded_ids, sharded = store.read_embeddings(ws.embeddings_dir("hog", "demo"))
+
+    other = tmp_path / "single"
+    other.mkdir()
+    (other / "catalog.duckdb").write_bytes((synth_ws / "catalog.duckdb").read_bytes())
+    embed(Workspace(other), "hog", "demo", "clean", EmbedOptions(**opts))
+    single_ids, single = store.read_embeddings(Workspace(other).embeddings_dir("hog", "demo"))
+    assert np.array_equal(sharded_ids, single_ids)
+    np.testing.assert_array_equal(sharded, single)
+    assert embed(ws, "hog", "demo", "clean", EmbedOptions(**opts)).cached
+
+
+def test_parse_shard_rejects_bad_values():
+    assert parse_shard("1/4") == (1, 4)
+    for bad in ("4/4", "-1/2", "a/b", "3"):
+        with pytest.raises(VlmindexError):
+            parse_shard(bad)
+
+
+def test_sigkill_midway_then_resume_gives_one_embedding_per_image(synth_ws):
+    """Kill -9 a running embed after its first part lands; the restart finishes the rest exactly once."""
+    ws = Workspace(synth_ws)
+    # ViT-B/16 on the CPU takes seconds for 72 images: time enough to land a kill between parts.
+    model = "untrained-vit-b16"
+    out_dir = ws.embeddings_dir(model, "demo")
+    cmd = [sys.executable, "-m", "vlmindex", "-w", str(synth_ws), "embed", "-m", model,
+           "-d", "demo", "--batch-size", "2", "--part-size", "2", "--workers", "1"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and len(store.part_paths(out_dir)) < 2:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL
+    done_before = len(store.stored_ids(out_dir))
+    assert 0 < done_before < 72, "the kill should land midway"
+
+    report = embed(ws, model, "demo", options=EmbedOptions(num_workers=0, progress=False))
+    assert report.embedded == 72 - done_before
+    ids = np.concatenate([pq.read_table(p, columns=["image_id"])["image_id"].to_numpy()
+                          for p in store.part_paths(out_dir)])
+    assert len(ids) == 72 and len(np.unique(ids)) == 72
+    assert np.array_equal(np.sort(ids), catalog_ids(ws))
+    assert not list(out_dir.glob(".*.tmp"))
+
+
+def test_unknown_model_and_dataset_are_one_line_errors(vlm, synth_ws):
+    bad = vlm(synth_ws, "embed", "-m", "no-such-model", "-d", "demo", expect=1)
+    assert bad.err.startswith("Error: ") and "no-such-model" in bad.err and "Traceback" not in bad.err
+    bad = vlm(synth_ws, "embed", "-m", "hog", "-d", "nope", expect=1)
+    assert "unknown dataset 'nope'" in bad.err and len(bad.err.strip().splitlines()) == 1
+
+
+def test_import_export_round_trip(vlm, synth_ws, tmp_path):
+    vlm(synth_ws, "embed", "-m", "raw-pixels", "-d", "demo", "--workers", "0")
+    ws = Workspace(synth_ws)
+    ids, vectors = store.read_embeddings(ws.embeddings_dir("raw-pixels", "demo"))
+    out = tmp_path / "feats.parquet"
+    vlm(synth_ws, "embeddings", "export", str(out), "-m", "raw-pixels", "-d", "demo")
+    assert pq.read_table(out).column_names == ["image_id", "path", "label", "embedding"]
+
+    # by path, through Parquet
+    table = pq.read_table(out).drop(["image_id"])
+    by_path = tmp_path / "by_path.parquet"
+    pq.write_table(table, by_path)
+    vlm(synth_ws, "embeddings", "import", str(by_path), "-m", "elsewhere", "-d", "demo")
+    got_ids, got = store.read_embeddings(ws.embeddings_dir("elsewhere", "demo"))
+    assert np.array_equal(got_ids, ids)
+    np.testing.assert_allclose(got, vectors, rtol=0, atol=0)
+
+    # NPY + id file
+    npy = tmp_path / "feats.npy"
+    vlm(synth_ws, "embeddings", "export", str(npy), "-m", "raw-pixels", "-d", "demo")
+    vlm(synth_ws, "embeddings", "import", str(npy), "--ids", f"{npy}.ids.txt", "-m", "npy-model", "-d", "demo")
+    got_ids, got = store.read_embeddings(ws.embeddings_dir("npy-model", "demo"))
+    assert np.array_equal(got_ids, ids) and np.array_equal(got, vectors)
+
+    # bad inputs: one line, non-zero
+    bad = vlm(synth_ws, "embeddings", "import", str(npy), "-m", "x", "-d", "demo", expect=1)
+    assert "--ids" in bad.err
+    wrong = tmp_path / "wrong.parquet"
+    pq.write_table(pa.table({"image_id": [1, 2], "embedding": [[0.0, 1.0], [1.0, 0.0]]}), wrong)
+    bad = vlm(synth_ws, "embeddings", "import", str(wrong), "-m", "x", "-d", "demo", expect=1)
+    assert "not in dataset 'demo'" in bad.err
