@@ -1,0 +1,56 @@
+"""``load_model``: resolve a name to a spec, find its weights, and build an :class:`Extractor`."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from vlmindex.errors import VlmindexError
+from vlmindex.models.availability import is_available
+from vlmindex.models.registry import get_spec
+
+if TYPE_CHECKING:
+    from vlmindex.models.extractor import Extractor
+
+__all__ = ["is_available", "load_model"]
+
+
+def load_model(
+    name: str,
+    *,
+    checkpoint: str | os.PathLike[str] | None = None,
+    trust_remote_code: bool = False,
+    device: str = "cpu",
+) -> Extractor:
+    """Load a named model, a generic form (``open_clip:``, ``hf-hub:``, ``hf:``, ``local-dir:``) or a folder.
+
+    ``checkpoint`` replaces the download: a folder in the model's own layout (or, for open_clip
+    architectures, a weights file). Code shipped with weights runs only with ``trust_remote_code``.
+    Offline, a model that is not cached raises a one-line :class:`VlmindexError` saying how to get it.
+    """
+    spec = get_spec(name)
+    if checkpoint is not None and not Path(checkpoint).expanduser().exists():
+        raise VlmindexError(
+            f"--checkpoint {checkpoint} does not exist; give the folder (or file) with the weights"
+        )
+    if spec.family == "offline":
+        if checkpoint is not None:
+            raise VlmindexError(
+                f"'{spec.name}' is a built-in baseline with no weights to load; drop --checkpoint"
+            )
+        from vlmindex.models.offline import load_offline
+
+        extractor = load_offline(spec)
+    elif spec.family == "open_clip":
+        from vlmindex.models import open_clip_loader
+
+        extractor = open_clip_loader.load(spec, checkpoint=checkpoint, device="cpu")
+    else:
+        from vlmindex.models import hf_loader
+
+        extractor = hf_loader.load(
+            spec, checkpoint=checkpoint, trust_remote_code=trust_remote_code, device="cpu"
+        )
+    extractor.name = name.strip()
+    return extractor.to(device) if device != "cpu" else extractor
