@@ -125,6 +125,21 @@ def provenance(ws: Workspace, model: str, dataset: str, condition: str) -> dict[
     return out
 
 
+def is_current(ws: Workspace, model: str, dataset: str, condition: str = "clean",
+               options: AnalyzeOptions | None = None) -> bool:
+    """Whether an analysis with these options exists and is newer than the run's embeddings."""
+    opts = options or AnalyzeOptions()
+    parts = store.part_paths(ws.embeddings_dir(model, dataset, condition))
+    if not parts:
+        return False
+    newest_part = max(p.stat().st_mtime for p in parts)
+    with ws.read() as con:
+        row = con.execute("SELECT created_at FROM summaries WHERE analysis_id = ?",
+                          [opts.analysis_id(model, dataset, condition)]).fetchone()
+    # created_at is a naive local timestamp (datetime.now()); .timestamp() reads it as local time
+    return row is not None and row[0].timestamp() >= newest_part
+
+
 def analyze(ws: Workspace, model: str, dataset: str, condition: str = "clean",
             options: AnalyzeOptions | None = None) -> dict[str, Any]:
     """Compute and store the metrics of one run; returns the summary row."""

@@ -147,9 +147,23 @@ def auto_device(device: str | None) -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
+def pending_count(ws: Workspace, model: str, dataset: str, condition: str = "clean",
+                  options: EmbedOptions | None = None) -> int:
+    """How many images of the selection still need an embedding (0: the run is complete)."""
+    opts = options or EmbedOptions()
+    rows, _, _ = select_images(ws, dataset, condition, opts.split)
+    if opts.shard:
+        rows = [r for r in rows if r[0] % opts.shard[1] == opts.shard[0]]
+    ids = np.fromiter((r[0] for r in rows), dtype=np.int64, count=len(rows))
+    return int((~np.isin(ids, store.stored_ids(ws.embeddings_dir(model, dataset, condition)))).sum())
+
+
 def embed(ws: Workspace, model: str, dataset: str, condition: str = "clean",
-          options: EmbedOptions | None = None) -> EmbedReport:
-    """Embed every image of ``dataset`` under ``condition`` that has no embedding yet."""
+          options: EmbedOptions | None = None, *, extractor=None) -> EmbedReport:
+    """Embed every image of ``dataset`` under ``condition`` that has no embedding yet.
+
+    ``extractor`` reuses a loaded model across runs (the study runner loads each model once).
+    """
     from vlmindex.models import get_spec, load_model
 
     opts = options or EmbedOptions()
@@ -167,9 +181,10 @@ def embed(ws: Workspace, model: str, dataset: str, condition: str = "clean",
         return EmbedReport(model, dataset, condition, 0, len(rows), 0.0, cached=True)
 
     device = auto_device(opts.device)
-    extractor = load_model(model, checkpoint=opts.checkpoint, trust_remote_code=opts.trust_remote_code,
-                           device=device)
-    if device.startswith("cuda"):
+    if extractor is None:
+        extractor = load_model(model, checkpoint=opts.checkpoint,
+                               trust_remote_code=opts.trust_remote_code, device=device)
+    if device.startswith("cuda") and extractor.dtype != torch.float16:
         extractor = extractor.to(device, half=True)
     workers = opts.num_workers if opts.num_workers is not None else min(os.cpu_count() or 1, 8)
     loader = DataLoader(
