@@ -86,7 +86,8 @@ def load_study(path: str | Path) -> Study:
         if "name" not in d:
             raise VlmindexError(f"{path}: a [[datasets]] entry has no name")
         if "synth" not in d and not {"source", "format"} <= set(d):
-            raise VlmindexError(f"{path}: dataset {d['name']!r} needs `synth = {{...}}` or `source` and `format`")
+            raise VlmindexError(
+                f"{path}: dataset {d['name']!r} needs `synth = {{...}}` or `source` and `format`")
         _unknown(f"datasets.{d['name']}", d, {"name", "synth", "source", "format"} | _INGEST_KEYS, path)
     conditions = data.get("conditions", [])
     for c in conditions:
@@ -97,7 +98,8 @@ def load_study(path: str | Path) -> Study:
     _unknown("models", models, {"names", "checkpoints", "trust_remote_code"}, path)
     names = models.get("names", [])
     if not names:
-        raise VlmindexError(f"{path}: [models] names is empty; list the models to compare (see `vlmindex models`)")
+        raise VlmindexError(
+            f"{path}: [models] names is empty; list the models to compare (see `vlmindex models`)")
     analysis = data.get("analysis", {})
     _unknown("analysis", analysis, _ANALYSIS_KEYS, path)
     embed = data.get("embed", {})
@@ -111,7 +113,8 @@ def load_study(path: str | Path) -> Study:
         models=list(names), checkpoints=dict(models.get("checkpoints", {})),
         trust_remote_code=set(models.get("trust_remote_code", [])),
         analysis=AnalyzeOptions(**analysis), embed=embed,
-        overlay_effects=bool(meta.get("overlay_effects", True)), zeroshot=bool(meta.get("zeroshot", True)),
+        overlay_effects=bool(meta.get("overlay_effects", True)),
+        zeroshot=bool(meta.get("zeroshot", True)),
         report=meta.get("report"),
     )
 
@@ -133,9 +136,9 @@ def run_study(ws: Workspace, study: Study, *, log: Callable[[str], None] = print
     result = StudyResult()
     t0 = time.perf_counter()
 
-    def step(what: str, fn: Callable[[], Any]) -> Any:
+    def step(what: str, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
         t = time.perf_counter()
-        out = fn()
+        out = fn(*args, **kwargs)
         log(f"  {what} ({time.perf_counter() - t:.1f} s)")
         result.done.append(what)
         return out
@@ -150,13 +153,12 @@ def run_study(ws: Workspace, study: Study, *, log: Callable[[str], None] = print
             result.skipped_steps += 1
             continue
         if "synth" in d:
-            step(f"synth {d['name']}", lambda d=d: ingest_synthetic(ws, d["name"], progress=progress,
-                                                                     **d["synth"]))
+            step(f"synth {d['name']}", ingest_synthetic, ws, d["name"], progress=progress, **d["synth"])
         else:
             opts = IngestOptions(**{k: (tuple(v) if k == "exclude" else v) for k, v in d.items()
                                     if k in _INGEST_KEYS})
-            step(f"ingest {d['name']}", lambda d=d, opts=opts: ingest(ws, d["name"], d["source"], d["format"],
-                                                                       opts, progress=progress))
+            step(f"ingest {d['name']}", ingest, ws, d["name"], d["source"], d["format"], opts,
+                 progress=progress)
     # 2. conditions
     for c in study.conditions:
         recipe = OverlayRecipe(**{k: v for k, v in c.items() if k in _RECIPE_KEYS})
@@ -174,7 +176,7 @@ def run_study(ws: Workspace, study: Study, *, log: Callable[[str], None] = print
                     f"{study.path}: condition {c['name']!r} of {d!r} exists with another recipe; "
                     "rename it in the study or remove it with `vlmindex overlay remove`"
                 )
-            step(f"overlay add {d} {c['name']}", lambda d=d, c=c, r=recipe: add_condition(ws, d, c["name"], r))
+            step(f"overlay add {d} {c['name']}", add_condition, ws, d, c["name"], recipe)
     # 3. per model
     embed_opts = EmbedOptions(progress=progress, **study.embed)
     for model in study.models:
@@ -188,12 +190,12 @@ def run_study(ws: Workspace, study: Study, *, log: Callable[[str], None] = print
                     result.skipped_steps += 1
                 else:
                     if extractor is None:
-                        extractor = step(f"load {model}", lambda: load_model(
-                            model, checkpoint=study.checkpoints.get(model),
-                            trust_remote_code=model in study.trust_remote_code,
-                            device=auto_device(embed_opts.device)))
-                    step(f"embed {model} {dataset}/{condition}",
-                         lambda d=dataset, c=condition: embed(ws, model, d, c, embed_opts, extractor=extractor))
+                        extractor = step(f"load {model}", load_model, model,
+                                         checkpoint=study.checkpoints.get(model),
+                                         trust_remote_code=model in study.trust_remote_code,
+                                         device=auto_device(embed_opts.device))
+                    step(f"embed {model} {dataset}/{condition}", embed, ws, model, dataset, condition,
+                         embed_opts, extractor=extractor)
                 info, built = build_index(ws, model, dataset, condition)
                 if built:
                     result.done.append(f"index {model} {dataset}/{condition}")
@@ -202,8 +204,8 @@ def run_study(ws: Workspace, study: Study, *, log: Callable[[str], None] = print
                 if is_current(ws, model, dataset, condition, study.analysis):
                     result.skipped_steps += 1
                 else:
-                    step(f"analyze {model} {dataset}/{condition}",
-                         lambda d=dataset, c=condition: analyze(ws, model, d, c, study.analysis))
+                    step(f"analyze {model} {dataset}/{condition}", analyze, ws, model, dataset, condition,
+                         study.analysis)
             _after_analysis(ws, study, model, spec, step, result)
         except Exception as exc:  # noqa: BLE001 - a failing model never stops the study
             reason = " ".join(str(exc).split()) or type(exc).__name__
@@ -225,21 +227,18 @@ def _after_analysis(ws: Workspace, study: Study, model: str, spec: Any, step: Ca
     if bias is not None and study.overlay_effects:
         for d in study.datasets:
             for condition in _conditions_for(study, d["name"])[1:]:
-                step(f"overlay effect {model} {d['name']}/{condition}",
-                     lambda d=d, c=condition: bias.compute_overlay_effect(
-                         ws, model, d["name"], c, k=study.analysis.k,
-                         exclude_group=study.analysis.exclude_group))
+                step(f"overlay effect {model} {d['name']}/{condition}", bias.compute_overlay_effect,
+                     ws, model, d["name"], condition, k=study.analysis.k,
+                     exclude_group=study.analysis.exclude_group)
     try:
         from vlmindex import zeroshot
     except ImportError:  # pragma: no cover
         zeroshot = None
     if zeroshot is not None and study.zeroshot and spec.has_text:
         for d in study.datasets:
-            step(f"zeroshot {model} {d['name']}",
-                 lambda d=d: zeroshot.run_zeroshot(
-                     ws, model, d["name"], _conditions_for(study, d["name"]),
-                     checkpoint=study.checkpoints.get(model),
-                     trust_remote_code=model in study.trust_remote_code))
+            step(f"zeroshot {model} {d['name']}", zeroshot.run_zeroshot, ws, model, d["name"],
+                 _conditions_for(study, d["name"]), checkpoint=study.checkpoints.get(model),
+                 trust_remote_code=model in study.trust_remote_code)
 
 
 def leaderboard(ws: Workspace, study: Study) -> tuple[list[str], list[dict[str, Any]]]:

@@ -55,7 +55,8 @@ def cli(ctx: click.Context, workspace: str | None, debug: bool) -> None:
 def _register() -> None:
     from vlmindex.cli import catalog_cmds  # noqa: F401  (commands register on import)
 
-    for mod in ("model_cmds", "embed_cmds", "index_cmds", "overlay_cmds", "study_cmds", "report_cmds", "bias_cmds"):
+    for mod in ("model_cmds", "embed_cmds", "index_cmds", "overlay_cmds", "study_cmds", "report_cmds",
+                "bias_cmds"):
         try:
             __import__(f"vlmindex.cli.{mod}")
         except ModuleNotFoundError as exc:
