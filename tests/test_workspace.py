@@ -1,0 +1,87 @@
+"""Workspace: schema versioning (migrate older, refuse newer), views on a fresh workspace, env var."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from vlmindex import workspace as wsmod
+from vlmindex.errors import VlmindexError, WorkspaceBusy
+from vlmindex.workspace import Workspace
+
+
+def test_fresh_workspace_has_schema_and_empty_views(tmp_path):
+    ws = Workspace(tmp_path / "w")
+    with ws.read() as con:
+        version = con.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()[0]
+        assert int(version) == wsmod.SCHEMA_VERSION
+        assert con.execute("SELECT count(*) FROM embeddings").fetchone()[0] == 0
+        assert con.execute("SELECT count(*) FROM neighbors").fetchone()[0] == 0
+        tables = {r[0] for r in con.execute("SELECT table_name FROM information_schema.tables").fetchall()}
+    assert {"images", "datasets", "skipped", "conditions", "runs", "query_metrics", "summaries"} <= tables
+
+
+def test_newer_workspace_is_refused(tmp_path, vlm):
+    ws = Workspace(tmp_path / "w")
+    with ws.write() as con:
+        con.execute("UPDATE meta SET value = ? WHERE key = 'schema_version'", [str(wsmod.SCHEMA_VERSION + 1)])
+    res = vlm(ws.root, "datasets", expect=1)
+    assert "newer than this vlmindex understands" in res.err and "upgrade vlmindex" in res.err
+
+
+def test_older_workspace_is_migrated(tmp_path, monkeypatch):
+    ws = Workspace(tmp_path / "w")
+    with ws.write() as con:
+        con.execute("DROP TABLE summaries")  # pretend v1 lacked it and v2 adds a column to images
+        con.execute("UPDATE meta SET value = ? WHERE key = 'schema_version'", [str(wsmod.SCHEMA_VERSION)])
+    calls = []
+
+    def to_next(con):
+        calls.append(1)
+        con.execute("ALTER TABLE images ADD COLUMN migrated_flag BOOLEAN")
+
+    monkeypatch.setattr(wsmod, "SCHEMA_VERSION", wsmod.SCHEMA_VERSION + 1)
+    monkeypatch.setitem(wsmod.MIGRATIONS, wsmod.SCHEMA_VERSION - 1, to_next)
+    with ws.read() as con:
+        assert con.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()[0] == str(
+            wsmod.SCHEMA_VERSION)
+        cols = {r[0] for r in con.execute("DESCRIBE images").fetchall()}
+        assert "migrated_flag" in cols
+        # schema.sql re-applied after the migration restores tables the old version lacked
+        con.execute("SELECT count(*) FROM summaries").fetchone()
+    assert calls == [1]
+
+
+def test_missing_migration_is_a_clear_error(tmp_path, monkeypatch):
+    ws = Workspace(tmp_path / "w")
+    with ws.write():
+        pass
+    monkeypatch.setattr(wsmod, "SCHEMA_VERSION", wsmod.SCHEMA_VERSION + 1)
+    with pytest.raises(VlmindexError, match="no migration"):
+        with ws.write():
+            pass
+
+
+def test_lock_is_exclusive_and_names_the_holder(tmp_path):
+    ws = Workspace(tmp_path / "w")
+    with ws.lock():
+        with pytest.raises(WorkspaceBusy, match="busy: pid"):
+            with ws.lock(wait=0.3):
+                pass
+    with ws.lock():  # released
+        pass
+
+
+def test_env_var_selects_the_workspace(tmp_path, monkeypatch, vlm):
+    monkeypatch.setenv("VLMINDEX_WORKSPACE", str(tmp_path / "from-env"))
+    vlm(None, "datasets", "--format", "json")
+    assert (tmp_path / "from-env" / "catalog.duckdb").exists()
+    assert json.loads(vlm(None, "datasets", "--format", "json").out) == []
+
+
+def test_slug_keeps_distinct_names_distinct():
+    names = ["hf-hub:org/repo", "hf-hub_org_repo", "local-dir:/x/y", "hog"]
+    slugs = [wsmod.slug(n) for n in names]
+    assert len(set(slugs)) == len(names) and wsmod.slug("hog") == "hog"
+    assert all("/" not in s and ":" not in s for s in slugs)
