@@ -33,8 +33,20 @@ def dataset_summaries(con: duckdb.DuckDBPyConnection) -> list[dict[str, Any]]:
     per = {}
     for ds, split, n in splits:
         per.setdefault(ds, {})[split] = n
+    by_modality: dict[str, dict] = {}
+    for ds, modality, label, n in con.execute(
+        "SELECT dataset, coalesce(modality, '(none)'), coalesce(label, '(none)'), count(*) FROM images "
+        "GROUP BY ALL ORDER BY ALL"
+    ).fetchall():
+        by_modality.setdefault(ds, {}).setdefault(modality, {})[label] = n
+    group_sizes = {ds: {"min": lo, "max": hi, "mean": round(mean, 2)} for ds, lo, hi, mean in con.execute(
+        "SELECT dataset, min(n), max(n), avg(n) FROM "
+        "(SELECT dataset, group_id, count(*) AS n FROM images GROUP BY ALL) GROUP BY dataset"
+    ).fetchall()}
     for row in out:
         row["splits"] = per.get(row["name"], {})
+        row["modalities"] = by_modality.get(row["name"], {})
+        row["images_per_group"] = group_sizes.get(row["name"])
     return out
 
 

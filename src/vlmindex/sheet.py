@@ -7,6 +7,15 @@ from collections.abc import Sequence
 from PIL import Image, ImageDraw, ImageFont
 
 
+def _fit(text: str, font: ImageFont.FreeTypeFont | ImageFont.ImageFont, width: int) -> str:
+    """``text`` shortened with an ellipsis until it fits ``width`` pixels, so captions never overlap."""
+    if font.getlength(text) <= width:
+        return text
+    while text and font.getlength(text + "…") > width:
+        text = text[:-1]
+    return text + "…"
+
+
 def contact_sheet(
     tiles: Sequence[tuple[Image.Image, str]], *, columns: int = 8, tile_size: int = 160
 ) -> Image.Image:
@@ -22,5 +31,5 @@ def contact_sheet(
         thumb = img.convert("RGB").copy()
         thumb.thumbnail((tile_size - 4, tile_size - 4))
         sheet.paste(thumb, (x + (tile_size - thumb.width) // 2, y + (tile_size - thumb.height) // 2))
-        draw.text((x + 2, y + tile_size), caption[:40], fill=(0, 0, 0), font=font)
+        draw.text((x + 2, y + tile_size), _fit(caption, font, tile_size - 4), fill=(0, 0, 0), font=font)
     return sheet

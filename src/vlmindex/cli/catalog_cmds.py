@@ -80,8 +80,10 @@ def ingest(ctx, name, source, fmt, exclude, group_regex, modality, path_col, lab
 @click.option("--views", type=int, default=None, help="Images of each lesion (one group).")
 @click.option("--size", type=int, default=None, help="Image side in pixels.")
 @click.option("--replace", is_flag=True, help="Drop an existing dataset of that name first.")
+@click.option("--sheet", type=click.Path(dir_okay=False, path_type=Path),
+              help="Also write a contact sheet PNG (six lesions per class) to look at.")
 @pass_ctx
-def synth(ctx, name, seed, lesions_per_class, views, size, replace):
+def synth(ctx, name, seed, lesions_per_class, views, size, replace, sheet):
     """Generate the synthetic multi-modality lesion set and ingest it as NAME.
 
     Dermoscopy-, X-ray- and ultrasound-like images, two or more classes each, several views of
@@ -98,13 +100,28 @@ def synth(ctx, name, seed, lesions_per_class, views, size, replace):
     report = ingest_synthetic(ctx.workspace, name, seed=seed, replace=replace,
                               progress=sys.stderr.isatty(), **kwargs)
     click.echo(report.summary())
+    if sheet:
+        from vlmindex.synth import SynthImage, contact_sheet_for
+
+        out_dir = ctx.workspace.images_dir(name)
+        with ctx.workspace.read() as con:
+            rows = con.execute("SELECT path, label, split, group_id, modality FROM images "
+                               "WHERE dataset = ? ORDER BY path", [name]).fetchall()
+        manifest = [SynthImage(str(Path(p).relative_to(out_dir)), *rest) for p, *rest in rows]
+        img = contact_sheet_for(manifest, out_dir)
+        sheet.parent.mkdir(parents=True, exist_ok=True)
+        img.save(sheet)
+        click.echo(f"contact sheet written to {sheet}")
 
 
 @cli.command()
 @format_option()
 @pass_ctx
 def datasets(ctx, fmt):
-    """List the datasets: format, modalities, classes, counts per split."""
+    """List the datasets: format, modalities, classes, counts per split.
+
+    JSON and CSV also give the image count of every class per modality and the images per group.
+    """
     from vlmindex.catalog import dataset_summaries
 
     with ctx.workspace.read() as con:
@@ -112,7 +129,8 @@ def datasets(ctx, fmt):
     if fmt == "table":
         for r in rows:
             r["splits"] = " ".join(f"{k}={v}" for k, v in r["splits"].items())
-            r.pop("source")
+            for key in ("source", "modalities", "images_per_group"):
+                r.pop(key)
     echo_rows(rows, fmt)
 
 
