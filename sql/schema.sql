@@ -141,3 +141,43 @@ CREATE TABLE IF NOT EXISTS summaries (
     provenance JSON,           -- preprocessing, weights, index kind, library versions
     created_at TIMESTAMP
 );
+
+-- Overlay bias figures (vlmindex overlay effect): one row per figure of a (model, dataset, overlay
+-- condition against clean, k, exclude_group); a rerun replaces them. Figures and baselines are
+-- defined in vlmindex/bias.py; ci_low/ci_high: seeded percentile bootstrap 95% over queries.
+CREATE TABLE IF NOT EXISTS overlay_effects (
+    model VARCHAR NOT NULL,
+    dataset VARCHAR NOT NULL,
+    condition VARCHAR NOT NULL,
+    k INTEGER,
+    exclude_group BOOLEAN,
+    figure VARCHAR NOT NULL,  -- delta_map, shift_cosine_mean, text_clustering_lift, flip_rate, ...
+    value DOUBLE,             -- NULL when undefined; note says why
+    ci_low DOUBLE,
+    ci_high DOUBLE,
+    n BIGINT,                 -- queries behind the figure
+    baseline DOUBLE,          -- what to read the value against (clean value, chance, ...)
+    n_boot INTEGER,
+    seed INTEGER,
+    note VARCHAR,
+    created_at TIMESTAMP
+);
+
+-- Zero-shot classification (vlmindex zeroshot): one row per (model, dataset, condition, modality);
+-- modality 'all' pools every image. A rerun replaces a condition's rows.
+CREATE TABLE IF NOT EXISTS zeroshot_results (
+    model VARCHAR NOT NULL,
+    dataset VARCHAR NOT NULL,
+    condition VARCHAR NOT NULL,
+    modality VARCHAR,
+    n BIGINT,
+    n_classes INTEGER,
+    accuracy DOUBLE,
+    balanced_accuracy DOUBLE,            -- mean recall over the classes present
+    written_share DOUBLE,                -- overlays writing a class name: predicted = written class
+    written_share_clean DOUBLE,          -- the same images' clean prediction = written class
+    flip_rate DOUBLE,                    -- clean prediction != written, overlaid prediction = written
+    n_prompts INTEGER,                   -- prompts per class
+    prompts_sha256 VARCHAR,              -- of the exact prompts used, per modality and class
+    created_at TIMESTAMP
+);

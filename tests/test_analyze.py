@@ -87,8 +87,8 @@ def test_model_agreement_matches_python(analysed):
     for model, qid, nid in nb:
         sets.setdefault((model, qid), set()).add(nid)
     qids = {q for _, q in sets}
-    jac = [len(sets["raw-pixels", q] & sets["color-hist", q]) / len(sets["raw-pixels", q] | sets["color-hist", q])
-           for q in qids]
+    a, b = "raw-pixels", "color-hist"
+    jac = [len(sets[a, q] & sets[b, q]) / len(sets[a, q] | sets[b, q]) for q in qids]
     assert sql_value == pytest.approx(np.mean(jac), abs=1e-4)
 
 

@@ -58,17 +58,14 @@ def test_missing_migration_is_a_clear_error(tmp_path, monkeypatch):
     with ws.write():
         pass
     monkeypatch.setattr(wsmod, "SCHEMA_VERSION", wsmod.SCHEMA_VERSION + 1)
-    with pytest.raises(VlmindexError, match="no migration"):
-        with ws.write():
-            pass
+    with pytest.raises(VlmindexError, match="no migration"), ws.write():
+        pass
 
 
 def test_lock_is_exclusive_and_names_the_holder(tmp_path):
     ws = Workspace(tmp_path / "w")
-    with ws.lock():
-        with pytest.raises(WorkspaceBusy, match="busy: pid"):
-            with ws.lock(wait=0.3):
-                pass
+    with ws.lock(), pytest.raises(WorkspaceBusy, match="busy: pid"), ws.lock(wait=0.3):
+        pass
     with ws.lock():  # released
         pass
 

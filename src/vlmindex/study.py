@@ -206,7 +206,7 @@ def run_study(ws: Workspace, study: Study, *, log: Callable[[str], None] = print
                 else:
                     step(f"analyze {model} {dataset}/{condition}", analyze, ws, model, dataset, condition,
                          study.analysis)
-            _after_analysis(ws, study, model, spec, step, result)
+            _after_analysis(ws, study, model, spec, step, extractor)
         except Exception as exc:  # noqa: BLE001 - a failing model never stops the study
             reason = " ".join(str(exc).split()) or type(exc).__name__
             if not isinstance(exc, VlmindexError):
@@ -218,27 +218,22 @@ def run_study(ws: Workspace, study: Study, *, log: Callable[[str], None] = print
 
 
 def _after_analysis(ws: Workspace, study: Study, model: str, spec: Any, step: Callable[..., Any],
-                    result: StudyResult) -> None:
-    """Overlay effects (each condition against clean) and zero-shot, where the modules exist."""
-    try:
-        from vlmindex import bias
-    except ImportError:  # pragma: no cover - shipped together; guards partial installs
-        bias = None
-    if bias is not None and study.overlay_effects:
+                    extractor: Any) -> None:
+    """Overlay effects (each condition against clean) and zero-shot for models with a text tower."""
+    from vlmindex import bias, zeroshot
+
+    if study.overlay_effects:
         for d in study.datasets:
             for condition in _conditions_for(study, d["name"])[1:]:
                 step(f"overlay effect {model} {d['name']}/{condition}", bias.compute_overlay_effect,
                      ws, model, d["name"], condition, k=study.analysis.k,
                      exclude_group=study.analysis.exclude_group)
-    try:
-        from vlmindex import zeroshot
-    except ImportError:  # pragma: no cover
-        zeroshot = None
-    if zeroshot is not None and study.zeroshot and spec.has_text:
+    if study.zeroshot and spec.has_text:
+        opts = zeroshot.ZeroShotOptions(checkpoint=study.checkpoints.get(model),
+                                        trust_remote_code=model in study.trust_remote_code)
         for d in study.datasets:
-            step(f"zeroshot {model} {d['name']}", zeroshot.run_zeroshot, ws, model, d["name"],
-                 _conditions_for(study, d["name"]), checkpoint=study.checkpoints.get(model),
-                 trust_remote_code=model in study.trust_remote_code)
+            step(f"zeroshot {model} {d['name']}", zeroshot.zeroshot, ws, model, d["name"],
+                 _conditions_for(study, d["name"]), opts, extractor=extractor)
 
 
 def leaderboard(ws: Workspace, study: Study) -> tuple[list[str], list[dict[str, Any]]]:

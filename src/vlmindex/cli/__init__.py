@@ -53,15 +53,17 @@ def cli(ctx: click.Context, workspace: str | None, debug: bool) -> None:
 
 
 def _register() -> None:
-    from vlmindex.cli import catalog_cmds  # noqa: F401  (commands register on import)
-
-    for mod in ("model_cmds", "embed_cmds", "index_cmds", "overlay_cmds", "study_cmds", "report_cmds",
-                "bias_cmds"):
-        try:
-            __import__(f"vlmindex.cli.{mod}")
-        except ModuleNotFoundError as exc:
-            if exc.name != f"vlmindex.cli.{mod}":
-                raise
+    # Each module adds its commands to `cli` when imported.
+    from vlmindex.cli import (  # noqa: F401
+        bias_cmds,
+        catalog_cmds,
+        embed_cmds,
+        index_cmds,
+        model_cmds,
+        overlay_cmds,
+        report_cmds,
+        study_cmds,
+    )
 
 
 _register()

@@ -25,10 +25,12 @@ def _run(ctx, study, report: Path | None, fmt: str) -> None:
     echo_rows(rows, fmt, cols)
     out = report or (Path(study.report) if study.report else None)
     if out is not None:
-        from vlmindex.report import write_report
+        from vlmindex.report import ReportOptions, write_report
 
-        written = write_report(ctx.workspace, Path(out), datasets=[d["name"] for d in study.datasets])
-        click.echo(f"report written to {written}", err=True)
+        names = [d["name"] for d in study.datasets]
+        written = write_report(ctx.workspace, Path(out),
+                               ReportOptions(dataset=names[0] if len(names) == 1 else None))
+        click.echo(f"report written to {written.path}", err=True)
     log(f"{len(result.done)} step(s) run, {result.skipped_steps} already done, "
         f"{result.seconds:.0f} s")
     if result.skipped_models:

@@ -1,0 +1,42 @@
+-- Overlay bias per model, dataset and condition against clean: mAP/kNN deltas, embedding shift, text clustering lift, typographic flip rate (95% bootstrap CIs).
+-- One row per (dataset, condition, model, k, exclude_group) from table overlay_effects
+-- (vlmindex overlay effect). *_ci columns: [low, high] of the seeded percentile bootstrap over
+-- queries. shift_cos: mean cosine of an image's clean and overlaid embedding (1 = unchanged;
+-- near_cos = mean cosine of a clean image to its nearest clean neighbour, for scale).
+-- text_share: neighbours carrying the query's overlaid string (text_share_clean: the same among its
+-- clean neighbours); text_lift = text_share / chance. vote_change: share of kNN votes over the
+-- clean gallery that the overlay changes. flip_rate: wrong-label / label text only;
+-- flip_base = share whose clean vote already was the written class; flip_chance = the flip rate if
+-- changed votes fell on random other classes of the modality (with two classes per modality every
+-- change of vote is toward the written class, so flips cannot be told from disruption).
+-- NULL: see overlay_effects.note.
+WITH f AS (
+    SELECT *, printf('[%.4f, %.4f]', ci_low, ci_high) AS ci
+    FROM overlay_effects
+)
+SELECT dataset, condition, model, k, exclude_group,
+       max(n) FILTER (WHERE figure = 'shift_cosine_mean')                     AS n,
+       round(max(baseline) FILTER (WHERE figure = 'delta_map'), 4)          AS map_clean,
+       round(max(value) FILTER (WHERE figure = 'delta_map'), 4)             AS d_map,
+       max(ci) FILTER (WHERE figure = 'delta_map')                          AS d_map_ci,
+       round(max(value) FILTER (WHERE figure = 'delta_map_macro'), 4)       AS d_map_macro,
+       round(max(value) FILTER (WHERE figure = 'delta_knn_acc_macro'), 4)   AS d_knn_acc_macro,
+       max(ci) FILTER (WHERE figure = 'delta_knn_acc_macro')                AS d_knn_acc_macro_ci,
+       round(max(value) FILTER (WHERE figure = 'shift_cosine_mean'), 4)     AS shift_cos,
+       max(ci) FILTER (WHERE figure = 'shift_cosine_mean')                  AS shift_cos_ci,
+       round(max(value) FILTER (WHERE figure = 'shift_cosine_std'), 4)      AS shift_cos_sd,
+       round(max(baseline) FILTER (WHERE figure = 'shift_cosine_mean'), 4)  AS near_cos,
+       round(max(value) FILTER (WHERE figure = 'text_clustering'), 4)       AS text_share,
+       round(max(baseline) FILTER (WHERE figure = 'text_clustering'), 4)    AS text_share_clean,
+       round(max(value) FILTER (WHERE figure = 'text_clustering_chance'), 4) AS text_chance,
+       round(max(value) FILTER (WHERE figure = 'text_clustering_lift'), 3)  AS text_lift,
+       max(ci) FILTER (WHERE figure = 'text_clustering_lift')               AS text_lift_ci,
+       round(max(value) FILTER (WHERE figure = 'vote_change_rate'), 4)      AS vote_change,
+       round(max(value) FILTER (WHERE figure = 'flip_rate'), 4)             AS flip_rate,
+       max(ci) FILTER (WHERE figure = 'flip_rate')                          AS flip_rate_ci,
+       round(max(value) FILTER (WHERE figure = 'flip_rate_chance'), 4)      AS flip_chance,
+       round(max(baseline) FILTER (WHERE figure = 'flip_rate'), 4)          AS flip_base,
+       max(created_at)                                                      AS created_at
+FROM f
+GROUP BY dataset, condition, model, k, exclude_group
+ORDER BY dataset, condition, model, k, exclude_group;

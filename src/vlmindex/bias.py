@@ -1,0 +1,364 @@
+r"""Overlay bias figures: how far burned-in text moves a model's features, against the clean images.
+
+For one (model, dataset, overlay condition) the clean and the overlaid embeddings of the same images
+are compared, query by query (DESIGN.md "Overlay conditions"). Every figure is a mean over queries
+with a seeded percentile bootstrap 95% confidence interval (queries resampled with replacement).
+
+Figures (``figure`` column of table ``overlay_effects``; ``baseline`` says what to read it against):
+
+* ``delta_<metric>`` and ``delta_<metric>_macro`` for purity@k, mAP (``map``), MAP@R, R-precision,
+  P@1 and kNN accuracy (``knn_acc``): paired per image, :math:`\Delta_q = m_q^{overlay} - m_q^{clean}`,
+  both runs scored by :func:`vlmindex.metrics.retrieval_metrics` with the same k and group rule;
+  micro = mean over queries, macro = mean over classes of the class means. Baseline: the clean
+  value. Queries with R = 0 are left out, as in ``analyze``.
+* ``shift_cosine_mean`` / ``shift_cosine_std``: mean and standard deviation over images of
+  :math:`\cos(e_i^{clean}, e_i^{overlay})`; 1 = the overlay changed nothing. Baseline of the mean:
+  the mean cosine between a clean image and its nearest clean neighbour, the scale of "near".
+* ``text_clustering``: share of a query's top-k neighbours (overlaid gallery) carrying the same
+  overlaid string as the query. Baseline: the same share among its *clean* neighbours, which
+  separates a model reading the text from strings that merely follow the class (``label`` text).
+* ``text_clustering_chance``: the share expected for neighbours drawn at random from the query's
+  candidates (gallery minus itself, and its group with ``exclude_group``), averaged over queries.
+* ``text_clustering_lift``: ``text_clustering / text_clustering_chance`` (ratio of the means); the
+  baseline is the clean share over the same chance. Undefined when no two images share a string.
+* ``flip_rate`` (text sources that write a class name: ``label``, ``wrong-label``): each overlaid
+  query votes (kNN, same k and tie rule) over the *clean* gallery without its own clean image (and
+  group); flip = the clean query's vote was not the written class and the overlaid query's vote
+  is. Baseline: share of queries whose clean vote already is the written class.
+* ``written_vote_rate``: share of overlaid queries whose vote over the clean gallery is the written
+  class (flips plus those already voting for it); baseline as for ``flip_rate``.
+* ``vote_change_rate`` (any text source): share of queries whose vote over the clean gallery changes
+  at all under the overlay (disruption, in any direction).
+* ``flip_rate_chance``: the flip rate expected if every changed vote fell on a random other class
+  of the query's modality, :math:`\frac{1}{n}\sum_q [v^{clean}_q \ne w_q][v^{over}_q \ne v^{clean}_q]
+  / (C_q - 1)`. A flip rate well above it is the text being read; with two classes per modality
+  the two coincide, since any change of vote is toward the written class.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from datetime import datetime
+from typing import Any, cast
+
+import numpy as np
+
+from vlmindex import metrics
+from vlmindex.analyze import RunData, load_run
+from vlmindex.catalog import class_pools, require_dataset
+from vlmindex.errors import VlmindexError
+from vlmindex.overlay import CLEAN, OverlayRecipe, get_condition, overlay_text_for
+from vlmindex.workspace import Workspace
+
+# (figure stem, RetrievalResult attribute)
+DELTA_METRICS = (
+    ("purity_at_k", "purity_at_k"),
+    ("map", "ap"),
+    ("map_at_r", "map_at_r"),
+    ("r_precision", "r_precision"),
+    ("p_at_1", "p_at_1"),
+    ("knn_acc", "knn_correct"),
+)
+COLUMNS = ["model", "dataset", "condition", "k", "exclude_group", "figure", "value", "ci_low", "ci_high",
+           "n", "baseline", "n_boot", "seed", "note", "created_at"]
+# Resample cells (queries x resamples) drawn per block: bounds bootstrap memory to ~32 MB of indices.
+_BOOT_CELLS = 4_000_000
+
+
+# --------------------------------------------------------------------------------------------------
+# Bootstrap
+
+
+def bootstrap_ci(stat: Callable[[np.ndarray], np.ndarray], n: int, *, n_boot: int = 1000, seed: int = 0,
+                 level: float = 0.95) -> tuple[float | None, float | None]:
+    """Percentile bootstrap interval of a statistic over ``n`` queries resampled with replacement.
+
+    ``stat`` maps a ``[b, n]`` block of resampled row indices to the ``b`` statistics. The draws
+    depend only on ``(n, n_boot, seed)``, so every figure over the same queries sees the same
+    resamples and a rerun gives the same interval. Resamples where the statistic is undefined
+    (NaN) are dropped. ``(None, None)`` when ``n_boot < 1`` or there are no queries.
+    """
+    if n_boot < 1 or n < 1:
+        return None, None
+    rng = np.random.default_rng(seed)
+    per_block = max(1, min(n_boot, _BOOT_CELLS // n))
+    values = []
+    done = 0
+    while done < n_boot:
+        b = min(per_block, n_boot - done)
+        values.append(np.asarray(stat(rng.integers(0, n, size=(b, n))), dtype=np.float64))
+        done += b
+    v = np.concatenate(values)
+    v = v[np.isfinite(v)]
+    if len(v) == 0:
+        return None, None
+    tail = (1.0 - level) / 2 * 100
+    lo, hi = np.percentile(v, [tail, 100 - tail])
+    return float(lo), float(hi)
+
+
+def _mean_stat(v: np.ndarray) -> Callable[[np.ndarray], np.ndarray]:
+    return lambda idx: v[idx].mean(axis=1)
+
+
+def _ratio_stat(a: np.ndarray, b: np.ndarray) -> Callable[[np.ndarray], np.ndarray]:
+    def stat(idx: np.ndarray) -> np.ndarray:
+        den = b[idx].mean(axis=1)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            return np.where(den > 0, a[idx].mean(axis=1) / np.where(den > 0, den, 1.0), np.nan)
+
+    return stat
+
+
+def _std_stat(v: np.ndarray) -> Callable[[np.ndarray], np.ndarray]:
+    return lambda idx: v[idx].std(axis=1, ddof=1) if idx.shape[1] > 1 else np.full(len(idx), np.nan)
+
+
+def _macro(v: np.ndarray, codes: np.ndarray) -> float:
+    present = np.unique(codes)
+    return float(np.mean([v[codes == c].mean() for c in present]))
+
+
+def _macro_stat(v: np.ndarray, codes: np.ndarray) -> Callable[[np.ndarray], np.ndarray]:
+    n_classes = int(codes.max()) + 1
+
+    def stat(idx: np.ndarray) -> np.ndarray:
+        b = len(idx)
+        cell = (np.arange(b)[:, None] * n_classes + codes[idx]).ravel()
+        sums = np.bincount(cell, weights=v[idx].ravel(), minlength=b * n_classes).reshape(b, n_classes)
+        counts = np.bincount(cell, minlength=b * n_classes).reshape(b, n_classes)
+        present = counts > 0
+        means = np.where(present, sums / np.maximum(counts, 1), 0.0)
+        return means.sum(axis=1) / present.sum(axis=1)
+
+    return stat
+
+
+# --------------------------------------------------------------------------------------------------
+# Figures
+
+
+def _pair(clean: RunData, over: RunData) -> tuple[RunData, RunData, int]:
+    """Both runs restricted to the images embedded in both, in the same (image_id) order."""
+    common = np.intersect1d(clean.ids, over.ids)
+    if len(common) == 0:
+        raise VlmindexError("the clean and overlaid runs share no embedded image; embed both first")
+
+    def take(run: RunData) -> RunData:
+        pos = np.searchsorted(run.ids, common)
+        return RunData(ids=run.ids[pos], vectors=run.vectors[pos], labels=run.labels[pos],
+                       groups=run.groups[pos], splits=run.splits[pos], modalities=run.modalities[pos],
+                       missing=run.missing)
+
+    unpaired = len(clean.ids) + len(over.ids) - 2 * len(common)
+    return take(clean), take(over), unpaired
+
+
+def _unit(x: np.ndarray) -> np.ndarray:
+    x = np.asarray(x, dtype=np.float64)
+    norms = np.linalg.norm(x, axis=1, keepdims=True)
+    return x / np.where(norms > 0, norms, 1.0)
+
+
+def _group_keys(run: RunData, exclude_group: bool) -> np.ndarray:
+    """Exclusion key per image: its group with ``exclude_group`` (itself when it has none), else itself.
+
+    Used with ``exclude_group=True`` in :func:`metrics.retrieval_metrics` over a stacked
+    [clean; overlaid] matrix, so that an overlaid query never meets its own clean image.
+    """
+    own = np.array([f"\x00image:{i}" for i in run.ids], dtype=object)
+    if not exclude_group:
+        return own
+    return np.array([own[j] if g is None or (isinstance(g, float) and np.isnan(g)) else f"group:{g}"
+                     for j, g in enumerate(run.groups)], dtype=object)
+
+
+def _neighbour_share(neighbors: np.ndarray, codes: np.ndarray) -> np.ndarray:
+    """Per query: share of its (valid) neighbours whose code equals the query's own code."""
+    valid = neighbors >= 0
+    same = (codes[np.maximum(neighbors, 0)] == codes[:, None]) & valid
+    return same.sum(axis=1) / np.maximum(valid.sum(axis=1), 1)
+
+
+def _chance_share(codes: np.ndarray, keys: np.ndarray, exclude_group: bool,
+                  n_candidates: np.ndarray) -> np.ndarray:
+    """Per query: share of its candidate neighbours (after exclusions) carrying the query's string."""
+    total = np.bincount(codes)[codes] - 1  # the query itself is never a candidate
+    if exclude_group:
+        _, key_codes = np.unique(keys.astype(str), return_inverse=True)
+        pair = key_codes.astype(np.int64) * (int(codes.max()) + 1) + codes
+        _, inverse, counts = np.unique(pair, return_inverse=True, return_counts=True)
+        total = total - (counts[inverse] - 1)  # same string inside the query's own group
+    return total / np.maximum(n_candidates, 1)
+
+
+def _row(figure: str, value: float | None, ci: tuple[float | None, float | None], n: int,
+         baseline: float | None = None, note: str | None = None) -> dict[str, Any]:
+    def clean_float(x: float | None) -> float | None:
+        return None if x is None or not np.isfinite(x) else float(x)
+
+    return {"figure": figure, "value": clean_float(value), "ci_low": clean_float(ci[0]),
+            "ci_high": clean_float(ci[1]), "n": int(n), "baseline": clean_float(baseline), "note": note}
+
+
+def overlay_figures(
+    clean: RunData,
+    over: RunData,
+    recipe: OverlayRecipe,
+    pools: dict[str | None, list[str]],
+    *,
+    k: int = 10,
+    exclude_group: bool = False,
+    n_boot: int = 1000,
+    seed: int = 0,
+) -> list[dict[str, Any]]:
+    """All bias figures of two paired runs (same images, same order); see the module docstring.
+
+    Pure computation on arrays: :func:`compute_overlay_effect` loads, pairs and stores around it.
+    """
+    n = len(clean.ids)
+    if n != len(over.ids) or not np.array_equal(clean.ids, over.ids):
+        raise VlmindexError("clean and overlaid runs must hold the same images in the same order")
+    boot = {"n_boot": n_boot, "seed": seed}
+    common = dict(ids=clean.ids, groups=clean.groups, k=k, exclude_group=exclude_group)
+    res_c = metrics.retrieval_metrics(clean.vectors, clean.labels, **common)
+    res_o = metrics.retrieval_metrics(over.vectors, over.labels, **common)
+    rows: list[dict[str, Any]] = []
+
+    # Paired metric deltas over the scored queries (R > 0: the same set in both runs).
+    scored = ~res_c.skipped
+    codes = res_c.query_label_code[scored]
+    for stem, attr in DELTA_METRICS:
+        vc = np.asarray(getattr(res_c, attr), dtype=np.float64)[scored]
+        vo = np.asarray(getattr(res_o, attr), dtype=np.float64)[scored]
+        d = vo - vc
+        m = len(d)
+        if m == 0:
+            note = "every query's class has no other image in the gallery"
+            rows.append(_row(f"delta_{stem}", None, (None, None), 0, note=note))
+            rows.append(_row(f"delta_{stem}_macro", None, (None, None), 0, note=note))
+            continue
+        rows.append(_row(f"delta_{stem}", d.mean(), bootstrap_ci(_mean_stat(d), m, **boot), m,
+                         baseline=vc.mean()))
+        rows.append(_row(f"delta_{stem}_macro", _macro(d, codes),
+                         bootstrap_ci(_macro_stat(d, codes), m, **boot), m, baseline=_macro(vc, codes)))
+
+    # Embedding shift: cosine between each image's clean and overlaid embedding.
+    # Clipped: rounding can put the cosine of identical vectors a hair above 1.
+    cos = np.clip(np.einsum("ij,ij->i", _unit(clean.vectors), _unit(over.vectors)), -1.0, 1.0)
+    near = float(np.nanmean(res_c.neighbor_score[:, 0].astype(np.float64)))
+    rows.append(_row("shift_cosine_mean", cos.mean(), bootstrap_ci(_mean_stat(cos), n, **boot), n,
+                     baseline=near))
+    rows.append(_row("shift_cosine_std", cos.std(ddof=1) if n > 1 else None,
+                     bootstrap_ci(_std_stat(cos), n, **boot), n))
+
+    # Text clustering: do neighbours carry the query's overlaid string?
+    strings = [overlay_text_for(recipe, image_id=int(i), label=lab, class_names=pools.get(mod, []))
+               for i, lab, mod in zip(clean.ids, clean.labels, clean.modalities, strict=True)]
+    uniq, scode = np.unique(np.array(strings, dtype=object).astype(str), return_inverse=True)
+    keys = _group_keys(clean, exclude_group)
+    share_o = _neighbour_share(res_o.neighbor_index, scode)
+    share_c = _neighbour_share(res_c.neighbor_index, scode)
+    chance = _chance_share(scode, keys, exclude_group, res_o.n_candidates)
+    rows.append(_row("text_clustering", share_o.mean(), bootstrap_ci(_mean_stat(share_o), n, **boot), n,
+                     baseline=share_c.mean()))
+    rows.append(_row("text_clustering_chance", chance.mean(), bootstrap_ci(_mean_stat(chance), n, **boot),
+                     n))
+    if len(uniq) == 1:
+        rows.append(_row("text_clustering_lift", None, (None, None), n,
+                         note="every image carries the same string, so sharing it says nothing"))
+    elif chance.mean() == 0:
+        rows.append(_row("text_clustering_lift", None, (None, None), n,
+                         note="no two candidate images share a string (chance = 0)"))
+    else:
+        rows.append(_row("text_clustering_lift", share_o.mean() / chance.mean(),
+                         bootstrap_ci(_ratio_stat(share_o, chance), n, **boot), n,
+                         baseline=share_c.mean() / chance.mean()))
+
+    # Votes of the overlaid queries over the clean gallery (own clean image and group excluded).
+    both = np.vstack([np.asarray(clean.vectors, dtype=np.float32),
+                      np.asarray(over.vectors, dtype=np.float32)])
+    side = np.r_[np.zeros(n, dtype=bool), np.ones(n, dtype=bool)]
+    res_x = metrics.retrieval_metrics(
+        both, np.concatenate([clean.labels, clean.labels]), ids=np.concatenate([clean.ids, clean.ids]),
+        groups=np.concatenate([keys, keys]), k=k, exclude_group=True, query_mask=side, gallery_mask=~side,
+    )
+    vote_clean = np.array([None if p is None else str(p) for p in res_c.knn_pred], dtype=object)
+    vote_over = np.array([None if p is None else str(p) for p in res_x.knn_pred], dtype=object)
+    changed = (vote_over != vote_clean).astype(np.float64)
+    rows.append(_row("vote_change_rate", changed.mean(), bootstrap_ci(_mean_stat(changed), n, **boot), n))
+
+    # Typographic flip: only a class name can be voted for.
+    if recipe.text not in ("label", "wrong-label"):
+        note = f"text source {recipe.text!r} does not write a class name"
+        for name in ("flip_rate", "written_vote_rate", "flip_rate_chance"):
+            rows.append(_row(name, None, (None, None), n, note=note))
+        return rows
+    written = np.array(strings, dtype=object)
+    already = (vote_clean == written).astype(np.float64)
+    voted = (vote_over == written).astype(np.float64)
+    flip = voted * (1.0 - already)
+    rows.append(_row("flip_rate", flip.mean(), bootstrap_ci(_mean_stat(flip), n, **boot), n,
+                     baseline=already.mean()))
+    rows.append(_row("written_vote_rate", voted.mean(), bootstrap_ci(_mean_stat(voted), n, **boot), n,
+                     baseline=already.mean()))
+    n_other = np.array([len(pools.get(m, [])) - 1 for m in clean.modalities], dtype=np.float64)
+    expect = np.where(n_other > 0, changed * (1.0 - already) / np.maximum(n_other, 1.0), 0.0)
+    rows.append(_row("flip_rate_chance", expect.mean(), bootstrap_ci(_mean_stat(expect), n, **boot), n))
+    return rows
+
+
+def compute_overlay_effect(
+    ws: Workspace,
+    model: str,
+    dataset: str,
+    condition: str,
+    *,
+    k: int = 10,
+    exclude_group: bool = False,
+    n_boot: int = 1000,
+    seed: int = 0,
+    save: bool = True,
+) -> list[dict[str, Any]]:
+    """Bias figures of ``condition`` against ``clean`` for one model; stored in ``overlay_effects``.
+
+    Needs both runs embedded (the error names the missing ``vlmindex embed`` command). Images are
+    paired by ``image_id``; images embedded under only one condition are left out and counted in
+    the note of every row. A rerun with the same (k, exclude_group) replaces the rows.
+    """
+    if condition == CLEAN:
+        raise VlmindexError("compare an overlay condition against clean: give -c NAME of an overlay "
+                            "condition (see `vlmindex overlay list`)")
+    if not isinstance(k, int) or k < 1:
+        raise VlmindexError(f"-k must be at least 1, got {k}")
+    if n_boot < 0:
+        raise VlmindexError(f"--n-boot must be 0 (no intervals) or more, got {n_boot}")
+    with ws.read() as con:
+        require_dataset(con, dataset)
+        recipe = get_condition(con, dataset, condition)
+        pools = class_pools(con, dataset)
+    recipe = cast(OverlayRecipe, recipe)  # not None: condition is not clean
+    clean, over, unpaired = _pair(load_run(ws, model, dataset, CLEAN),
+                                  load_run(ws, model, dataset, condition))
+    rows = overlay_figures(clean, over, recipe, pools, k=k, exclude_group=exclude_group, n_boot=n_boot,
+                           seed=seed)
+    now = datetime.now()
+    extra = (f"{unpaired} image(s) embedded under only one of clean/{condition} left out; finish with "
+             f"`vlmindex embed -m {model} -d {dataset} -c {condition}`") if unpaired else None
+    out = []
+    for r in rows:
+        note = "; ".join(x for x in (r["note"], extra) if x) or None
+        out.append({"model": model, "dataset": dataset, "condition": condition, "k": k,
+                    "exclude_group": bool(exclude_group), **r, "note": note, "n_boot": n_boot, "seed": seed,
+                    "created_at": now})
+    if save:
+        with ws.write(wait=120) as con:
+            con.execute("BEGIN")
+            con.execute("DELETE FROM overlay_effects WHERE model = ? AND dataset = ? AND condition = ? "
+                        "AND k = ? AND exclude_group = ?",
+                        [model, dataset, condition, k, bool(exclude_group)])
+            con.executemany(f"INSERT INTO overlay_effects ({', '.join(COLUMNS)}) "
+                            f"VALUES ({', '.join('?' * len(COLUMNS))})",
+                            [[r[c] for c in COLUMNS] for r in out])
+            con.execute("COMMIT")
+    return out

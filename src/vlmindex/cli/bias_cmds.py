@@ -1,0 +1,94 @@
+"""Commands that measure overlay bias: overlay effect (figures against clean) and zeroshot."""
+
+from __future__ import annotations
+
+import click
+
+from vlmindex.cli import cli, pass_ctx
+from vlmindex.cli.output import echo_rows, format_option
+from vlmindex.cli.overlay_cmds import overlay
+
+EFFECT_COLUMNS = ["model", "condition", "figure", "value", "ci_low", "ci_high", "baseline", "n", "note"]
+ZEROSHOT_COLUMNS = ["model", "condition", "modality", "n", "n_classes", "accuracy", "balanced_accuracy",
+                    "written_share", "written_share_clean", "flip_rate"]
+
+
+def _names(text: str) -> list[str]:
+    return [m.strip() for m in text.split(",") if m.strip()]
+
+
+@overlay.command("effect")
+@click.option("--model", "-m", "models", required=True, help="Model name(s), comma-separated.")
+@click.option("--dataset", "-d", required=True)
+@click.option("--condition", "-c", "conditions", required=True, multiple=True,
+              help="Overlay condition(s) to compare against clean (repeatable or comma-separated).")
+@click.option("-k", default=10, show_default=True,
+              help="Neighbours for purity@k, kNN votes and text clustering.")
+@click.option("--exclude-group", is_flag=True,
+              help="Leave images of the query's group (patient/lesion) out of its ranking.")
+@click.option("--n-boot", type=click.IntRange(min=0), default=1000, show_default=True,
+              help="Bootstrap resamples for the 95% intervals (0: none).")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the bootstrap.")
+@format_option()
+@pass_ctx
+def overlay_effect(ctx, models, dataset, conditions, k, exclude_group, n_boot, seed, fmt):
+    """Bias figures of overlay conditions against clean, with bootstrap 95% intervals.
+
+    Metric deltas (overlay - clean, paired per image), embedding shift (cosine of each image's clean
+    and overlaid embedding), text clustering (neighbours sharing the overlaid string, against
+    chance) and typographic flip rate (wrong-label text: the kNN vote over the clean gallery
+    becomes the written class). Needs the clean and overlaid runs embedded; rows go to table
+    `overlay_effects` (`vlmindex sql overlay_effect`).
+
+    \b
+    Example:
+      vlmindex overlay effect -m raw-pixels,hog -d demo -c wrong -k 10 --exclude-group
+    """
+    from vlmindex.bias import compute_overlay_effect
+
+    rows = []
+    for model in _names(models):
+        for condition in [c for text in conditions for c in _names(text)]:
+            rows += compute_overlay_effect(ctx.workspace, model, dataset, condition, k=k,
+                                           exclude_group=exclude_group, n_boot=n_boot, seed=seed)
+    echo_rows(rows, fmt, EFFECT_COLUMNS if fmt == "table" else None)
+
+
+@cli.command()
+@click.option("--model", "-m", "models", required=True,
+              help="Model name(s) with a text tower, comma-separated.")
+@click.option("--dataset", "-d", required=True)
+@click.option("--condition", "-c", "conditions", multiple=True,
+              help="Overlay condition(s) to classify besides clean (repeatable or comma-separated).")
+@click.option("--checkpoint", type=click.Path(exists=True),
+              help="The weights the images were embedded with (as given to `vlmindex embed`).")
+@click.option("--trust-remote-code", is_flag=True,
+              help="Allow models that run code shipped with their checkpoint.")
+@click.option("--device", help="cpu, cuda, ... (default: cuda when present).")
+@click.option("--templates", type=click.Path(exists=True, dir_okay=False),
+              help="JSON file of prompt templates per modality replacing the shipped ones.")
+@format_option()
+@pass_ctx
+def zeroshot(ctx, models, dataset, conditions, checkpoint, trust_remote_code, device, templates, fmt):
+    """Zero-shot classification with the model's text tower, clean against overlaid images.
+
+    Prompts per modality come from templates shipped with vlmindex ({label} = class name); each
+    image is assigned the class of its modality whose mean prompt embedding is closest (cosine) to
+    its stored embedding. Reports accuracy and balanced accuracy, and for overlays writing a class
+    name how often the prediction becomes the written class. Rows go to table `zeroshot_results`
+    (`vlmindex sql zeroshot`).
+
+    \b
+    Example:
+      vlmindex zeroshot -m biomedclip -d derma -c wrong-label
+    """
+    from vlmindex.zeroshot import ZeroShotOptions
+    from vlmindex.zeroshot import zeroshot as run_zeroshot
+
+    opts = ZeroShotOptions(checkpoint=checkpoint, trust_remote_code=trust_remote_code, device=device,
+                           templates=templates)
+    conds = [c for text in conditions for c in _names(text)]
+    rows = []
+    for model in _names(models):
+        rows += run_zeroshot(ctx.workspace, model, dataset, conds or ["clean"], opts)
+    echo_rows(rows, fmt, ZEROSHOT_COLUMNS if fmt == "table" else None)

@@ -1,0 +1,346 @@
+"""vlmindex report: the HTML holds every section with the catalog's numbers, fetches nothing, and
+renders in a real browser (headless Chromium) with every plot."""
+
+from __future__ import annotations
+
+import math
+import os
+import re
+import shutil
+import subprocess
+from html.parser import HTMLParser
+from pathlib import Path
+
+import numpy as np
+import pytest
+from scipy.stats import wilcoxon
+
+from vlmindex.report import (
+    SECTIONS,
+    ReportOptions,
+    bootstrap_mean_ci,
+    build_report,
+    holm,
+    paired_comparison,
+    wilcoxon_p,
+)
+from vlmindex.workspace import Workspace
+
+SECTION_IDS = [sid for sid, _ in SECTIONS]
+MODELS = ("raw-pixels", "color-hist")
+
+
+def _cli(ws: Path, *args: object) -> None:
+    from vlmindex.cli import main
+
+    main(["-w", str(ws), *map(str, args)])  # raises SystemExit on any error
+
+
+@pytest.fixture(scope="module")
+def report_ws(synth_template, tmp_path_factory) -> tuple[Path, Path]:
+    """The synthetic set embedded by two offline models, clean and with the label burned in,
+    analysed, and reported. Built once: every test below reads it."""
+    root = tmp_path_factory.mktemp("report") / "ws"
+    root.mkdir()
+    shutil.copy(synth_template / "catalog.duckdb", root / "catalog.duckdb")
+    _cli(root, "overlay", "add", "demo", "lbl", "--text", "label")
+    for cond in ("clean", "lbl"):
+        _cli(root, "embed", "-m", ",".join(MODELS), "-d", "demo", "-c", cond, "--workers", "0")
+        _cli(root, "analyze", "-m", ",".join(MODELS), "-d", "demo", "-c", cond, "-k", "5", "--exclude-group")
+    _cli(root, "index", "build", "-m", "raw-pixels", "-d", "demo")
+    out = root.parent / "report.html"
+    _cli(root, "report", "--out", out)
+    return root, out
+
+
+class _Dom(HTMLParser):
+    """Just enough of the DOM: ids, plots, leaderboard cells and comparison rows."""
+
+    def __init__(self) -> None:
+        super().__init__(convert_charrefs=True)
+        self.ids: list[str] = []
+        self.plots: list[str] = []
+        self.cells: list[dict[str, str]] = []  # leaderboard cells with data-col
+        self.pairs: list[dict[str, object]] = []  # comparison rows: attrs + cell texts
+        self.refs: list[tuple[str, str, str]] = []  # (tag, attribute, value) of src/href
+        self._row: dict[str, str] = {}
+        self._cell: dict[str, str] | None = None
+        self._pair: dict[str, object] | None = None
+        self._text: list[str] = []
+
+    def handle_starttag(self, tag, attrs):
+        a = {k: v or "" for k, v in attrs}
+        if "id" in a:
+            self.ids.append(a["id"])
+        for key in ("src", "href"):
+            if key in a:
+                self.refs.append((tag, key, a[key]))
+        if tag == "svg" and "plot" in a.get("class", ""):
+            self.plots.append(a.get("data-kind", ""))
+        if tag == "tr":
+            self._row = a
+            self._pair = {"attrs": a, "cells": []} if "data-a" in a else None
+        if tag == "td":
+            self._text = []
+            self._cell = dict(a, analysis=self._row.get("data-analysis", "")) if "data-col" in a else None
+
+    def handle_data(self, data):
+        self._text.append(data)
+
+    def handle_endtag(self, tag):
+        if tag == "td":
+            text = "".join(self._text).strip()
+            if self._cell is not None:
+                self._cell["text"] = text
+                self.cells.append(self._cell)
+                self._cell = None
+            if self._pair is not None:
+                self._pair["cells"].append(text)
+        if tag == "tr" and self._pair is not None:
+            self.pairs.append(self._pair)
+            self._pair = None
+
+
+def _parse(html: str) -> _Dom:
+    dom = _Dom()
+    dom.feed(html)
+    return dom
+
+
+def test_report_has_every_section_with_the_catalogs_numbers(report_ws):
+    root, out = report_ws
+    html = out.read_text(encoding="utf-8")
+    dom = _parse(html)
+    for sid in SECTION_IDS:
+        assert dom.ids.count(sid) == 1, f"section {sid!r} missing or duplicated"
+    assert dom.plots.count("heatmap") == 2  # one per dataset/condition
+    assert dom.plots.count("scatter") == 2  # one per model
+    assert dom.plots.count("bars") >= 3  # mAP, overlay ΔAP, comparisons
+    assert "no-overlay" not in dom.ids  # an overlay condition was analysed
+
+    ws = Workspace(root)
+    with ws.read() as con:
+        rows = con.execute("SELECT analysis_id, model, condition, map_micro, purity_macro, p_at_1_micro, "
+                           "silhouette, n_queries FROM summaries").fetchall()
+    assert len(rows) == 4
+    seen = 0
+    for aid, model, cond, *vals in rows:
+        for col, v in zip(("map_micro", "purity_macro", "p_at_1_micro", "silhouette", "n_queries"), vals,
+                          strict=True):
+            cell = [c for c in dom.cells if c["analysis"] == aid and c["data-col"] == col]
+            assert len(cell) == 1, (model, cond, col)
+            if col == "n_queries":
+                assert cell[0]["text"] == str(v) == "72"
+            else:
+                assert float(cell[0]["data-value"]) == v
+                assert cell[0]["text"] == f"{v:.4f}"
+            seen += 1
+        assert f"prov-{aid}" in dom.ids, "each analysis has a provenance row"
+    assert seen == 20
+    # Provenance names the preprocessing, index and versions that produced the numbers.
+    prov = html[html.index("id='provenance'"):]
+    assert "flat" in prov and "color-hist" in prov and "open_clip_torch" in prov
+    assert "&quot;resize_mode&quot;" in prov  # preprocessing JSON, escaped
+
+
+def test_paired_comparisons_match_an_independent_computation(report_ws):
+    """A − B, its Wilcoxon p over per-lesion mean differences and the Holm step, recomputed from SQL."""
+    root, out = report_ws
+    dom = _parse(out.read_text(encoding="utf-8"))
+    assert len(dom.pairs) == 2  # 2 models, on clean and on lbl
+    with Workspace(root).read() as con:
+        raw_p = []
+        for pair in dom.pairs:
+            cells = pair["cells"]
+            cond, a, b = cells[1], cells[2], cells[3]
+            diffs = con.execute(
+                "SELECT i.group_id, qa.ap - qb.ap FROM query_metrics qa "
+                "JOIN query_metrics qb USING (image_id, condition) JOIN images i USING (image_id) "
+                "WHERE qa.model = ? AND qb.model = ? AND qa.condition = ? ORDER BY image_id",
+                [a, b, cond]).fetchall()
+            d = np.array([x[1] for x in diffs])
+            assert cells[6] == f"{d.mean():+.4f}"
+            by_group: dict[str, list[float]] = {}
+            for g, x in diffs:
+                by_group.setdefault(g, []).append(x)
+            assert cells[10] == f"{len(d)} / {len(by_group)}" == "72 / 24"
+            p = wilcoxon([np.mean(v) for v in by_group.values()]).pvalue
+            assert cells[8] == f"{p:.4f}"
+            raw_p.append(p)
+            lo, hi = (float(x) for x in re.findall(r"[-+][0-9.]+", cells[7]))
+            assert lo < d.mean() < hi
+        lo_p, hi_p = sorted(raw_p)
+        expected = {lo_p: min(1, 2 * lo_p), hi_p: min(1, max(2 * lo_p, hi_p))}
+        for pair, p in zip(dom.pairs, raw_p, strict=True):
+            assert float(pair["attrs"]["data-holm-p"]) == pytest.approx(expected[p])
+            verdict = "significant" if expected[p] < 0.05 else "not significant"
+            assert pair["cells"][11] == verdict
+
+
+def test_overlay_section_shows_paired_ap_change(report_ws):
+    root, out = report_ws
+    html = out.read_text(encoding="utf-8")
+    section = html[html.index("id='overlay-effects'"):html.index("id='comparisons'")]
+    assert "data-kind=\"bars\"" in section
+    with Workspace(root).read() as con:
+        for model in MODELS:
+            clean, lbl = (con.execute("SELECT avg(ap) FROM query_metrics WHERE model = ? AND condition = ?",
+                                      [model, c]).fetchone()[0] for c in ("clean", "lbl"))
+            assert f"<td>{model}</td><td class='num'>{clean:.4f}</td><td class='num'>{lbl:.4f}</td>" \
+                   f"<td class='num'>{lbl - clean:+.4f}</td>" in section.replace("<td>lbl</td>", "")
+
+
+def test_report_is_self_contained(report_ws):
+    _, out = report_ws
+    html = out.read_text(encoding="utf-8")
+    dom = _parse(html)
+    external = [r for r in dom.refs if not r[2].startswith("#")]
+    assert external == [], f"external references: {external}"
+    assert not re.search(r"@import|url\(|<script|<link|<img|<iframe", html, re.I)
+    # Only the SVG namespace URI may look like a URL; it is an identifier, never fetched.
+    assert set(re.findall(r"https?://[^\s\"'<>]+", html)) <= {"http://www.w3.org/2000/svg"}
+    assert "Content-Security-Policy" in html and "default-src 'none'" in html
+
+
+def _chromium() -> str:
+    exe = shutil.which("chromium") or shutil.which("chromium-browser")
+    if exe is None:
+        pytest.fail("chromium is not installed; the report must be checked in a real browser: install "
+                    "Debian's package (`apt-get install chromium`, as .ci/run does) and rerun")
+    return exe
+
+
+def _browser(exe: str, profile: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    cmd = [exe, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+           "--disable-background-networking", "--disable-component-update", "--disable-sync",
+           "--disable-extensions", f"--user-data-dir={profile}", *args]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=90, check=False)
+
+
+def test_report_renders_in_headless_chromium(report_ws, tmp_path):
+    from PIL import Image
+
+    _, out = report_ws
+    exe = _chromium()
+    url = out.resolve().as_uri()
+    res = _browser(exe, tmp_path / "profile", "--dump-dom", url)
+    assert res.returncode == 0, res.stderr[-2000:]
+    dom = _parse(res.stdout)
+    for sid in SECTION_IDS:
+        assert sid in dom.ids, f"section {sid!r} not in the rendered page"
+    assert dom.plots.count("heatmap") == 2 and dom.plots.count("scatter") == 2
+    assert dom.plots.count("bars") >= 3
+    assert res.stdout.count("<circle") > 100  # the projections' points survived rendering
+
+    png = tmp_path / "report.png"
+    res = _browser(exe, tmp_path / "profile", f"--screenshot={png}", "--window-size=1400,4000", url)
+    assert res.returncode == 0 and png.exists(), res.stderr[-2000:]
+    if os.environ.get("VLMINDEX_REPORT_SCREENSHOT"):  # to look at it: a person checks what a test cannot
+        shutil.copy(png, os.environ["VLMINDEX_REPORT_SCREENSHOT"])
+    img = np.asarray(Image.open(png).convert("RGB"))
+    assert img.shape == (4000, 1400, 3)
+    # Painted, not blank: the palette's first colour (bars, legend, points) shows up on screen.
+    blue = np.all(np.abs(img.astype(int) - (0x00, 0x72, 0xB2)) < 12, axis=-1)
+    assert blue.sum() > 500
+    assert (img.min(axis=-1) < 100).mean() > 0.005  # text and plots, not an empty page
+
+
+def test_report_with_stored_overlay_effects_and_hostile_names(report_ws, tmp_path):
+    """Stored overlay figures become bars with CI whiskers; names from the catalog are escaped."""
+    root, _ = report_ws
+    ws = Workspace(tmp_path / "copy")
+    ws.root.mkdir()
+    shutil.copy(root / "catalog.duckdb", ws.catalog_path)
+    evil = "<script>alert('x')</script>&"
+    with ws.write() as con:
+        con.execute("UPDATE summaries SET model = ? WHERE model = 'color-hist'", [evil])
+        con.execute("UPDATE query_metrics SET model = ? WHERE model = 'color-hist'", [evil])
+        con.execute("CREATE TABLE IF NOT EXISTS overlay_effects (model VARCHAR, dataset VARCHAR, "
+                    "condition VARCHAR, figure VARCHAR, value DOUBLE, ci_low DOUBLE, ci_high DOUBLE, "
+                    "n BIGINT)")
+        cols = {r[0] for r in con.execute("SELECT column_name FROM information_schema.columns "
+                                          "WHERE table_name = 'overlay_effects'").fetchall()}
+        row = {"model": evil, "dataset": "demo", "condition": "lbl", "figure": "embedding shift",
+               "value": 0.125, "ci_low": 0.1, "ci_high": 0.15, "n": 72, "k": 5, "exclude_group": True,
+               "baseline": 0.5}
+        row = {k: v for k, v in row.items() if k in cols}
+        con.execute(f"INSERT INTO overlay_effects ({', '.join(row)}) VALUES ({', '.join('?' * len(row))})",
+                    list(row.values()))
+    html, _ = build_report(ws, ReportOptions(max_points=0))
+    assert "<script" not in html and "&lt;script&gt;alert(&#x27;x&#x27;)&lt;/script&gt;&amp;" in html
+    section = html[html.index("id='overlay-effects'"):html.index("id='comparisons'")]
+    assert "embedding shift" in section and "data-kind=\"bars\"" in section
+    assert 'class="whisker"' in section and 'class="ref"' in section and "0.1250" in section
+
+    with ws.write() as con:  # no overlay analysed and no stored figures: a note, not an error
+        con.execute("DELETE FROM overlay_effects")
+        con.execute("DELETE FROM summaries WHERE condition <> 'clean'")
+    html, _ = build_report(ws, ReportOptions(max_points=0))
+    assert "id='no-overlay'" in html and "No overlay conditions analysed" in html
+
+
+def test_report_errors_are_one_line(vlm, synth_ws, report_ws, tmp_path):
+    res = vlm(synth_ws, "report", "--out", tmp_path / "r.html", expect=1)
+    assert "no analyses in workspace" in res.err and "vlmindex analyze" in res.err
+    assert not (tmp_path / "r.html").exists()
+    root, _ = report_ws
+    res = vlm(root, "report", "--dataset", "nope", "--out", tmp_path / "r.html", expect=1)
+    assert "no analyses of dataset 'nope'" in res.err and "demo" in res.err
+
+
+def test_report_cli_writes_file_and_prints_path(vlm, report_ws, tmp_path):
+    root, _ = report_ws
+    out = tmp_path / "sub" / "r.html"
+    res = vlm(root, "report", "--out", out, "--dataset", "demo", "--projection", "pca", "--max-points", "40")
+    assert f"wrote {out.resolve()}" in res.out and out.exists()
+    assert "20 images × 2 condition(s), pca" in out.read_text(encoding="utf-8")
+
+
+# -- statistics, against hand-computed values and SciPy --------------------------------------------
+
+
+def test_holm_matches_hand_computation():
+    np.testing.assert_allclose(holm([0.01, 0.04, 0.03]), [0.03, 0.06, 0.06])
+    np.testing.assert_allclose(holm([0.5, 0.001]), [0.5, 0.002])
+    adj = holm([0.02, math.nan, 0.9])
+    assert math.isnan(adj[1]) and adj[0] == pytest.approx(0.04) and adj[2] == pytest.approx(0.9)
+    assert holm([]).size == 0
+
+
+def test_paired_comparison_groups_are_the_unit():
+    rng = np.random.default_rng(1)
+    a = rng.uniform(size=60)
+    b = a - 0.1 + rng.normal(scale=0.02, size=60)
+    groups = np.repeat(np.arange(20), 3)
+    res = paired_comparison(a, b, groups, n_boot=500, seed=0)
+    assert res.n_queries == 60 and res.n_units == 20
+    assert res.mean_diff == pytest.approx((a - b).mean())
+    assert res.ci_low < res.mean_diff < res.ci_high and res.ci_low > 0.05
+    unit = (a - b).reshape(20, 3).mean(axis=1)
+    assert res.p_value == pytest.approx(wilcoxon(unit).pvalue)
+    # Deterministic for a seed; NaN pairs dropped.
+    assert paired_comparison(a, b, groups, n_boot=500, seed=0) == res
+    a2 = a.copy()
+    a2[0] = math.nan
+    assert paired_comparison(a2, b, groups, n_boot=500).n_queries == 59
+    assert wilcoxon_p(np.zeros(5)) == 1.0
+
+
+def test_bootstrap_ci_resamples_groups():
+    v = np.array([0.0] * 10 + [1.0] * 10)
+    # Two groups of identical values: a group bootstrap can only draw means 0, 0.5 or 1.
+    lo, hi = bootstrap_mean_ci(v, np.repeat([0, 1], 10), n_boot=2000, seed=0)
+    assert (lo, hi) == (0.0, 1.0)
+    lo_q, hi_q = bootstrap_mean_ci(v, None, n_boot=2000, seed=0)  # per value: much narrower
+    assert 0.2 < lo_q < 0.5 < hi_q < 0.8
+    assert bootstrap_mean_ci(np.array([0.3, 0.3]), ["g", "g"]) == (0.3, 0.3)
+    assert all(math.isnan(x) for x in bootstrap_mean_ci(np.array([])))
+
+
+def test_report_is_deterministic(report_ws):
+    root, _ = report_ws
+    opts = ReportOptions(max_points=60, n_boot=200)
+    first, _ = build_report(Workspace(root), opts)
+    second, _ = build_report(Workspace(root), opts)
+    strip = re.compile(r"Report made [0-9T:-]+")
+    assert strip.sub("", first) == strip.sub("", second)
