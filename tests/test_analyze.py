@@ -96,7 +96,8 @@ def test_query_returns_indexed_image_first(vlm, analysed):
     ws = Workspace(analysed)
     vlm(analysed, "index", "build", "-m", "raw-pixels", "-d", "demo")
     with ws.read() as con:
-        image_id, path, label = con.execute("SELECT image_id, path, label FROM images ORDER BY image_id LIMIT 1").fetchone()
+        image_id, path, label = con.execute(
+            "SELECT image_id, path, label FROM images ORDER BY image_id LIMIT 1").fetchone()
     rows = json.loads(vlm(analysed, "query", path, "-m", "raw-pixels", "-d", "demo", "-k", "3",
                           "--format", "json").out)
     assert [r["rank"] for r in rows] == [1, 2, 3]
