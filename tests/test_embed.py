@@ -90,11 +90,11 @@ def test_parse_shard_rejects_bad_values():
 def test_sigkill_midway_then_resume_gives_one_embedding_per_image(synth_ws):
     """Kill -9 a running embed after its first part lands; the restart finishes the rest exactly once."""
     ws = Workspace(synth_ws)
-    # ViT-B/16 on the CPU takes seconds for 72 images: time enough to land a kill between parts.
+    # ViT-B/16 on the CPU takes seconds for the 24 test images: time enough to land a kill between parts.
     model = "untrained-vit-b16"
     out_dir = ws.embeddings_dir(model, "demo")
     cmd = [sys.executable, "-m", "vlmindex", "-w", str(synth_ws), "embed", "-m", model,
-           "-d", "demo", "--batch-size", "2", "--part-size", "2", "--workers", "1"]
+           "-d", "demo", "--split", "test", "--batch-size", "2", "--part-size", "2", "--workers", "1"]
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline and len(store.part_paths(out_dir)) < 2:
@@ -103,14 +103,17 @@ def test_sigkill_midway_then_resume_gives_one_embedding_per_image(synth_ws):
     proc.wait()
     assert proc.returncode == -signal.SIGKILL
     done_before = len(store.stored_ids(out_dir))
-    assert 0 < done_before < 72, "the kill should land midway"
+    with ws.read() as con:
+        test_ids = np.array(sorted(r[0] for r in con.execute(
+            "SELECT image_id FROM images WHERE split = 'test'").fetchall()))
+    assert 0 < done_before < len(test_ids), "the kill should land midway"
 
-    report = embed(ws, model, "demo", options=EmbedOptions(num_workers=0, progress=False))
-    assert report.embedded == 72 - done_before
+    report = embed(ws, model, "demo", options=EmbedOptions(split="test", num_workers=0, progress=False))
+    assert report.embedded == len(test_ids) - done_before
     ids = np.concatenate([pq.read_table(p, columns=["image_id"])["image_id"].to_numpy()
                           for p in store.part_paths(out_dir)])
-    assert len(ids) == 72 and len(np.unique(ids)) == 72
-    assert np.array_equal(np.sort(ids), catalog_ids(ws))
+    assert len(ids) == len(test_ids) and len(np.unique(ids)) == len(ids)
+    assert np.array_equal(np.sort(ids), test_ids)
     assert not list(out_dir.glob(".*.tmp"))
 
 

@@ -125,19 +125,27 @@ def provenance(ws: Workspace, model: str, dataset: str, condition: str) -> dict[
     return out
 
 
+def results_current(ws: Workspace, table: str, filters: dict[str, Any],
+                    runs: list[tuple[str, str, str]]) -> bool:
+    """Whether ``table`` has rows matching ``filters`` that are newer than every embedding part of
+    ``runs`` (model, dataset, condition): the test the study runner uses to skip finished steps."""
+    parts = [p for run in runs for p in store.part_paths(ws.embeddings_dir(*run))]
+    if not parts:
+        return False
+    newest_part = max(p.stat().st_mtime for p in parts)
+    where = " AND ".join(f"{col} = ?" for col in filters)
+    with ws.read() as con:
+        row = con.execute(f"SELECT min(created_at) FROM {table} WHERE {where}", list(filters.values())).fetchone()
+    # created_at is a naive local timestamp (datetime.now()); .timestamp() reads it as local time
+    return row[0] is not None and row[0].timestamp() >= newest_part
+
+
 def is_current(ws: Workspace, model: str, dataset: str, condition: str = "clean",
                options: AnalyzeOptions | None = None) -> bool:
     """Whether an analysis with these options exists and is newer than the run's embeddings."""
     opts = options or AnalyzeOptions()
-    parts = store.part_paths(ws.embeddings_dir(model, dataset, condition))
-    if not parts:
-        return False
-    newest_part = max(p.stat().st_mtime for p in parts)
-    with ws.read() as con:
-        row = con.execute("SELECT created_at FROM summaries WHERE analysis_id = ?",
-                          [opts.analysis_id(model, dataset, condition)]).fetchone()
-    # created_at is a naive local timestamp (datetime.now()); .timestamp() reads it as local time
-    return row is not None and row[0].timestamp() >= newest_part
+    return results_current(ws, "summaries", {"analysis_id": opts.analysis_id(model, dataset, condition)},
+                           [(model, dataset, condition)])
 
 
 def analyze(ws: Workspace, model: str, dataset: str, condition: str = "clean",

@@ -206,7 +206,7 @@ def run_study(ws: Workspace, study: Study, *, log: Callable[[str], None] = print
                 else:
                     step(f"analyze {model} {dataset}/{condition}", analyze, ws, model, dataset, condition,
                          study.analysis)
-            _after_analysis(ws, study, model, spec, step, extractor)
+            _after_analysis(ws, study, model, spec, step, extractor, result)
         except Exception as exc:  # noqa: BLE001 - a failing model never stops the study
             reason = " ".join(str(exc).split()) or type(exc).__name__
             if not isinstance(exc, VlmindexError):
@@ -218,13 +218,21 @@ def run_study(ws: Workspace, study: Study, *, log: Callable[[str], None] = print
 
 
 def _after_analysis(ws: Workspace, study: Study, model: str, spec: Any, step: Callable[..., Any],
-                    extractor: Any) -> None:
+                    extractor: Any, result: StudyResult) -> None:
     """Overlay effects (each condition against clean) and zero-shot for models with a text tower."""
     from vlmindex import bias, zeroshot
+    from vlmindex.analyze import results_current
 
+    k, groups = study.analysis.k, study.analysis.exclude_group
     if study.overlay_effects:
         for d in study.datasets:
             for condition in _conditions_for(study, d["name"])[1:]:
+                filters = {"model": model, "dataset": d["name"], "condition": condition, "k": k,
+                           "exclude_group": groups}
+                runs = [(model, d["name"], CLEAN), (model, d["name"], condition)]
+                if results_current(ws, "overlay_effects", filters, runs):
+                    result.skipped_steps += 1
+                    continue
                 step(f"overlay effect {model} {d['name']}/{condition}", bias.compute_overlay_effect,
                      ws, model, d["name"], condition, k=study.analysis.k,
                      exclude_group=study.analysis.exclude_group)
@@ -232,6 +240,11 @@ def _after_analysis(ws: Workspace, study: Study, model: str, spec: Any, step: Ca
         opts = zeroshot.ZeroShotOptions(checkpoint=study.checkpoints.get(model),
                                         trust_remote_code=model in study.trust_remote_code)
         for d in study.datasets:
+            conditions = _conditions_for(study, d["name"])
+            if all(results_current(ws, "zeroshot_results", {"model": model, "dataset": d["name"], "condition": c},
+                                   [(model, d["name"], c)]) for c in conditions):
+                result.skipped_steps += 1
+                continue
             step(f"zeroshot {model} {d['name']}", zeroshot.zeroshot, ws, model, d["name"],
                  _conditions_for(study, d["name"]), opts, extractor=extractor)
 
