@@ -66,7 +66,7 @@ def ingest(ctx, name, source, fmt, exclude, group_regex, modality, path_col, lab
     report = run_ingest(ctx.workspace, name, source, fmt, options, replace=replace,
                         progress=sys.stderr.isatty())
     click.echo(report.summary())
-    if report.total == 0 or report.ingested == 0 and report.skipped:
+    if report.ingested == 0:
         raise VlmindexError(f"nothing was ingested from {source}; check --format and the path")
     if strict and report.skipped:
         click.echo(f"Error: --strict and {report.skipped} file(s) were skipped", err=True)
