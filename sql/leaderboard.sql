@@ -9,7 +9,10 @@ SELECT dataset, condition, model, k,
        round(knn_acc_macro, 4)      AS knn_acc_macro,
        round(silhouette, 4)         AS silhouette,
        round(probe_balanced_accuracy, 4) AS probe_bal_acc,
-       n_queries
+       n_queries,
+       -- what the numbers are over: the options of the analysis shown
+       concat_ws(' ', CASE WHEN exclude_group THEN 'group-excluded' END, 'queries=' || query_split,
+                 'gallery=' || gallery_split, 'modality=' || modality) AS scope
 FROM summaries
 QUALIFY row_number() OVER (PARTITION BY model, dataset, condition ORDER BY created_at DESC) = 1
 ORDER BY dataset, condition, map DESC NULLS LAST, model;

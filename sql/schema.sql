@@ -120,6 +120,7 @@ CREATE TABLE IF NOT EXISTS summaries (
     exclude_group BOOLEAN,
     query_split VARCHAR,
     gallery_split VARCHAR,
+    modality VARCHAR,          -- NULL: every modality of the dataset
     n_queries BIGINT,
     n_skipped_queries BIGINT,  -- queries with R = 0
     n_gallery BIGINT,

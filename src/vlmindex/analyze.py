@@ -181,7 +181,7 @@ def analyze(ws: Workspace, model: str, dataset: str, condition: str = "clean",
     row = {
         "analysis_id": analysis_id, "model": model, "dataset": dataset, "condition": condition,
         "k": opts.k, "exclude_group": opts.exclude_group, "query_split": opts.query_split,
-        "gallery_split": opts.gallery_split, "n_queries": summary["n_queries"],
+        "gallery_split": opts.gallery_split, "modality": opts.modality, "n_queries": summary["n_queries"],
         "n_skipped_queries": summary["n_skipped"], "n_gallery": summary["n_gallery"],
         "n_classes": summary["n_classes"], "dim": int(run.vectors.shape[1]),
         "purity_micro": summary["purity_at_k_micro"], "purity_macro": summary["purity_at_k_macro"],
