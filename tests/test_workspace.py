@@ -82,3 +82,35 @@ def test_slug_keeps_distinct_names_distinct():
     slugs = [wsmod.slug(n) for n in names]
     assert len(set(slugs)) == len(names) and wsmod.slug("hog") == "hog"
     assert all("/" not in s and ":" not in s for s in slugs)
+
+
+def test_reader_waits_for_a_short_write_in_another_process(tmp_path):
+    import subprocess
+    import sys
+    import time
+
+    ws = Workspace(tmp_path / "w")
+    with ws.write():
+        pass
+    holder = subprocess.Popen([sys.executable, "-c", (
+        "import sys, time; from vlmindex.workspace import Workspace\n"
+        "with Workspace(sys.argv[1]).write():\n"
+        "    print('holding', flush=True); time.sleep(1.5)\n"), str(ws.root)], stdout=subprocess.PIPE, text=True)
+    assert holder.stdout.readline().strip() == "holding"
+    t = time.monotonic()
+    with ws.read() as con:  # DuckDB refuses while the writer is open; read() waits it out
+        assert con.execute("SELECT count(*) FROM images").fetchone() == (0,)
+    assert time.monotonic() - t > 0.5
+    holder.wait()
+    with pytest.raises(WorkspaceBusy, match="busy"):
+        blocker = subprocess.Popen([sys.executable, "-c", (
+            "import sys, time; from vlmindex.workspace import Workspace\n"
+            "with Workspace(sys.argv[1]).write():\n"
+            "    print('holding', flush=True); time.sleep(5)\n"), str(ws.root)], stdout=subprocess.PIPE, text=True)
+        assert blocker.stdout.readline().strip() == "holding"
+        try:
+            with ws.read(wait=0.5):
+                pass
+        finally:
+            blocker.kill()
+            blocker.wait()

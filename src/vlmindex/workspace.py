@@ -34,6 +34,7 @@ from vlmindex.errors import VlmindexError, WorkspaceBusy
 SCHEMA_VERSION = 1
 DEFAULT_WORKSPACE = "vlmindex-workspace"
 ENV_WORKSPACE = "VLMINDEX_WORKSPACE"
+CONNECT_WAIT = 10.0  # seconds to wait for another process's short catalog write
 
 # version -> function that upgrades a catalog from that version to version + 1.
 MIGRATIONS: dict[int, Callable[[duckdb.DuckDBPyConnection], None]] = {}
@@ -152,7 +153,7 @@ class Workspace:
     def write(self, *, wait: float = 0.0) -> Iterator[duckdb.DuckDBPyConnection]:
         """A read-write catalog connection under the write lock, schema created or migrated."""
         with self.lock(wait=wait):
-            con = self._connect(read_only=False)
+            con = self._connect(read_only=False, wait=max(wait, CONNECT_WAIT))
             try:
                 self._ensure_schema(con)
                 _register_views(con, self.root)
@@ -161,51 +162,45 @@ class Workspace:
                 con.close()
 
     @contextlib.contextmanager
-    def read(self) -> Iterator[duckdb.DuckDBPyConnection]:
-        """A read-only catalog connection with the Parquet views registered."""
-        if not self.catalog_path.exists() or self._stored_version() != SCHEMA_VERSION:
-            with self.write(wait=30):
+    def read(self, *, wait: float = CONNECT_WAIT) -> Iterator[duckdb.DuckDBPyConnection]:
+        """A read-only catalog connection with the Parquet views registered.
+
+        Waits up to ``wait`` seconds while another process writes (shards of one run finish
+        at nearly the same time and each records itself briefly).
+        """
+        if not self.catalog_path.exists():
+            with self.write(wait=wait):
                 pass
-        con = self._connect(read_only=True)
+        con = self._connect(read_only=True, wait=wait)
+        if _stored_version(con) != SCHEMA_VERSION:  # create, migrate or refuse: write() decides
+            con.close()
+            with self.write(wait=wait):
+                pass
+            con = self._connect(read_only=True, wait=wait)
         try:
             _register_views(con, self.root)
             yield con
         finally:
             con.close()
 
-    def _connect(self, *, read_only: bool) -> duckdb.DuckDBPyConnection:
+    def _connect(self, *, read_only: bool, wait: float = 0.0) -> duckdb.DuckDBPyConnection:
         self.root.mkdir(parents=True, exist_ok=True)
-        try:
-            return duckdb.connect(str(self.catalog_path), read_only=read_only)
-        except duckdb.IOException as exc:
-            if "lock" in str(exc).lower():
-                raise WorkspaceBusy(
-                    f"workspace {self.root} is busy: another process has its catalog open; "
-                    "try again when it has finished"
-                ) from None
-            raise VlmindexError(f"cannot open catalog {self.catalog_path}: {exc}") from None
-
-    def _stored_version(self) -> int | None:
-        try:
-            con = duckdb.connect(str(self.catalog_path), read_only=True)
-        except duckdb.Error:
-            return None  # busy or unreadable: let write() report it properly
-        try:
-            row = con.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()
-            return int(row[0]) if row else None
-        except duckdb.Error:
-            return None
-        finally:
-            con.close()
+        deadline = time.monotonic() + wait
+        while True:
+            try:
+                return duckdb.connect(str(self.catalog_path), read_only=read_only)
+            except duckdb.IOException as exc:
+                if "lock" not in str(exc).lower():
+                    raise VlmindexError(f"cannot open catalog {self.catalog_path}: {exc}") from None
+                if time.monotonic() >= deadline:
+                    raise WorkspaceBusy(
+                        f"workspace {self.root} is busy: another process has its catalog open; "
+                        "try again when it has finished"
+                    ) from None
+                time.sleep(0.2)
 
     def _ensure_schema(self, con: duckdb.DuckDBPyConnection) -> None:
-        has_meta = con.execute(
-            "SELECT count(*) FROM information_schema.tables WHERE table_name = 'meta'"
-        ).fetchone()[0]
-        version = None
-        if has_meta:
-            row = con.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()
-            version = int(row[0]) if row else None
+        version = _stored_version(con)
         if version is not None and version > SCHEMA_VERSION:
             raise VlmindexError(
                 f"workspace {self.root} has catalog schema v{version}, newer than this vlmindex "
@@ -227,6 +222,14 @@ class Workspace:
         con.execute((sql_dir() / "schema.sql").read_text())
         if version is None:
             con.execute("INSERT OR REPLACE INTO meta VALUES ('schema_version', ?)", [str(SCHEMA_VERSION)])
+
+
+def _stored_version(con: duckdb.DuckDBPyConnection) -> int | None:
+    try:
+        row = con.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()
+    except duckdb.Error:  # no meta table: not a vlmindex catalog yet
+        return None
+    return int(row[0]) if row else None
 
 
 def _register_views(con: duckdb.DuckDBPyConnection, root: Path) -> None:
