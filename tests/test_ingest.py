@@ -496,8 +496,8 @@ def test_dicom_folder(ws: Workspace, dicom_dir: Path) -> None:
     assert sorted(rows) == ["ct.png", "mono1.dcm.png", "mr.dcm.png", "palette.dcm.png",
                             "two_frames.dcm.png", "us.dcm.png"]
     ct, mr = rows["ct.png"], rows["mr.dcm.png"]
-    assert (ct["label"], ct["split"], ct["modality"], ct["group_id"]) == ("benign", "train", "CT", "1CT1")
-    assert (mr["label"], mr["split"], mr["modality"], mr["group_id"]) == ("malignant", "train", "MR", "4MR1")
+    assert (ct["label"], ct["split"], ct["modality"], ct["group_id"]) == ("benign", "train", "ct", "1CT1")
+    assert (mr["label"], mr["split"], mr["modality"], mr["group_id"]) == ("malignant", "train", "mri", "4MR1")
     assert rows["palette.dcm.png"]["split"] == "test"
     assert ct["source_path"] == str((dicom_dir / "train" / "benign" / "ct").resolve())
     assert ct["image_id"] == image_id_for("dcm", "train/benign/ct")

@@ -8,8 +8,8 @@ their middle frame.
 
 Labels come from class folders (``[split/]class/file``, as ``imagefolder``) or from ``--labels``, a
 CSV with path and label columns (paths relative to SOURCE; a bare file name also matches). The group
-is the PatientID, the modality the Modality tag, unless ``--group-regex`` / ``--modality`` say
-otherwise. Files that are not DICOM or hold no pixel data are recorded as skipped.
+is the PatientID, the modality the Modality tag as a name (CR -> xray), unless ``--group-regex`` /
+``--modality`` say otherwise. Files that are not DICOM or hold no pixel data are recorded as skipped.
 """
 
 from __future__ import annotations
@@ -34,6 +34,24 @@ PIXEL_TAGS = ("PixelData", "FloatPixelData", "DoubleFloatPixelData")
 
 class NotUsable(Exception):
     """A file this adapter cannot turn into an image; the message is the skip reason."""
+
+
+# DICOM Modality codes -> the lower-case names the other formats use, so one SQL slice
+# (`WHERE modality = 'xray'`) covers a DICOM set and a MedMNIST one alike. Other codes stay as
+# given, lower-cased.
+MODALITY_NAMES = {
+    "CR": "xray", "DX": "xray", "RG": "xray", "US": "ultrasound", "MG": "mammography",
+    "CT": "ct", "MR": "mri", "PT": "pet", "NM": "nuclear", "XA": "angiography", "OP": "fundus",
+    "SM": "pathology", "OCT": "oct",
+}
+
+
+def modality_name(code: object) -> str | None:
+    """The modality name for a DICOM Modality code (``CR`` -> ``xray``); None when absent."""
+    text = str(code or "").strip().upper()
+    if not text:
+        return None
+    return MODALITY_NAMES.get(text, text.lower())
 
 
 def read_dicom(path: Path) -> Dataset:
@@ -217,6 +235,6 @@ def scan(source: Path, options: IngestOptions, out_dir: Path) -> Iterator[Candid
             label=label,
             split=split,
             group_id=options.group_of(path.name) or patient,
-            modality=options.modality or (str(ds.get("Modality") or "").strip() or None),
+            modality=options.modality or modality_name(ds.get("Modality")),
             source_path=str(path.resolve()),
         )
