@@ -12,7 +12,9 @@ SELECT dataset, condition, model, k,
        n_queries,
        -- what the numbers are over: the options of the analysis shown
        concat_ws(' ', CASE WHEN exclude_group THEN 'group-excluded' END, 'queries=' || query_split,
-                 'gallery=' || gallery_split, 'modality=' || modality) AS scope
+                 'gallery=' || gallery_split, 'modality=' || modality) AS scope,
+       analysis_id             -- joins query_metrics and the neighbors view
 FROM summaries
-QUALIFY row_number() OVER (PARTITION BY model, dataset, condition ORDER BY created_at DESC) = 1
+QUALIFY row_number() OVER (PARTITION BY model, dataset, condition, k, exclude_group, query_split,
+                                      gallery_split, modality ORDER BY created_at DESC) = 1
 ORDER BY dataset, condition, map DESC NULLS LAST, model;

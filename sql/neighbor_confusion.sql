@@ -1,17 +1,23 @@
--- Which classes a class's top-k neighbours come from: share of neighbours per (query class, neighbour class).
+-- Which classes a class's top-k neighbours come from: share of neighbours per (query class, neighbour class), per analysis setting.
 WITH latest AS (
-    SELECT analysis_id FROM summaries
-    QUALIFY row_number() OVER (PARTITION BY model, dataset, condition ORDER BY created_at DESC) = 1
+    SELECT analysis_id,
+           concat_ws(' ', 'k=' || k, CASE WHEN exclude_group THEN 'group-excluded' END, 'queries=' || query_split,
+                     'gallery=' || gallery_split, 'modality=' || modality) AS scope
+    FROM summaries
+    QUALIFY row_number() OVER (PARTITION BY model, dataset, condition, k, exclude_group, query_split,
+                                      gallery_split, modality ORDER BY created_at DESC) = 1
 ), counts AS (
     SELECT n.dataset, n.condition, n.model, qi.label AS query_label, ni.label AS neighbor_label,
-           count(*) AS neighbors
+           latest.scope, count(*) AS neighbors
     FROM neighbors n
     JOIN latest USING (analysis_id)
     JOIN images qi ON qi.image_id = n.image_id
     JOIN images ni ON ni.image_id = n.neighbor_id
-    GROUP BY n.dataset, n.condition, n.model, qi.label, ni.label
+    GROUP BY n.dataset, n.condition, n.model, qi.label, ni.label, latest.scope
 )
-SELECT *,
-       round(neighbors / sum(neighbors) OVER (PARTITION BY dataset, condition, model, query_label), 4) AS share
+SELECT dataset, condition, model, query_label, neighbor_label, neighbors,
+       round(neighbors / sum(neighbors) OVER (PARTITION BY dataset, condition, model, scope, query_label), 4)
+           AS share,
+       scope
 FROM counts
-ORDER BY dataset, condition, model, query_label, share DESC;
+ORDER BY dataset, condition, scope, model, query_label, share DESC;

@@ -1,13 +1,19 @@
--- Neighbour purity@k, mAP and kNN accuracy per class, for every model, dataset and condition (latest analysis).
+-- Neighbour purity@k, mAP and kNN accuracy per class, for every model, dataset, condition and analysis setting (latest of each).
 WITH latest AS (
-    SELECT analysis_id FROM summaries
-    QUALIFY row_number() OVER (PARTITION BY model, dataset, condition ORDER BY created_at DESC) = 1
+    SELECT analysis_id,
+           concat_ws(' ', 'k=' || k, CASE WHEN exclude_group THEN 'group-excluded' END, 'queries=' || query_split,
+                     'gallery=' || gallery_split, 'modality=' || modality) AS scope
+    FROM summaries
+    QUALIFY row_number() OVER (PARTITION BY model, dataset, condition, k, exclude_group, query_split,
+                                      gallery_split, modality ORDER BY created_at DESC) = 1
 )
 SELECT q.dataset, q.condition, q.model, q.label,
        count(*)                          AS n,
+       count(q.ap)                       AS n_scored,   -- queries with R > 0
        round(avg(q.purity_at_k), 4)      AS purity_at_k,
        round(avg(q.ap), 4)               AS map,
-       round(avg(q.knn_correct::INT), 4) AS knn_acc
+       round(avg(q.knn_correct::INT), 4) AS knn_acc,
+       latest.scope
 FROM query_metrics q JOIN latest USING (analysis_id)
 GROUP BY ALL
-ORDER BY q.dataset, q.condition, q.model, q.label;
+ORDER BY q.dataset, q.condition, latest.scope, q.model, q.label;

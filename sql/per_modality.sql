@@ -1,12 +1,18 @@
--- Headline metrics per modality (micro and class-macro), for every model, dataset and condition (latest analysis).
+-- Headline metrics per modality (micro and class-macro), for every model, dataset, condition and analysis setting (latest of each).
 WITH latest AS (
-    SELECT analysis_id FROM summaries
-    QUALIFY row_number() OVER (PARTITION BY model, dataset, condition ORDER BY created_at DESC) = 1
+    SELECT analysis_id,
+           concat_ws(' ', 'k=' || k, CASE WHEN exclude_group THEN 'group-excluded' END, 'queries=' || query_split,
+                     'gallery=' || gallery_split, 'modality=' || modality) AS scope
+    FROM summaries
+    QUALIFY row_number() OVER (PARTITION BY model, dataset, condition, k, exclude_group, query_split,
+                                      gallery_split, modality ORDER BY created_at DESC) = 1
 ), per_class AS (
-    SELECT q.dataset, q.condition, q.model, q.modality, q.label, count(*) AS n,
-           avg(q.purity_at_k) AS purity, avg(q.ap) AS ap, avg(q.p_at_1) AS p1
+    -- unscored queries (R = 0) hold NULL metrics: avg() and count(metric) leave them out alike
+    SELECT q.dataset, q.condition, q.model, q.modality, q.label, latest.scope,
+           count(q.ap) AS n, avg(q.purity_at_k) AS purity, avg(q.ap) AS ap, avg(q.p_at_1) AS p1
     FROM query_metrics q JOIN latest USING (analysis_id)
     GROUP BY ALL
+    HAVING count(q.ap) > 0
 )
 SELECT dataset, condition, model, modality,
        sum(n)                                   AS n,
@@ -15,7 +21,8 @@ SELECT dataset, condition, model, modality,
        round(avg(purity), 4)                    AS purity_at_k_macro,
        round(sum(ap * n) / sum(n), 4)           AS map,
        round(avg(ap), 4)                        AS map_macro,
-       round(sum(p1 * n) / sum(n), 4)           AS p_at_1
+       round(sum(p1 * n) / sum(n), 4)           AS p_at_1,
+       scope
 FROM per_class
 GROUP BY ALL
-ORDER BY dataset, condition, modality, map DESC, model;
+ORDER BY dataset, condition, scope, modality, map DESC, model;

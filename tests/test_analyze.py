@@ -132,3 +132,25 @@ def test_bad_inputs_are_one_line_errors(vlm, analysed, tmp_path):
     with ws.read() as con:
         path = con.execute("SELECT path FROM images LIMIT 1").fetchone()[0]
     assert "3-d" in one_line(vlm(analysed, "query", path, "-m", "hog", "-d", "demo", expect=1))
+
+
+def test_analyses_with_other_options_are_never_mixed(vlm, analysed):
+    # k = 3 next to the fixture's k = 5: two leaderboard rows per model, agreement only like with like
+    vlm(analysed, "analyze", "-m", "raw-pixels,color-hist", "-d", "demo", "-k", "3", "--exclude-group")
+    board = json.loads(vlm(analysed, "sql", "leaderboard", "--format", "json").out)
+    assert sorted((r["model"], r["k"]) for r in board) == [
+        ("color-hist", 3), ("color-hist", 5), ("raw-pixels", 3), ("raw-pixels", 5)]
+    agree = json.loads(vlm(analysed, "sql", "model_agreement", "--format", "json").out)
+    assert sorted(r["options"] for r in agree) == ["k=3 group-excluded", "k=5 group-excluded"]
+    per_class = json.loads(vlm(analysed, "sql", "per_class", "--format", "json").out)
+    assert len(per_class) == 2 * 2 * 6
+
+
+def test_unscored_queries_have_no_knn_verdict(vlm, analysed):
+    # the test split holds one lesion per class: with its group excluded no query has R > 0
+    vlm(analysed, "analyze", "-m", "raw-pixels", "-d", "demo", "-k", "3", "--exclude-group",
+        "--query-split", "test", "--gallery-split", "test")
+    rows = json.loads(vlm(analysed, "sql", "SELECT count(*) AS n, count(knn_correct) AS judged, count(ap) AS "
+                          "scored FROM query_metrics q JOIN summaries s USING (analysis_id) "
+                          "WHERE s.query_split = 'test'", "--format", "json").out)
+    assert rows[0]["n"] > 0 and rows[0]["judged"] == rows[0]["scored"] == 0

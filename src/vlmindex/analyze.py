@@ -216,7 +216,9 @@ def analyze(ws: Workspace, model: str, dataset: str, condition: str = "clean",
         "r_precision": pa.array(res.r_precision, from_pandas=True),
         "p_at_1": pa.array(res.p_at_1, from_pandas=True),
         "knn_pred": pa.array([None if p is None else str(p) for p in res.knn_pred], pa.string()),
-        "knn_correct": pa.array(np.asarray(res.knn_correct, dtype=float) > 0.5),
+        # NaN (unscored query, R = 0) must stay NULL, not become a wrong vote
+        "knn_correct": pa.array(np.asarray(res.knn_correct, dtype=float) > 0.5,
+                                mask=np.isnan(np.asarray(res.knn_correct, dtype=float))),
     })
     _write_neighbors(ws, model, dataset, condition, analysis_id, run.ids[qi], res)
     with ws.write(wait=120) as con:

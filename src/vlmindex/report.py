@@ -228,7 +228,8 @@ def latest_summaries(con: Any, dataset: str | None = None) -> list[dict[str, Any
     where, args = ("WHERE dataset = ?", [dataset]) if dataset else ("", [])
     rows = _rows(con.execute(
         f"SELECT * FROM summaries {where} "
-        "QUALIFY row_number() OVER (PARTITION BY model, dataset, condition ORDER BY created_at DESC) = 1 "
+        "QUALIFY row_number() OVER (PARTITION BY model, dataset, condition, k, exclude_group, query_split, "
+        "gallery_split, modality ORDER BY created_at DESC) = 1 "
         "ORDER BY dataset, condition <> 'clean', condition, map_micro DESC NULLS LAST, model", args))
     for r in rows:
         try:

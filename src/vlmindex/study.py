@@ -250,14 +250,14 @@ def _after_analysis(ws: Workspace, study: Study, model: str, spec: Any, step: Ca
 
 
 def leaderboard(ws: Workspace, study: Study) -> tuple[list[str], list[dict[str, Any]]]:
-    """The shipped leaderboard restricted to the study's datasets and models."""
+    """The shipped leaderboard restricted to the study's own analyses (its grid and its options)."""
     from vlmindex.workspace import sql_dir
 
+    ids = [study.analysis.analysis_id(m, d["name"], c) for m in study.models for d in study.datasets
+           for c in _conditions_for(study, d["name"])]
     text = (sql_dir() / "leaderboard.sql").read_text().rstrip().rstrip(";")
     with ws.read() as con:
-        cur = con.execute(
-            f"SELECT * FROM ({text}) WHERE dataset IN (SELECT unnest(?)) AND model IN (SELECT unnest(?))",
-            [[d["name"] for d in study.datasets], study.models],
-        )
+        cur = con.execute(f"SELECT * EXCLUDE (analysis_id) FROM ({text}) WHERE analysis_id IN (SELECT unnest(?))",
+                          [ids])
         cols = [c[0] for c in cur.description]
         return cols, [dict(zip(cols, r, strict=True)) for r in cur.fetchall()]
