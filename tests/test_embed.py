@@ -155,3 +155,68 @@ def test_import_export_round_trip(vlm, synth_ws, tmp_path):
     pq.write_table(pa.table({"image_id": [1, 2], "embedding": [[0.0, 1.0], [1.0, 0.0]]}), wrong)
     bad = vlm(synth_ws, "embeddings", "import", str(wrong), "-m", "x", "-d", "demo", expect=1)
     assert "not in dataset 'demo'" in bad.err
+
+
+def test_replacing_or_removing_a_condition_drops_what_was_computed_from_it(vlm, synth_ws):
+    vlm(synth_ws, "overlay", "add", "demo", "lbl", "--text", "label")
+    for cond in ("clean", "lbl"):
+        vlm(synth_ws, "embed", "-m", "raw-pixels", "-d", "demo", "-c", cond, "--workers", "0")
+        vlm(synth_ws, "analyze", "-m", "raw-pixels", "-d", "demo", "-c", cond, "--no-probe")
+    ws = Workspace(synth_ws)
+    vlm(synth_ws, "overlay", "add", "demo", "lbl", "--text", "wrong-label", "--replace")
+    assert not store.part_paths(ws.embeddings_dir("raw-pixels", "demo", "lbl"))
+    assert len(store.stored_ids(ws.embeddings_dir("raw-pixels", "demo", "clean"))) == 72
+    with ws.read() as con:
+        assert con.execute("SELECT DISTINCT condition FROM summaries").fetchall() == [("clean",)]
+    again = vlm(synth_ws, "embed", "-m", "raw-pixels", "-d", "demo", "-c", "lbl", "--workers", "0")
+    assert "embedded 72 images" in again.out
+    vlm(synth_ws, "overlay", "remove", "demo", "lbl")
+    assert not store.part_paths(ws.embeddings_dir("raw-pixels", "demo", "lbl"))
+
+
+def test_changed_files_need_replace_which_drops_old_embeddings(vlm, tmp_path):
+    from PIL import Image
+
+    src = tmp_path / "src"
+    for cls in ("a", "b"):
+        (src / cls).mkdir(parents=True)
+        for i in range(3):
+            Image.new("RGB", (16, 16), (40 * i, 100 if cls == "a" else 200, 0)).save(src / cls / f"{i}.png")
+    ws_dir = tmp_path / "ws"
+    vlm(ws_dir, "ingest", "f", src, "--format", "imagefolder")
+    vlm(ws_dir, "embed", "-m", "raw-pixels", "-d", "f", "--workers", "0")
+    Image.new("RGB", (16, 16), (255, 255, 255)).save(src / "a" / "0.png")
+    res = vlm(ws_dir, "ingest", "f", src, "--format", "imagefolder", expect=1)
+    assert "changed since it was ingested" in res.err and "--replace" in res.err
+    other = tmp_path / "other"
+    other.mkdir()
+    assert "pass --replace" in vlm(ws_dir, "ingest", "f", other, "--format", "imagefolder", expect=1).err
+    vlm(ws_dir, "ingest", "f", src, "--format", "imagefolder", "--replace")
+    assert not store.part_paths(Workspace(ws_dir).embeddings_dir("raw-pixels", "f"))
+    assert "embedded 6 images" in vlm(ws_dir, "embed", "-m", "raw-pixels", "-d", "f", "--workers", "0").out
+
+
+def test_newest_copy_of_an_image_wins(tmp_path):
+    d = tmp_path / "e"
+    ids = np.array([1, 2, 3])
+    store.write_part(d, model="m", dataset="d", condition="clean", image_ids=ids, embeddings=np.zeros((3, 2)))
+    store.write_part(d, model="m", dataset="d", condition="clean", image_ids=ids[:2], embeddings=np.ones((2, 2)))
+    got_ids, got = store.read_embeddings(d)
+    assert got_ids.tolist() == [1, 2, 3] and got[:, 0].tolist() == [1.0, 1.0, 0.0]
+
+
+def test_import_by_bare_file_name_refuses_ambiguous_names(vlm, tmp_path):
+    from PIL import Image
+
+    src = tmp_path / "src"
+    for cls in ("a", "b"):
+        (src / cls).mkdir(parents=True)
+        Image.new("RGB", (8, 8), (100, 0, 0) if cls == "a" else (0, 100, 0)).save(src / cls / "0.png")
+    ws_dir = tmp_path / "ws"
+    vlm(ws_dir, "ingest", "f", src, "--format", "imagefolder")
+    feats = tmp_path / "f.parquet"
+    pq.write_table(pa.table({"path": ["0.png"], "embedding": [[1.0, 0.0]]}), feats)
+    res = vlm(ws_dir, "embeddings", "import", feats, "-m", "x", "-d", "f", expect=1)
+    assert "matches 2 images" in res.err
+    pq.write_table(pa.table({"path": [str(src / "b" / "0.png")], "embedding": [[1.0, 0.0]]}), feats)
+    vlm(ws_dir, "embeddings", "import", feats, "-m", "x", "-d", "f")

@@ -204,10 +204,11 @@ def embed(ws: Workspace, model: str, dataset: str, condition: str = "clean",
     def flush() -> None:
         nonlocal buf_ids, buf_vecs
         if buf_ids:
-            store.write_part(out_dir, model=model, dataset=dataset, condition=condition,
-                             image_ids=np.concatenate(buf_ids), embeddings=np.concatenate(buf_vecs),
-                             dtype=opts.dtype, tag=shard_tag)
+            # empty the buffer first: a Ctrl-C during the write must not make `finally` write it twice
+            ids_, vecs_ = np.concatenate(buf_ids), np.concatenate(buf_vecs)
             buf_ids, buf_vecs = [], []
+            store.write_part(out_dir, model=model, dataset=dataset, condition=condition,
+                             image_ids=ids_, embeddings=vecs_, dtype=opts.dtype, tag=shard_tag)
 
     bar = tqdm(total=len(pending), desc=f"embed {model} {dataset}/{condition}", unit="img",
                disable=not opts.progress, dynamic_ncols=True)

@@ -7,7 +7,7 @@ import os
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, ImageFile
+from PIL import Image, ImageFile, ImageOps
 
 # A truncated file must fail loudly at ingest, never load as a half-grey image.
 ImageFile.LOAD_TRUNCATED_IMAGES = False
@@ -41,7 +41,8 @@ def load_image(path: str | os.PathLike[str]) -> Image.Image:
     """Open, fully decode and convert an image file to RGB. Raises on corrupt or truncated files."""
     with Image.open(path) as img:
         img.load()
-        return to_rgb(img)
+        # camera JPEGs (some ISIC images) store rotation in EXIF: embed what a viewer shows
+        return to_rgb(ImageOps.exif_transpose(img))
 
 
 def file_sha256(path: str | os.PathLike[str]) -> str:

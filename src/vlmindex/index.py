@@ -116,7 +116,19 @@ def build(ids: np.ndarray, vectors: np.ndarray, kind: str, params: dict[str, Any
           *, seed: int = 0) -> tuple[faiss.Index, dict[str, Any]]:
     """Build an index of ``kind`` over ``vectors`` (normalised here) with ``ids``."""
     n, dim = vectors.shape
-    params = {**default_params(kind, n, dim), **(params or {})}
+    defaults = default_params(kind, n, dim)
+    unknown = sorted(set(params or {}) - set(defaults))
+    if unknown:
+        raise VlmindexError(f"index kind {kind!r} takes no parameter {', '.join(unknown)}; "
+                            f"it takes: {', '.join(defaults) or 'none'}")
+    params = {**defaults, **(params or {})}
+    # FAISS aborts training with a multi-line message; say what is too small in one line
+    if "nlist" in params and n < params["nlist"]:
+        raise VlmindexError(f"{n} vectors are too few for a {kind} index with nlist={params['nlist']}; "
+                            "use --kind flat or a smaller nlist")
+    if kind == "ivfpq" and n < 2 ** params["nbits"]:
+        raise VlmindexError(f"{n} vectors are too few to train {kind}'s {2 ** params['nbits']} PQ centroids; "
+                            "use --kind flat or hnsw")
     x = normalise(vectors)
     index = make_index(kind, dim, params)
     on_gpu = _gpu_count() > 0 and kind in ("flat", "ivf")

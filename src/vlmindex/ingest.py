@@ -109,10 +109,16 @@ def ingest(
         scan = get_adapter(fmt)
     now = datetime.now()
     with ws.write() as con:
-        existing = con.execute("SELECT format FROM datasets WHERE name = ?", [name]).fetchone()
+        existing = con.execute("SELECT format, source FROM datasets WHERE name = ?", [name]).fetchone()
         if existing and existing[0] != fmt and not replace:
             raise VlmindexError(
                 f"dataset {name!r} was ingested as {existing[0]!r}, not {fmt!r}; "
+                "pick another name or pass --replace"
+            )
+        if existing and existing[1] != str(source.resolve()) and not replace:
+            # Keys are relative paths: another source would overwrite images that merely share a name.
+            raise VlmindexError(
+                f"dataset {name!r} was ingested from {existing[1]}, not {source.resolve()}; "
                 "pick another name or pass --replace"
             )
         # One transaction: an ingest that fails half-way (a damaged archive, Ctrl-C) leaves the
@@ -125,6 +131,8 @@ def ingest(
         except BaseException:
             con.execute("ROLLBACK")
             raise
+        if replace:  # the pixels may have changed: nothing computed from the old ones survives
+            ws.drop_results(con, name)
     return IngestReport(name, ingested, skipped, total)
 
 
@@ -210,6 +218,15 @@ def _insert(con, rows: Iterable[dict]) -> None:
     if not rows:
         return
     batch = pa.Table.from_pylist(rows).select(_COLUMNS)  # noqa: F841 - read by DuckDB by name
+    changed = con.execute(
+        "SELECT i.path FROM images i JOIN batch b USING (image_id) WHERE i.sha256 <> b.sha256 LIMIT 1"
+    ).fetchone()
+    if changed:
+        # Embeddings are keyed by image_id: new pixels under an old id would silently keep old vectors.
+        raise VlmindexError(
+            f"{changed[0]} changed since it was ingested; re-ingest with --replace, which also drops "
+            "the dataset's embeddings and results"
+        )
     cols = ", ".join(_COLUMNS)
     con.execute(f"INSERT OR REPLACE INTO images ({cols}) SELECT {cols} FROM batch")
 

@@ -337,6 +337,8 @@ def add_condition(
                 f"it or `vlmindex overlay remove {dataset} {name}` first"
             )
         con.execute("BEGIN")
+        if exists:  # new pixels: embeddings and results of the old recipe would be stale
+            ws.drop_results(con, dataset, name)
         con.execute("DELETE FROM conditions WHERE dataset = ? AND name = ?", [dataset, name])
         con.execute(
             "INSERT INTO conditions (dataset, name, recipe, created_at) VALUES (?, ?, ?, ?)",
@@ -349,12 +351,13 @@ def add_condition(
 
 
 def remove_condition(ws: Workspace, dataset: str, name: str) -> None:
-    """Delete a condition and its text-detection results. Embeddings on disk are left alone."""
+    """Delete a condition with its text detections, embeddings, indexes and results."""
     if name == CLEAN:
         raise VlmindexError("condition 'clean' is built in and cannot be removed")
     with ws.write(wait=30) as con:
         get_condition(con, dataset, name)  # raises with the list of conditions when unknown
         con.execute("BEGIN")
+        ws.drop_results(con, dataset, name)
         con.execute("DELETE FROM conditions WHERE dataset = ? AND name = ?", [dataset, name])
         con.execute(
             "DELETE FROM text_detections WHERE dataset = ? AND condition = ?", [dataset, name]

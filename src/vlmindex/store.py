@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import os
+import socket
 import time
 import uuid
 from pathlib import Path
@@ -20,6 +21,7 @@ import pyarrow.parquet as pq
 
 from vlmindex.errors import VlmindexError
 
+_HOST = socket.gethostname().replace(".", "_") or "host"
 DTYPES = {"float32": (np.float32, pa.float32()), "float16": (np.float16, pa.float16())}
 
 
@@ -52,19 +54,23 @@ def write_part(
         "embedding": pa.FixedSizeListArray.from_arrays(values, dim),
     })
     directory.mkdir(parents=True, exist_ok=True)
-    name = f"part-{time.time_ns():x}-{tag}{uuid.uuid4().hex[:8]}.parquet"
+    name = f"part-{time.time_ns():016x}-{tag}{uuid.uuid4().hex[:8]}.parquet"  # name order = write order
     final = directory / name
-    tmp = directory / f".{name}.{os.getpid()}.tmp"
+    tmp = directory / f".{name}.{_HOST}.{os.getpid()}.tmp"
     pq.write_table(table, tmp, compression="zstd")
     os.replace(tmp, final)
     return final
 
 
 def remove_stale_temporaries(directory: Path) -> None:
-    """Delete temporary files of processes that no longer run (a kill -9 leaves them behind)."""
+    """Delete temporary files of this host's processes that no longer run (a kill -9 leaves them).
+
+    Shards on other nodes of a shared filesystem write here too: their pids mean nothing on this
+    host, so only files named with this host are judged.
+    """
     if not directory.is_dir():
         return
-    for tmp in directory.glob(".part-*.tmp"):
+    for tmp in directory.glob(f".part-*.{_HOST}.*.tmp"):
         pid = tmp.name.rsplit(".", 2)[-2]
         if pid.isdigit() and not _alive(int(pid)):
             with contextlib.suppress(OSError):
@@ -112,8 +118,10 @@ def read_embeddings(directory: Path) -> tuple[np.ndarray, np.ndarray]:
     mat = np.concatenate(mats)
     order = np.argsort(ids, kind="stable")
     ids, mat = ids[order], mat[order]
+    # An image in two parts (an import killed before it removed the old part, a requeued shard
+    # overlapping its first run): part names start with their write time, so the newest wins.
     keep = np.ones(len(ids), dtype=bool)
-    keep[1:] = ids[1:] != ids[:-1]  # a part written twice by racing shards: first copy wins
+    keep[:-1] = ids[:-1] != ids[1:]
     return ids[keep], mat[keep]
 
 

@@ -33,15 +33,26 @@ def _resolve_ids(con, dataset: str, keys: list, by_path: bool, source: Path) -> 
         rows = con.execute(
             "SELECT image_id, path, source_path FROM images WHERE dataset = ?", [dataset]
         ).fetchall()
-        lookup: dict[str, int] = {}
+        exact: dict[str, int] = {}
+        by_name: dict[str, set[int]] = {}
         for image_id, path, src in rows:
-            for key in (path, src, Path(path).name):
+            for key in (path, src):
                 if key:
-                    lookup.setdefault(str(key), image_id)
+                    exact.setdefault(str(key), image_id)
+            by_name.setdefault(Path(path).name, set()).add(image_id)
         out = []
         for key in keys:
             key = str(key)
-            hit = lookup.get(key, lookup.get(str(Path(key).resolve()), lookup.get(Path(key).name)))
+            hit = exact.get(key, exact.get(str(Path(key).resolve())))
+            if hit is None:
+                # a bare file name is only safe when one image has it (MedMNIST has train/0.png and test/0.png)
+                named = by_name.get(Path(key).name, set())
+                if len(named) > 1:
+                    raise VlmindexError(
+                        f"{source}: path {key!r} matches {len(named)} images of {dataset!r} by file name; "
+                        "give full paths (as in `vlmindex embeddings export`) or image_id"
+                    )
+                hit = next(iter(named), None)
             if hit is None:
                 raise VlmindexError(f"{source}: path {key!r} is not an image of dataset {dataset!r}")
             out.append(hit)

@@ -115,6 +115,29 @@ class Workspace:
     def neighbors_dir(self, model: str, dataset: str, condition: str = "clean") -> Path:
         return self.root / "neighbors" / slug(model) / slug(dataset) / slug(condition)
 
+    def drop_results(self, con: duckdb.DuckDBPyConnection, dataset: str, condition: str | None = None) -> None:
+        """Delete everything derived from a dataset's pixels (or one condition's): embeddings,
+        indexes, neighbours and their catalog rows. Called when those pixels change (ingest
+        --replace, a condition replaced or removed), so no stale number survives the change."""
+        import shutil
+
+        for kind in ("embeddings", "neighbors"):
+            for d in (self.root / kind).glob(f"*/{slug(dataset)}"):
+                target = d / slug(condition) if condition else d
+                if target.exists():
+                    shutil.rmtree(target)
+        pattern = f"{slug(condition)}.*" if condition else "*"
+        for f in (self.root / "indexes").glob(f"*/{slug(dataset)}/{pattern}"):
+            f.unlink()
+        where, args = "dataset = ?", [dataset]
+        if condition:
+            where, args = where + " AND condition = ?", [dataset, condition]
+        for table in ("runs", "summaries", "query_metrics", "overlay_effects", "zeroshot_results"):
+            con.execute(f"DELETE FROM {table} WHERE {where}", args)
+        if condition == "clean":  # every overlay effect is read against clean
+            for table in ("overlay_effects", "zeroshot_results"):
+                con.execute(f"DELETE FROM {table} WHERE dataset = ?", [dataset])
+
     # -- connections ---------------------------------------------------------------------------
     @contextlib.contextmanager
     def lock(self, *, wait: float = 0.0) -> Iterator[None]:
@@ -123,10 +146,12 @@ class Workspace:
         path = self.root / ".lock"
         fh = open(path, "a+")  # noqa: SIM115 - held open for the lock's lifetime
         deadline = time.monotonic() + wait
+        acquired = False
         try:
             while True:
                 try:
                     fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    acquired = True
                     break
                 except BlockingIOError:
                     if time.monotonic() >= deadline:
@@ -143,10 +168,11 @@ class Workspace:
             fh.flush()
             yield
         finally:
-            with contextlib.suppress(OSError):
-                fh.seek(0)
-                fh.truncate()
-            fcntl.flock(fh, fcntl.LOCK_UN)
+            if acquired:  # a waiter that gave up must not wipe the holder's note
+                with contextlib.suppress(OSError):
+                    fh.seek(0)
+                    fh.truncate()
+                fcntl.flock(fh, fcntl.LOCK_UN)
             fh.close()
 
     @contextlib.contextmanager

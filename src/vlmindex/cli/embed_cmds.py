@@ -22,8 +22,9 @@ def condition_option(func):
 @condition_option
 @click.option("--split", help="Embed only this split.")
 @click.option("--shard", metavar="i/n", help="Embed only the i-th of n disjoint shards (0-based).")
-@click.option("--batch-size", type=int, default=32, show_default=True)
-@click.option("--workers", type=int, default=None, help="Decoding processes (default: one per core).")
+@click.option("--batch-size", type=click.IntRange(min=1), default=32, show_default=True)
+@click.option("--workers", type=click.IntRange(min=0), default=None,
+              help="Decoding processes (default: one per core; 0 decodes in the main process).")
 @click.option("--dtype", type=click.Choice(["float32", "float16"]), default="float32", show_default=True,
               help="Storage precision of the embeddings.")
 @click.option("--device", help="cpu, cuda, cuda:1, ... (default: cuda when present).")

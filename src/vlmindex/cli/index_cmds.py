@@ -37,12 +37,18 @@ def index_build(ctx, model, dataset, condition, kind, params, force, fmt):
     Example:
       vlmindex index build --model hog --dataset demo
     """
+    from vlmindex.errors import VlmindexError
     from vlmindex.index import build_index
 
     parsed = {}
     for p in params:
-        key, _, value = p.partition("=")
-        parsed[key] = json.loads(value) if value else value
+        key, sep, value = p.partition("=")
+        try:
+            parsed[key] = json.loads(value)
+        except json.JSONDecodeError:
+            sep = ""
+        if not sep or not isinstance(parsed.get(key), int | float):
+            raise VlmindexError(f"--param {p!r} is not NAME=NUMBER (e.g. --param nprobe=32)")
     info, built = build_index(ctx.workspace, model, dataset, condition, kind=kind, params=parsed or None,
                               force=force)
     row = {"model": info.model, "dataset": info.dataset, "condition": info.condition, "kind": info.kind,
