@@ -220,3 +220,10 @@ def test_import_by_bare_file_name_refuses_ambiguous_names(vlm, tmp_path):
     assert "matches 2 images" in res.err
     pq.write_table(pa.table({"path": [str(src / "b" / "0.png")], "embedding": [[1.0, 0.0]]}), feats)
     vlm(ws_dir, "embeddings", "import", feats, "-m", "x", "-d", "f")
+
+
+def test_resuming_with_other_weights_is_refused(vlm, synth_ws):
+    vlm(synth_ws, "embed", "-m", "raw-pixels", "-d", "demo", "--split", "train", "--workers", "0")
+    vlm(synth_ws, "sql", "--write", "UPDATE runs SET weights_sha256 = 'f00d' WHERE model = 'raw-pixels'")
+    res = vlm(synth_ws, "embed", "-m", "raw-pixels", "-d", "demo", "--workers", "0", expect=1)
+    assert "embedded with other weights" in res.err and len(res.err.strip().splitlines()) == 1

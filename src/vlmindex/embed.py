@@ -13,6 +13,7 @@ import json
 import os
 import time
 import uuid
+import warnings
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
@@ -24,7 +25,7 @@ from tqdm import tqdm
 
 from vlmindex import store
 from vlmindex.catalog import class_pools, require_dataset
-from vlmindex.errors import VlmindexError
+from vlmindex.errors import VlmindexError, WorkspaceBusy
 from vlmindex.imageio import load_image
 from vlmindex.versions import library_versions
 from vlmindex.workspace import Workspace
@@ -184,6 +185,8 @@ def embed(ws: Workspace, model: str, dataset: str, condition: str = "clean",
     if extractor is None:
         extractor = load_model(model, checkpoint=opts.checkpoint,
                                trust_remote_code=opts.trust_remote_code, device=device)
+    if len(done):
+        _check_same_weights(ws, model, dataset, condition, extractor.weights_sha256)
     if device.startswith("cuda") and extractor.dtype != torch.float16:
         extractor = extractor.to(device, half=True)
     workers = opts.num_workers if opts.num_workers is not None else min(os.cpu_count() or 1, 8)
@@ -234,8 +237,25 @@ def embed(ws: Workspace, model: str, dataset: str, condition: str = "clean",
     seconds = time.perf_counter() - t0
     total = int(np.isin(ids, store.stored_ids(out_dir)).sum())
     report = EmbedReport(model, dataset, condition, embedded, total, seconds, failed=len(failures))
-    _record_run(ws, report, extractor, opts, device, dim, workers, started, failures, rows)
+    try:
+        _record_run(ws, report, extractor, opts, device, dim, workers, started, failures, rows)
+    except WorkspaceBusy as exc:  # the embeddings are safe on disk; only the log entry is missing
+        warnings.warn(f"embeddings written, but the run could not be recorded in `runs`: {exc}", stacklevel=2)
     return report
+
+
+def _check_same_weights(ws: Workspace, model: str, dataset: str, condition: str, sha: str | None) -> None:
+    """Refuse to resume a run with other weights: one run must hold one model's embeddings."""
+    with ws.read() as con:
+        row = con.execute(
+            "SELECT weights_sha256 FROM runs WHERE model = ? AND dataset = ? AND condition = ? "
+            "AND device <> 'import' ORDER BY finished_at DESC LIMIT 1", [model, dataset, condition]).fetchone()
+    if row and row[0] != sha:
+        raise VlmindexError(
+            f"{model!r} on {dataset}/{condition} was embedded with other weights (sha256 {str(row[0])[:12]}…, "
+            f"now {str(sha)[:12]}…); embed under another --model name, or remove "
+            f"{ws.embeddings_dir(model, dataset, condition)} to start over"
+        )
 
 
 def _record_run(ws, report, extractor, opts, device, dim, workers, started, failures, rows) -> None:
