@@ -10,11 +10,7 @@ SELECT dataset, condition, model, k,
        round(silhouette, 4)         AS silhouette,
        round(probe_balanced_accuracy, 4) AS probe_bal_acc,
        n_queries,
-       -- what the numbers are over: the options of the analysis shown
-       concat_ws(' ', CASE WHEN exclude_group THEN 'group-excluded' END, 'queries=' || query_split,
-                 'gallery=' || gallery_split, 'modality=' || modality) AS scope,
+       scope,                  -- what the numbers are over: the options of the analysis
        analysis_id             -- joins query_metrics and the neighbors view
-FROM summaries
-QUALIFY row_number() OVER (PARTITION BY model, dataset, condition, k, exclude_group, query_split,
-                                      gallery_split, modality ORDER BY created_at DESC) = 1
+FROM latest_summaries
 ORDER BY dataset, condition, map DESC NULLS LAST, model;

@@ -1,15 +1,8 @@
 -- Jaccard@k of two models' neighbour sets per image, averaged per dataset and condition (every pair of models analysed with the same options).
-WITH latest AS (
-    SELECT analysis_id, k, exclude_group, query_split, gallery_split, modality FROM summaries
-    QUALIFY row_number() OVER (PARTITION BY model, dataset, condition, k, exclude_group, query_split,
-                                      gallery_split, modality ORDER BY created_at DESC) = 1
-), nb AS (
+WITH nb AS (
     -- the options of the analysis travel with each neighbour: only like is compared with like
-    SELECT n.model, n.dataset, n.condition, n.image_id, n.neighbor_id,
-           concat_ws(' ', 'k=' || l.k, CASE WHEN l.exclude_group THEN 'group-excluded' END,
-                     'queries=' || l.query_split, 'gallery=' || l.gallery_split,
-                     'modality=' || l.modality) AS options
-    FROM neighbors n JOIN latest l USING (analysis_id)
+    SELECT n.model, n.dataset, n.condition, n.image_id, n.neighbor_id, l.scope AS options
+    FROM neighbors n JOIN latest_summaries l USING (analysis_id)
 ), sizes AS (
     SELECT model, dataset, condition, options, image_id, count(*) AS n FROM nb GROUP BY ALL
 ), pairs AS (

@@ -1,12 +1,5 @@
 -- Which classes a class's top-k neighbours come from: share of neighbours per (query class, neighbour class), per analysis setting.
-WITH latest AS (
-    SELECT analysis_id,
-           concat_ws(' ', 'k=' || k, CASE WHEN exclude_group THEN 'group-excluded' END, 'queries=' || query_split,
-                     'gallery=' || gallery_split, 'modality=' || modality) AS scope
-    FROM summaries
-    QUALIFY row_number() OVER (PARTITION BY model, dataset, condition, k, exclude_group, query_split,
-                                      gallery_split, modality ORDER BY created_at DESC) = 1
-), counts AS (
+WITH latest AS (SELECT analysis_id, scope FROM latest_summaries), counts AS (
     SELECT n.dataset, n.condition, n.model, qi.label AS query_label, ni.label AS neighbor_label,
            latest.scope, count(*) AS neighbors
     FROM neighbors n

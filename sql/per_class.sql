@@ -1,12 +1,5 @@
 -- Neighbour purity@k, mAP and kNN accuracy per class, for every model, dataset, condition and analysis setting (latest of each).
-WITH latest AS (
-    SELECT analysis_id,
-           concat_ws(' ', 'k=' || k, CASE WHEN exclude_group THEN 'group-excluded' END, 'queries=' || query_split,
-                     'gallery=' || gallery_split, 'modality=' || modality) AS scope
-    FROM summaries
-    QUALIFY row_number() OVER (PARTITION BY model, dataset, condition, k, exclude_group, query_split,
-                                      gallery_split, modality ORDER BY created_at DESC) = 1
-)
+WITH latest AS (SELECT analysis_id, scope FROM latest_summaries)
 SELECT q.dataset, q.condition, q.model, q.label,
        count(*)                          AS n,
        count(q.ap)                       AS n_scored,   -- queries with R > 0

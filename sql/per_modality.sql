@@ -1,12 +1,5 @@
 -- Headline metrics per modality (micro and class-macro), for every model, dataset, condition and analysis setting (latest of each).
-WITH latest AS (
-    SELECT analysis_id,
-           concat_ws(' ', 'k=' || k, CASE WHEN exclude_group THEN 'group-excluded' END, 'queries=' || query_split,
-                     'gallery=' || gallery_split, 'modality=' || modality) AS scope
-    FROM summaries
-    QUALIFY row_number() OVER (PARTITION BY model, dataset, condition, k, exclude_group, query_split,
-                                      gallery_split, modality ORDER BY created_at DESC) = 1
-), per_class AS (
+WITH latest AS (SELECT analysis_id, scope FROM latest_summaries), per_class AS (
     -- unscored queries (R = 0) hold NULL metrics: avg() and count(metric) leave them out alike
     SELECT q.dataset, q.condition, q.model, q.modality, q.label, latest.scope,
            count(q.ap) AS n, avg(q.purity_at_k) AS purity, avg(q.ap) AS ap, avg(q.p_at_1) AS p1

@@ -182,3 +182,13 @@ CREATE TABLE IF NOT EXISTS zeroshot_results (
     prompts_sha256 VARCHAR,              -- of the exact prompts used, per modality and class
     created_at TIMESTAMP
 );
+
+-- The newest analysis for each (model, dataset, condition) and set of options; `scope` says what
+-- its numbers are over. Every shipped analysis reads this view, so none mixes two settings.
+CREATE OR REPLACE VIEW latest_summaries AS
+SELECT *,
+       concat_ws(' ', 'k=' || k, CASE WHEN exclude_group THEN 'group-excluded' END,
+                 'queries=' || query_split, 'gallery=' || gallery_split, 'modality=' || modality) AS scope
+FROM summaries
+QUALIFY row_number() OVER (PARTITION BY model, dataset, condition, k, exclude_group, query_split,
+                                        gallery_split, modality ORDER BY created_at DESC) = 1;

@@ -221,15 +221,13 @@ def _rows(cur: Any) -> list[dict[str, Any]]:
 
 
 def latest_summaries(con: Any, dataset: str | None = None) -> list[dict[str, Any]]:
-    """The latest analysis per (model, dataset, condition), as ``sql/leaderboard.sql`` picks it.
+    """The latest analysis per (model, dataset, condition) and options: the ``latest_summaries`` view.
 
     Ordered by dataset, clean before overlay conditions, then mAP (best first) and model.
     """
     where, args = ("WHERE dataset = ?", [dataset]) if dataset else ("", [])
     rows = _rows(con.execute(
-        f"SELECT * FROM summaries {where} "
-        "QUALIFY row_number() OVER (PARTITION BY model, dataset, condition, k, exclude_group, query_split, "
-        "gallery_split, modality ORDER BY created_at DESC) = 1 "
+        f"SELECT * EXCLUDE (scope) FROM latest_summaries {where} "
         "ORDER BY dataset, condition <> 'clean', condition, map_micro DESC NULLS LAST, model", args))
     for r in rows:
         try:
