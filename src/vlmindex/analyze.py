@@ -17,7 +17,6 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
 
 from vlmindex import metrics, store
 from vlmindex.catalog import require_dataset
@@ -247,9 +246,4 @@ def _write_neighbors(ws: Workspace, model: str, dataset: str, condition: str, an
         "neighbor_id": pa.array(res.neighbor_id.reshape(-1).astype(np.int64)),
         "score": pa.array(res.neighbor_score.reshape(-1).astype(np.float32)),
     }).filter(pa.array(valid))
-    out_dir = ws.neighbors_dir(model, dataset, condition)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    final = out_dir / f"{analysis_id}.parquet"
-    tmp = out_dir / f".{analysis_id}.parquet.tmp"
-    pq.write_table(table, tmp)
-    tmp.replace(final)
+    store.write_table_atomic(table, ws.neighbors_dir(model, dataset, condition) / f"{analysis_id}.parquet")

@@ -148,15 +148,22 @@ def auto_device(device: str | None) -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
+def _selection(ws: Workspace, model: str, dataset: str, condition: str, opts: EmbedOptions):
+    """The run's rows (split and shard applied), which of them lack an embedding, recipe and pools."""
+    rows, recipe, pools = select_images(ws, dataset, condition, opts.split)
+    if opts.shard:
+        i, n = opts.shard
+        rows = [r for r in rows if r[0] % n == i]
+    ids = np.fromiter((r[0] for r in rows), dtype=np.int64, count=len(rows))
+    done = np.isin(ids, store.stored_ids(ws.embeddings_dir(model, dataset, condition)))
+    pending = [r for r, is_done in zip(rows, done, strict=True) if not is_done]
+    return rows, ids, pending, recipe, pools
+
+
 def pending_count(ws: Workspace, model: str, dataset: str, condition: str = "clean",
                   options: EmbedOptions | None = None) -> int:
     """How many images of the selection still need an embedding (0: the run is complete)."""
-    opts = options or EmbedOptions()
-    rows, _, _ = select_images(ws, dataset, condition, opts.split)
-    if opts.shard:
-        rows = [r for r in rows if r[0] % opts.shard[1] == opts.shard[0]]
-    ids = np.fromiter((r[0] for r in rows), dtype=np.int64, count=len(rows))
-    return int((~np.isin(ids, store.stored_ids(ws.embeddings_dir(model, dataset, condition)))).sum())
+    return len(_selection(ws, model, dataset, condition, options or EmbedOptions())[2])
 
 
 def embed(ws: Workspace, model: str, dataset: str, condition: str = "clean",
@@ -169,15 +176,9 @@ def embed(ws: Workspace, model: str, dataset: str, condition: str = "clean",
 
     opts = options or EmbedOptions()
     get_spec(model)  # an unknown name fails before any work
-    rows, recipe, pools = select_images(ws, dataset, condition, opts.split)
-    if opts.shard:
-        i, n = opts.shard
-        rows = [r for r in rows if r[0] % n == i]
     out_dir = ws.embeddings_dir(model, dataset, condition)
     store.remove_stale_temporaries(out_dir)
-    done = store.stored_ids(out_dir)
-    ids = np.fromiter((r[0] for r in rows), dtype=np.int64, count=len(rows))
-    pending = [r for r, is_done in zip(rows, np.isin(ids, done), strict=True) if not is_done]
+    rows, ids, pending, recipe, pools = _selection(ws, model, dataset, condition, opts)
     if not pending:
         return EmbedReport(model, dataset, condition, 0, len(rows), 0.0, cached=True)
 
@@ -185,7 +186,7 @@ def embed(ws: Workspace, model: str, dataset: str, condition: str = "clean",
     if extractor is None:
         extractor = load_model(model, checkpoint=opts.checkpoint,
                                trust_remote_code=opts.trust_remote_code, device=device)
-    if len(done):
+    if len(pending) < len(rows):
         _check_same_weights(ws, model, dataset, condition, extractor.weights_sha256)
     if device.startswith("cuda") and extractor.dtype != torch.float16:
         extractor = extractor.to(device, half=True)

@@ -53,13 +53,17 @@ def write_part(
         "image_id": pa.array(np.asarray(image_ids, dtype=np.int64)),
         "embedding": pa.FixedSizeListArray.from_arrays(values, dim),
     })
-    directory.mkdir(parents=True, exist_ok=True)
     name = f"part-{time.time_ns():016x}-{tag}{uuid.uuid4().hex[:8]}.parquet"  # name order = write order
-    final = directory / name
-    tmp = directory / f".{name}.{_HOST}.{os.getpid()}.tmp"
-    pq.write_table(table, tmp, compression="zstd")
-    os.replace(tmp, final)
-    return final
+    return write_table_atomic(table, directory / name, compression="zstd")
+
+
+def write_table_atomic(table: pa.Table, path: Path, **kwargs: object) -> Path:
+    """Write a Parquet file through a temporary name and a rename: whole or absent, never half."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{_HOST}.{os.getpid()}.tmp")
+    pq.write_table(table, tmp, **kwargs)
+    os.replace(tmp, path)
+    return path
 
 
 def remove_stale_temporaries(directory: Path) -> None:

@@ -143,7 +143,5 @@ def export_embeddings(ws: Workspace, model: str, dataset: str, out: Path, *, con
         "label": pa.array([meta.get(int(i), (None, None))[1] for i in ids], pa.string()),
         "embedding": pa.FixedSizeListArray.from_arrays(pa.array(matrix.reshape(-1)), dim),
     })
-    tmp = out.with_name(f".{out.name}.tmp")
-    pq.write_table(table, tmp)
-    tmp.replace(out)
+    store.write_table_atomic(table, out)
     return len(ids)
