@@ -1,6 +1,7 @@
 -- vlmindex catalog schema. Table and column names are an interface users write SQL against:
--- add columns freely, never rename. Bump SCHEMA_VERSION in workspace.py and add a migration when
--- an existing workspace needs changing.
+-- add columns freely, never rename. Bump SCHEMA_VERSION in vlmindex/catalog/workspace.py and add a
+-- migration there when an existing workspace needs changing. Every table is described in
+-- docs/tables.md; metric definitions are in docs/metrics.md.
 CREATE TABLE IF NOT EXISTS meta (key VARCHAR PRIMARY KEY, value VARCHAR);
 
 CREATE TABLE IF NOT EXISTS datasets (
@@ -33,7 +34,10 @@ CREATE TABLE IF NOT EXISTS skipped (
     dataset VARCHAR NOT NULL,
     path VARCHAR NOT NULL,
     reason VARCHAR NOT NULL,
-    skipped_at TIMESTAMP
+    skipped_at TIMESTAMP,
+    stage VARCHAR,                   -- ingest, embed
+    model VARCHAR,                   -- embed: the model that could not use the image
+    condition VARCHAR                -- embed: the condition it was loaded under
 );
 
 CREATE TABLE IF NOT EXISTS conditions (
@@ -60,6 +64,7 @@ CREATE TABLE IF NOT EXISTS text_detections (
     engine VARCHAR,                   -- OCR package, version and settings
     error VARCHAR,
     detected_at TIMESTAMP,
+    pixels VARCHAR,                   -- image_pixels.pixels of what was read: a change redoes the row
     PRIMARY KEY (dataset, condition, image_id)
 );
 
@@ -84,10 +89,11 @@ CREATE TABLE IF NOT EXISTS runs (
     versions JSON,
     weights_sha256 VARCHAR,
     started_at TIMESTAMP,
-    finished_at TIMESTAMP
+    finished_at TIMESTAMP,
+    recorded_from VARCHAR     -- embed, import, or parts (rebuilt from the parts' own provenance)
 );
 
--- One row per query image and analysis (vlmindex analyze). Metric definitions: DESIGN.md.
+-- One row per query image and analysis (vlmindex analyze). Metric definitions: docs/metrics.md.
 CREATE TABLE IF NOT EXISTS query_metrics (
     analysis_id VARCHAR NOT NULL,
     model VARCHAR NOT NULL,
@@ -126,6 +132,7 @@ CREATE TABLE IF NOT EXISTS summaries (
     n_gallery BIGINT,
     n_classes INTEGER,
     dim INTEGER,
+    n_missing BIGINT,          -- labelled images without an embedding (--allow-partial); 0 normally
     purity_micro DOUBLE, purity_macro DOUBLE,
     map_micro DOUBLE, map_macro DOUBLE,              -- mean AP over the full ranking
     map_at_r_micro DOUBLE, map_at_r_macro DOUBLE,
@@ -140,12 +147,13 @@ CREATE TABLE IF NOT EXISTS summaries (
     probe_protocol VARCHAR,
     seconds DOUBLE,
     provenance JSON,           -- preprocessing, weights, index kind, library versions
-    created_at TIMESTAMP
+    created_at TIMESTAMP,
+    inputs_fingerprint VARCHAR -- of the run and options it was computed from: current while it matches
 );
 
 -- Overlay bias figures (vlmindex overlay effect): one row per figure of a (model, dataset, overlay
 -- condition against clean, k, exclude_group); a rerun replaces them. Figures and baselines are
--- defined in vlmindex/bias.py; ci_low/ci_high: seeded percentile bootstrap 95% over queries.
+-- defined in docs/overlays.md; ci_low/ci_high: seeded percentile bootstrap 95% over queries.
 CREATE TABLE IF NOT EXISTS overlay_effects (
     model VARCHAR NOT NULL,
     dataset VARCHAR NOT NULL,
@@ -161,7 +169,8 @@ CREATE TABLE IF NOT EXISTS overlay_effects (
     n_boot INTEGER,
     seed INTEGER,
     note VARCHAR,
-    created_at TIMESTAMP
+    created_at TIMESTAMP,
+    inputs_fingerprint VARCHAR -- of both runs and the options: current while it matches
 );
 
 -- Zero-shot classification (vlmindex zeroshot): one row per (model, dataset, condition, modality);
@@ -180,15 +189,32 @@ CREATE TABLE IF NOT EXISTS zeroshot_results (
     flip_rate DOUBLE,                    -- clean prediction != written, overlaid prediction = written
     n_prompts INTEGER,                   -- prompts per class
     prompts_sha256 VARCHAR,              -- of the exact prompts used, per modality and class
-    created_at TIMESTAMP
+    created_at TIMESTAMP,
+    inputs_fingerprint VARCHAR           -- of the runs, prompts and weights: current while it matches
 );
+
+-- The fingerprint of the pixels each image has under each condition: its file's sha256 when
+-- clean; with an overlay, also the recipe and what decides the written text (its label and the
+-- class names of its modality). Embedding parts and text detections store it per row; a row whose
+-- fingerprint is not the current one is stale and never read.
+CREATE OR REPLACE VIEW image_pixels AS
+SELECT dataset, 'clean' AS condition, image_id, sha256 AS pixels FROM images
+UNION ALL
+SELECT i.dataset, c.name AS condition, i.image_id,
+       sha256(concat_ws(chr(31), i.sha256, c.recipe::VARCHAR, coalesce(i.label, chr(0)), coalesce(p.pool, chr(0))))
+FROM images i
+JOIN conditions c ON c.dataset = i.dataset
+LEFT JOIN (SELECT dataset, modality, string_agg(DISTINCT label, chr(31) ORDER BY label) AS pool
+           FROM images WHERE label IS NOT NULL GROUP BY dataset, modality) p
+       ON p.dataset = i.dataset AND p.modality IS NOT DISTINCT FROM i.modality;
 
 -- The newest analysis for each (model, dataset, condition) and set of options; `scope` says what
 -- its numbers are over. Every shipped analysis reads this view, so none mixes two settings.
 CREATE OR REPLACE VIEW latest_summaries AS
 SELECT *,
        concat_ws(' ', 'k=' || k, CASE WHEN exclude_group THEN 'group-excluded' END,
-                 'queries=' || query_split, 'gallery=' || gallery_split, 'modality=' || modality) AS scope
+                 'queries=' || query_split, 'gallery=' || gallery_split, 'modality=' || modality,
+                 CASE WHEN n_missing > 0 THEN 'partial(' || n_missing || ' images without embedding)' END) AS scope
 FROM summaries
 QUALIFY row_number() OVER (PARTITION BY model, dataset, condition, k, exclude_group, query_split,
                                         gallery_split, modality ORDER BY created_at DESC) = 1;

@@ -45,8 +45,8 @@ def vlm(capsys):
 @pytest.fixture(scope="session")
 def synth_template(tmp_path_factory) -> Path:
     """A workspace holding the small synthetic set 'demo' (3 modalities x 2 classes x 4 lesions x 3 views)."""
+    from vlmindex.catalog.workspace import Workspace
     from vlmindex.ingest import ingest_synthetic
-    from vlmindex.workspace import Workspace
 
     root = tmp_path_factory.mktemp("synth-template")
     ingest_synthetic(Workspace(root), "demo", seed=0, progress=False, **SMALL_SYNTH)

@@ -7,9 +7,10 @@ import json
 import numpy as np
 import pytest
 
-from vlmindex import metrics, store
+from vlmindex import metrics
 from vlmindex.analyze import load_run
-from vlmindex.workspace import Workspace
+from vlmindex.catalog import parts as store
+from vlmindex.catalog.workspace import Workspace
 
 
 @pytest.fixture
@@ -81,7 +82,7 @@ def test_model_agreement_matches_python(analysed):
     ws = Workspace(analysed)
     with ws.read() as con:
         nb = con.execute("SELECT model, image_id, neighbor_id FROM neighbors").fetchall()
-        sql_value = con.execute((__import__("vlmindex.workspace").workspace.sql_dir()
+        sql_value = con.execute((__import__("vlmindex.catalog.workspace").catalog.workspace.sql_dir()
                                  / "model_agreement.sql").read_text()).fetchone()[5]
     sets: dict = {}
     for model, qid, nid in nb:

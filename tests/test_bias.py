@@ -12,13 +12,13 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from vlmindex import store
 from vlmindex.analyze import RunData
 from vlmindex.bias import bootstrap_ci, compute_overlay_effect, overlay_figures
+from vlmindex.catalog import parts as store
+from vlmindex.catalog.workspace import Workspace
 from vlmindex.errors import VlmindexError
 from vlmindex.imageio import load_image
 from vlmindex.overlay import OverlayRecipe, apply_overlay, get_condition, overlay_text_for
-from vlmindex.workspace import Workspace
 
 # Big centred boxed text: raw pixels see it, and its position does not depend on the image.
 BIG = ["--position", "center", "--size", "0.3", "--box"]

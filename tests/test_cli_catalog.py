@@ -12,8 +12,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from vlmindex.catalog.workspace import Workspace
 from vlmindex.cli import main
-from vlmindex.workspace import Workspace
 
 SRC = Path(__file__).resolve().parents[1] / "src"
 
@@ -172,7 +172,7 @@ def test_medmnist_through_cli(tmp_path: Path, wsdir: Path, capsys) -> None:
 HOLDER = textwrap.dedent(
     """
     import sys
-    from vlmindex.workspace import Workspace
+    from vlmindex.catalog.workspace import Workspace
     with Workspace(sys.argv[1]).write() as con:
         con.execute("SELECT count(*) FROM images").fetchone()
         print("holding", flush=True)

@@ -13,10 +13,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from vlmindex import store
+from vlmindex.catalog import parts as store
+from vlmindex.catalog.workspace import Workspace
 from vlmindex.embed import EmbedOptions, embed, parse_shard
 from vlmindex.errors import VlmindexError
-from vlmindex.workspace import Workspace
 
 OFFLINE = ["raw-pixels", "color-hist", "hog", "untrained-vit-tiny"]
 

@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 
 from vlmindex import index as vindex
-from vlmindex import store
+from vlmindex.catalog import parts as store
+from vlmindex.catalog.workspace import Workspace
 from vlmindex.errors import VlmindexError
-from vlmindex.workspace import Workspace
 
 
 def clustered(n: int, dim: int, classes: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

@@ -12,10 +12,10 @@ import pydicom
 import pytest
 from PIL import Image
 
+from vlmindex.catalog.workspace import Workspace
 from vlmindex.datasets import IngestOptions
 from vlmindex.errors import VlmindexError, WorkspaceBusy
 from vlmindex.ingest import image_id_for, ingest
-from vlmindex.workspace import Workspace
 
 SEED = 1234
 

@@ -14,6 +14,7 @@ import pytest
 from click.testing import CliRunner
 from PIL import Image, ImageDraw, ImageFilter
 
+from vlmindex.catalog.workspace import Workspace
 from vlmindex.errors import VlmindexError
 from vlmindex.imageio import save_png
 from vlmindex.overlay import (
@@ -27,7 +28,6 @@ from vlmindex.overlay import (
     preview_tiles,
     remove_condition,
 )
-from vlmindex.workspace import Workspace
 
 CLASSES = ["basal cell carcinoma", "melanoma", "nevus"]
 

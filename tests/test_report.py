@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 from scipy.stats import wilcoxon
 
+from vlmindex.catalog.workspace import Workspace
 from vlmindex.report import (
     SECTIONS,
     ReportOptions,
@@ -24,7 +25,6 @@ from vlmindex.report import (
     paired_comparison,
     wilcoxon_p,
 )
-from vlmindex.workspace import Workspace
 
 SECTION_IDS = [sid for sid, _ in SECTIONS]
 MODELS = ("raw-pixels", "color-hist")

@@ -6,9 +6,9 @@ import json
 
 import pytest
 
-from vlmindex import workspace as wsmod
+from vlmindex.catalog import workspace as wsmod
+from vlmindex.catalog.workspace import Workspace
 from vlmindex.errors import VlmindexError, WorkspaceBusy
-from vlmindex.workspace import Workspace
 
 
 def test_fresh_workspace_has_schema_and_empty_views(tmp_path):
@@ -72,7 +72,8 @@ def test_lock_is_exclusive_and_names_the_holder(tmp_path):
 
 def test_env_var_selects_the_workspace(tmp_path, monkeypatch, vlm):
     monkeypatch.setenv("VLMINDEX_WORKSPACE", str(tmp_path / "from-env"))
-    vlm(None, "datasets", "--format", "json")
+    # Read-only commands no longer create a workspace (issue 9), so a writing one makes it here.
+    vlm(None, "sql", "--write", "SELECT 1")
     assert (tmp_path / "from-env" / "catalog.duckdb").exists()
     assert json.loads(vlm(None, "datasets", "--format", "json").out) == []
 
@@ -93,7 +94,7 @@ def test_reader_waits_for_a_short_write_in_another_process(tmp_path):
     with ws.write():
         pass
     holder = subprocess.Popen([sys.executable, "-c", (
-        "import sys, time; from vlmindex.workspace import Workspace\n"
+        "import sys, time; from vlmindex.catalog.workspace import Workspace\n"
         "with Workspace(sys.argv[1]).write():\n"
         "    print('holding', flush=True); time.sleep(1.5)\n"), str(ws.root)], stdout=subprocess.PIPE, text=True)
     assert holder.stdout.readline().strip() == "holding"
@@ -104,7 +105,7 @@ def test_reader_waits_for_a_short_write_in_another_process(tmp_path):
     holder.wait()
     with pytest.raises(WorkspaceBusy, match="busy"):
         blocker = subprocess.Popen([sys.executable, "-c", (
-            "import sys, time; from vlmindex.workspace import Workspace\n"
+            "import sys, time; from vlmindex.catalog.workspace import Workspace\n"
             "with Workspace(sys.argv[1]).write():\n"
             "    print('holding', flush=True); time.sleep(5)\n"), str(ws.root)], stdout=subprocess.PIPE, text=True)
         assert blocker.stdout.readline().strip() == "holding"

@@ -13,9 +13,9 @@ import pyarrow.parquet as pq
 import pytest
 from sklearn.metrics import balanced_accuracy_score
 
-from vlmindex import store
+from vlmindex.catalog import parts as store
+from vlmindex.catalog.workspace import Workspace
 from vlmindex.errors import VlmindexError
-from vlmindex.workspace import Workspace
 from vlmindex.zeroshot import label_text, load_templates, templates_for, zeroshot
 
 WRONG = ["--text", "wrong-label", "--position", "center", "--size", "0.3", "--box"]
@@ -184,7 +184,7 @@ def test_argmax_over_normalised_prompt_means_within_the_modality(vlm, synth_ws, 
 
     vlm(synth_ws, "overlay", "add", "demo", "wrong", *WRONG)
     # Overlaid embeddings: every other image moves onto its written (wrong) class's slot.
-    from vlmindex.catalog import class_pools
+    from vlmindex.catalog.datasets import class_pools
     from vlmindex.overlay import get_condition, overlay_text_for
 
     with ws.read() as con:

@@ -1,9 +1,13 @@
 """Analysis: exact neighbours and discriminability metrics of one (model, dataset, condition) run.
 
 Neighbours are computed exactly by ``vlmindex.metrics`` (brute-force cosine with the tie rule of
-DESIGN.md), never by an approximate index, so the numbers are the same whatever index was built.
-Per-query rows go to ``query_metrics``, neighbours to Parquet (the ``neighbors`` view), and one
-summary row with the provenance of every number to ``summaries``.
+``vlmindex.metrics.retrieval``), never by an approximate index, so the numbers are the same
+whatever index was built. Per-query rows go to ``query_metrics``, neighbours to Parquet (the
+``neighbors`` view), and one summary row with the provenance of every number to ``summaries``.
+
+Stage shape: :class:`AnalyzeOptions`; :func:`compute` is pure (arrays in, tables out);
+:func:`analyze_run` loads, computes and persists inside ``fingerprints.committing``;
+:func:`is_current` compares the stored inputs fingerprint with the run's now.
 """
 
 from __future__ import annotations
@@ -18,10 +22,13 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
-from vlmindex import metrics, store
-from vlmindex.catalog import require_dataset
+from vlmindex import metrics
+from vlmindex.catalog import RunKey, Workspace, fingerprints, results
+from vlmindex.catalog import datasets as catalog_datasets
+from vlmindex.catalog import embeddings as store
 from vlmindex.errors import VlmindexError
-from vlmindex.workspace import Workspace
+
+STAGE = "analyze"
 
 
 @dataclass(frozen=True)
@@ -33,9 +40,16 @@ class AnalyzeOptions:
     modality: str | None = None
     probe: bool = True
     seed: int = 0
+    allow_partial: bool = False  # score the images that have an embedding even when some have none
+
+    def numbers(self) -> dict[str, Any]:
+        """The options that change the numbers: they name the analysis and enter its fingerprint."""
+        out = asdict(self)
+        out.pop("allow_partial")
+        return out
 
     def analysis_id(self, model: str, dataset: str, condition: str) -> str:
-        key = json.dumps({"model": model, "dataset": dataset, "condition": condition, **asdict(self)},
+        key = json.dumps({"model": model, "dataset": dataset, "condition": condition, **self.numbers()},
                          sort_keys=True)
         return hashlib.sha1(key.encode()).hexdigest()[:16]
 
@@ -50,44 +64,48 @@ class RunData:
     groups: np.ndarray
     splits: np.ndarray
     modalities: np.ndarray
-    missing: int  # catalog images of the selection without an embedding
+    missing: int              # labelled images of the selection without an embedding
+    zero: int = 0             # labelled images whose embedding is all zeros (left out, see `skipped`)
+    fingerprint: str = ""     # of the run as read (catalog.embeddings.run_fingerprint)
+    n_selected: int = 0       # labelled images of the selection
 
 
 def load_run(ws: Workspace, model: str, dataset: str, condition: str = "clean",
              modality: str | None = None) -> RunData:
     """Embeddings of a run joined to the catalog; raises when there are none."""
-    ids, vectors = store.read_embeddings(ws.embeddings_dir(model, dataset, condition))
-    with ws.read() as con:
-        require_dataset(con, dataset)
-        sql = ("SELECT image_id, label, group_id, split, modality FROM images "
-               "WHERE dataset = ? AND label IS NOT NULL")
-        args: list[Any] = [dataset]
-        if modality:
-            sql += " AND modality = ?"
-            args.append(modality)
-        rows = con.execute(sql + " ORDER BY image_id", args).fetchall()
-    if len(ids) == 0:
-        raise VlmindexError(
-            f"no embeddings for model {model!r} on {dataset}/{condition}; run "
-            f"`vlmindex embed --model {model} --dataset {dataset} --condition {condition}` first"
-        )
+    return load(ws, RunKey(model, dataset, condition), modality)
+
+
+def load(ws: Workspace, key: RunKey, modality: str | None = None) -> RunData:
+    """:func:`load_run` for a :class:`RunKey`: one read-only connection for catalog rows and parts."""
+    with ws.read(views=False) as con:
+        catalog_datasets.require_dataset(con, key.dataset)
+        emb = store.read_run(ws, key, con=con)
+        rows = catalog_datasets.images(con, key.dataset, columns=("image_id", "label", "group_id", "split", "modality"),
+                                       labelled=True, modality=modality)
+    if len(emb.ids) == 0 and len(emb.zero_ids) == 0:
+        raise VlmindexError(f"no embeddings for model {key.model!r} on {key.dataset}/{key.condition}; run "
+                            f"`vlmindex embed {key.cli_args()}` first")
     if not rows:
-        raise VlmindexError(f"dataset {dataset!r} has no labelled images" +
+        raise VlmindexError(f"dataset {key.dataset!r} has no labelled images" +
                             (f" of modality {modality!r}" if modality else ""))
     cat_ids = np.array([r[0] for r in rows], dtype=np.int64)
-    pos = np.searchsorted(ids, cat_ids)
-    pos = np.clip(pos, 0, len(ids) - 1)
-    present = ids[pos] == cat_ids
+    pos = np.clip(np.searchsorted(emb.ids, cat_ids), 0, max(len(emb.ids) - 1, 0))
+    present = emb.ids[pos] == cat_ids if len(emb.ids) else np.zeros(len(cat_ids), dtype=bool)
+    zero = np.isin(cat_ids, emb.zero_ids)
     sel = np.flatnonzero(present)
     col = list(zip(*rows, strict=True))
     return RunData(
         ids=cat_ids[sel],
-        vectors=vectors[pos[sel]],
+        vectors=emb.vectors[pos[sel]] if len(sel) else np.empty((0, emb.dim), np.float32),
         labels=np.array(col[1], dtype=object)[sel],
         groups=np.array(col[2], dtype=object)[sel],
         splits=np.array(col[3], dtype=object)[sel],
         modalities=np.array(col[4], dtype=object)[sel],
-        missing=int((~present).sum()),
+        missing=int((~present & ~zero).sum()),
+        zero=int(zero.sum()),
+        fingerprint=emb.fingerprint,
+        n_selected=len(cat_ids),
     )
 
 
@@ -106,55 +124,75 @@ def provenance(ws: Workspace, model: str, dataset: str, condition: str) -> dict[
     from vlmindex.index import IndexInfo
     from vlmindex.versions import library_versions
 
-    with ws.read() as con:
-        row = con.execute(
-            "SELECT preprocessing, weights_sha256, versions, dtype, device FROM runs "
-            "WHERE model = ? AND dataset = ? AND condition = ? ORDER BY finished_at DESC LIMIT 1",
-            [model, dataset, condition],
-        ).fetchone()
+    row = store.last_run(ws, RunKey(model, dataset, condition))
     out: dict[str, Any] = {"analysis_versions": library_versions()}
     if row:
-        out.update(preprocessing=json.loads(row[0]) if row[0] else None, weights_sha256=row[1],
-                   embed_versions=json.loads(row[2]) if row[2] else None, dtype=row[3], device=row[4])
+        out.update(preprocessing=json.loads(row["preprocessing"]) if row["preprocessing"] else None,
+                   weights_sha256=row["weights_sha256"],
+                   embed_versions=json.loads(row["versions"]) if row["versions"] else None,
+                   dtype=row["dtype"], device=row["device"])
     sidecar = ws.index_path(model, dataset, condition).with_suffix(".json")
-    if sidecar.exists():
-        info = IndexInfo.load(sidecar)
+    info = IndexInfo.load(sidecar) if sidecar.exists() else None
+    if info is not None:
         out["index"] = {"kind": info.kind, "params": info.params, "built_at": info.built_at}
     out["neighbours"] = "exact brute-force cosine (vlmindex.metrics), ties by smaller image_id"
     return out
 
 
-def results_current(ws: Workspace, table: str, filters: dict[str, Any],
-                    runs: list[tuple[str, str, str]]) -> bool:
-    """Whether ``table`` has rows matching ``filters`` that are newer than every embedding part of
-    ``runs`` (model, dataset, condition): the test the study runner uses to skip finished steps."""
-    parts = [p for run in runs for p in store.part_paths(ws.embeddings_dir(*run))]
-    if not parts:
-        return False
-    newest_part = max(p.stat().st_mtime for p in parts)
-    where = " AND ".join(f"{col} = ?" for col in filters)
-    with ws.read() as con:
-        row = con.execute(f"SELECT min(created_at) FROM {table} WHERE {where}", list(filters.values())).fetchone()
-    # created_at is a naive local timestamp (datetime.now()); .timestamp() reads it as local time
-    return row[0] is not None and row[0].timestamp() >= newest_part
+def fingerprint(key: RunKey, run_fingerprint: str, options: AnalyzeOptions) -> str:
+    return fingerprints.combine(STAGE, {key: run_fingerprint}, options.numbers())
 
 
 def is_current(ws: Workspace, model: str, dataset: str, condition: str = "clean",
                options: AnalyzeOptions | None = None) -> bool:
-    """Whether an analysis with these options exists and is newer than the run's embeddings."""
+    """Whether an analysis with these options is stored and was computed from the run as it is now."""
     opts = options or AnalyzeOptions()
-    return results_current(ws, "summaries", {"analysis_id": opts.analysis_id(model, dataset, condition)},
-                           [(model, dataset, condition)])
+    key = RunKey(model, dataset, condition)
+    with ws.read(views=False) as con:
+        stored = results.summary_fingerprint(con, opts.analysis_id(model, dataset, condition))
+    return fingerprints.is_current(ws, stored, STAGE, [key], opts.numbers())
 
 
 def analyze(ws: Workspace, model: str, dataset: str, condition: str = "clean",
             options: AnalyzeOptions | None = None) -> dict[str, Any]:
     """Compute and store the metrics of one run; returns the summary row."""
+    return analyze_run(ws, RunKey(model, dataset, condition), options)
+
+
+def analyze_run(ws: Workspace, key: RunKey, options: AnalyzeOptions | None = None) -> dict[str, Any]:
+    """:func:`analyze` for a :class:`RunKey`."""
     opts = options or AnalyzeOptions()
     if opts.k < 1:
         raise VlmindexError(f"-k must be at least 1, got {opts.k}")
     t0 = time.perf_counter()
-    run = load_run(ws, model, dataset, condition, opts.modality)
+    run = load(ws, key, opts.modality)
+    if run.missing and not opts.allow_partial:
+        raise VlmindexError(
+            f"{run.missing} of {run.n_selected} labelled images of {key.dataset}/{key.condition} have no embedding "
+            f"for {key.model} (not embedded yet, or a Parquet part was removed); run "
+            f"`vlmindex embed {key.cli_args()}`, or pass --allow-partial to score the "
+            f"{len(run.ids)} that have one"
+        )
+    if len(run.ids) == 0:
+        raise VlmindexError(f"no usable embeddings for {key} (every one is all zeros; see table `skipped`)")
+    summary, per_query, nb = compute(run, key, opts)
+    summary["seconds"] = time.perf_counter() - t0
+    prov = provenance(ws, key.model, key.dataset, key.condition)
+    prov.update(k=opts.k, exclude_group=opts.exclude_group, modality=opts.modality,
+                images_without_embedding=run.missing, zero_embeddings_left_out=run.zero)
+    summary["provenance"] = json.dumps(prov, default=str)
+    summary["created_at"] = datetime.now()
+    fp = fingerprint(key, run.fingerprint, opts)
+    summary["inputs_fingerprint"] = fp
+    neighbors = results.neighbor_table(key, summary["analysis_id"], fp, nb[0], nb[1], nb[2])
+    with fingerprints.committing(ws, fp, STAGE, [key], opts.numbers(), what=f"the analysis of {key}") as con:
+        results.store_analysis(con, ws, key, summary, per_query, neighbors)
+    return summary
+
+
+def compute(run: RunData, key: RunKey, opts: AnalyzeOptions
+            ) -> tuple[dict[str, Any], pa.Table, tuple[np.ndarray, np.ndarray, np.ndarray]]:
+    """The pure step: the summary row, the per-query table and (query ids, neighbour ids, scores)."""
     query_mask = _split_mask(run.splits, opts.query_split, "query")
     gallery_mask = _split_mask(run.splits, opts.gallery_split, "gallery")
     res = metrics.retrieval_metrics(
@@ -172,17 +210,14 @@ def analyze(ws: Workspace, model: str, dataset: str, condition: str = "clean",
         run.vectors, run.labels, train_mask=train_mask, probe=opts.probe, seed=opts.seed,
     ) if gallery_mask is None else metrics.distribution_figures(
         run.vectors[gallery], run.labels[gallery], probe=opts.probe, seed=opts.seed)
-    analysis_id = opts.analysis_id(model, dataset, condition)
-    seconds = time.perf_counter() - t0
-    prov = provenance(ws, model, dataset, condition)
-    prov.update(k=opts.k, exclude_group=opts.exclude_group, modality=opts.modality,
-                images_without_embedding=run.missing)
+    analysis_id = opts.analysis_id(key.model, key.dataset, key.condition)
     row = {
-        "analysis_id": analysis_id, "model": model, "dataset": dataset, "condition": condition,
+        "analysis_id": analysis_id, "model": key.model, "dataset": key.dataset, "condition": key.condition,
         "k": opts.k, "exclude_group": opts.exclude_group, "query_split": opts.query_split,
         "gallery_split": opts.gallery_split, "modality": opts.modality, "n_queries": summary["n_queries"],
         "n_skipped_queries": summary["n_skipped"], "n_gallery": summary["n_gallery"],
         "n_classes": summary["n_classes"], "dim": int(run.vectors.shape[1]),
+        "n_missing": run.missing,
         "purity_micro": summary["purity_at_k_micro"], "purity_macro": summary["purity_at_k_macro"],
         "map_micro": summary["ap_micro"], "map_macro": summary["ap_macro"],
         "map_at_r_micro": summary["map_at_r_micro"], "map_at_r_macro": summary["map_at_r_macro"],
@@ -194,14 +229,13 @@ def analyze(ws: Workspace, model: str, dataset: str, condition: str = "clean",
         "probe_balanced_accuracy": dist.get("linear_probe_balanced_accuracy"),
         "probe_protocol": None if not opts.probe else ("train→test/val split" if train_mask is not None
                                                          else "stratified 5-fold CV"),
-        "seconds": seconds, "provenance": json.dumps(prov, default=str), "created_at": datetime.now(),
     }
     qi = res.query_index
     per_query = pa.table({
         "analysis_id": pa.array([analysis_id] * len(qi), pa.string()),
-        "model": pa.array([model] * len(qi), pa.string()),
-        "dataset": pa.array([dataset] * len(qi), pa.string()),
-        "condition": pa.array([condition] * len(qi), pa.string()),
+        "model": pa.array([key.model] * len(qi), pa.string()),
+        "dataset": pa.array([key.dataset] * len(qi), pa.string()),
+        "condition": pa.array([key.condition] * len(qi), pa.string()),
         "image_id": pa.array(run.ids[qi]),
         "label": pa.array([str(x) for x in run.labels[qi]], pa.string()),
         "modality": pa.array(list(run.modalities[qi]), pa.string()),
@@ -219,31 +253,4 @@ def analyze(ws: Workspace, model: str, dataset: str, condition: str = "clean",
         "knn_correct": pa.array(np.asarray(res.knn_correct, dtype=float) > 0.5,
                                 mask=np.isnan(np.asarray(res.knn_correct, dtype=float))),
     })
-    _write_neighbors(ws, model, dataset, condition, analysis_id, run.ids[qi], res)
-    with ws.write(wait=120) as con:
-        con.execute("DELETE FROM query_metrics WHERE analysis_id = ?", [analysis_id])
-        con.execute("DELETE FROM summaries WHERE analysis_id = ?", [analysis_id])
-        con.register("per_query", per_query)
-        con.execute("INSERT INTO query_metrics BY NAME SELECT * FROM per_query")
-        con.unregister("per_query")
-        cols = ", ".join(row)
-        con.execute(f"INSERT INTO summaries ({cols}) VALUES ({', '.join('?' * len(row))})",
-                    list(row.values()))
-    return row
-
-
-def _write_neighbors(ws: Workspace, model: str, dataset: str, condition: str, analysis_id: str,
-                     query_ids: np.ndarray, res: metrics.RetrievalResult) -> None:
-    nq, k = res.neighbor_id.shape
-    valid = res.neighbor_id.reshape(-1) >= 0
-    table = pa.table({
-        "model": pa.array([model] * (nq * k), pa.string()).dictionary_encode(),
-        "dataset": pa.array([dataset] * (nq * k), pa.string()).dictionary_encode(),
-        "condition": pa.array([condition] * (nq * k), pa.string()).dictionary_encode(),
-        "analysis_id": pa.array([analysis_id] * (nq * k), pa.string()).dictionary_encode(),
-        "image_id": pa.array(np.repeat(query_ids, k)),
-        "rank": pa.array(np.tile(np.arange(1, k + 1, dtype=np.int32), nq)),
-        "neighbor_id": pa.array(res.neighbor_id.reshape(-1).astype(np.int64)),
-        "score": pa.array(res.neighbor_score.reshape(-1).astype(np.float32)),
-    }).filter(pa.array(valid))
-    store.write_table_atomic(table, ws.neighbors_dir(model, dataset, condition) / f"{analysis_id}.parquet")
+    return row, per_query, (run.ids[qi], res.neighbor_id, res.neighbor_score)

@@ -44,11 +44,11 @@ from typing import Any, cast
 import numpy as np
 
 from vlmindex import metrics
-from vlmindex.analyze import RunData, load_run
-from vlmindex.catalog import class_pools, require_dataset
+from vlmindex.analyze import RunData, load
+from vlmindex.catalog import CLEAN, RunKey, Workspace, fingerprints, results
+from vlmindex.catalog.datasets import class_pools, require_dataset
 from vlmindex.errors import VlmindexError
-from vlmindex.overlay import CLEAN, OverlayRecipe, get_condition, overlay_text_for
-from vlmindex.workspace import Workspace
+from vlmindex.overlay import OverlayRecipe, get_condition, overlay_text_for
 
 # (figure stem, RetrievalResult attribute)
 DELTA_METRICS = (
@@ -59,8 +59,6 @@ DELTA_METRICS = (
     ("p_at_1", "p_at_1"),
     ("knn_acc", "knn_correct"),
 )
-COLUMNS = ["model", "dataset", "condition", "k", "exclude_group", "figure", "value", "ci_low", "ci_high",
-           "n", "baseline", "n_boot", "seed", "note", "created_at"]
 # Resample cells (queries x resamples) drawn per block: bounds bootstrap memory to ~32 MB of indices.
 _BOOT_CELLS = 4_000_000
 
@@ -308,6 +306,25 @@ def overlay_figures(
     return rows
 
 
+STAGE = "overlay_effect"
+
+
+def _options(k: int, exclude_group: bool, n_boot: int, seed: int) -> dict[str, Any]:
+    return {"k": k, "exclude_group": bool(exclude_group), "n_boot": n_boot, "seed": seed}
+
+
+def is_current(ws: Workspace, model: str, dataset: str, condition: str, *, k: int = 10, exclude_group: bool = False,
+               n_boot: int = 1000, seed: int = 0) -> bool:
+    """Whether the stored figures of these options were computed from both runs as they are now."""
+    key = RunKey(model, dataset, condition)
+    with ws.read(views=False) as con:
+        stored = results.stored_fingerprints(con, "overlay_effects", {
+            "model": model, "dataset": dataset, "condition": condition, "k": k,
+            "exclude_group": bool(exclude_group), "n_boot": n_boot, "seed": seed})
+    return len(stored) == 1 and fingerprints.is_current(ws, next(iter(stored)), STAGE, [key.clean, key],
+                                                        _options(k, exclude_group, n_boot, seed))
+
+
 def compute_overlay_effect(
     ws: Workspace,
     model: str,
@@ -333,16 +350,19 @@ def compute_overlay_effect(
         raise VlmindexError(f"-k must be at least 1, got {k}")
     if n_boot < 0:
         raise VlmindexError(f"--n-boot must be 0 (no intervals) or more, got {n_boot}")
-    with ws.read() as con:
+    key = RunKey(model, dataset, condition)
+    with ws.read(views=False) as con:
         require_dataset(con, dataset)
         recipe = get_condition(con, dataset, condition)
         pools = class_pools(con, dataset)
     recipe = cast(OverlayRecipe, recipe)  # not None: condition is not clean
-    clean, over, unpaired = _pair(load_run(ws, model, dataset, CLEAN),
-                                  load_run(ws, model, dataset, condition))
+    clean_run, over_run = load(ws, key.clean), load(ws, key)
+    clean, over, unpaired = _pair(clean_run, over_run)
     rows = overlay_figures(clean, over, recipe, pools, k=k, exclude_group=exclude_group, n_boot=n_boot,
                            seed=seed)
     now = datetime.now()
+    options = _options(k, exclude_group, n_boot, seed)
+    fp = fingerprints.combine(STAGE, {key.clean: clean_run.fingerprint, key: over_run.fingerprint}, options)
     extra = (f"{unpaired} image(s) embedded under only one of clean/{condition} left out; finish with "
              f"`vlmindex embed -m {model} -d {dataset} -c {condition}`") if unpaired else None
     out = []
@@ -350,15 +370,9 @@ def compute_overlay_effect(
         note = "; ".join(x for x in (r["note"], extra) if x) or None
         out.append({"model": model, "dataset": dataset, "condition": condition, "k": k,
                     "exclude_group": bool(exclude_group), **r, "note": note, "n_boot": n_boot, "seed": seed,
-                    "created_at": now})
+                    "created_at": now, "inputs_fingerprint": fp})
     if save:
-        with ws.write(wait=120) as con:
-            con.execute("BEGIN")
-            con.execute("DELETE FROM overlay_effects WHERE model = ? AND dataset = ? AND condition = ? "
-                        "AND k = ? AND exclude_group = ?",
-                        [model, dataset, condition, k, bool(exclude_group)])
-            con.executemany(f"INSERT INTO overlay_effects ({', '.join(COLUMNS)}) "
-                            f"VALUES ({', '.join('?' * len(COLUMNS))})",
-                            [[r[c] for c in COLUMNS] for r in out])
-            con.execute("COMMIT")
+        with fingerprints.committing(ws, fp, STAGE, [key.clean, key], options,
+                                     what=f"the overlay effect of {key}") as con:
+            results.store_overlay_effects(con, key, k=k, exclude_group=bool(exclude_group), rows=out)
     return out

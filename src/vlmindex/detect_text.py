@@ -8,8 +8,9 @@ detected text in SQL, e.g.::
     SELECT i.label, avg(t.has_text::INT) FROM images i JOIN text_detections t USING (image_id)
     WHERE t.dataset = 'isic' AND t.condition = 'clean' GROUP BY ALL;
 
-Runs resume: images that already have a row for the (dataset, condition) are skipped, and rows are
-committed every ``batch_size`` images, so a killed run keeps what it finished.
+Runs resume: images that already have a row for the (dataset, condition) made from their current
+pixels are skipped (a row of replaced pixels is redone), and rows are committed every
+``batch_size`` images, so a killed run keeps what it finished.
 
 What counts as text (RapidOCR's recogniser reads shapes as characters on clean images: round blobs
 as "O" or "8", bars and squares as "一", "二", "口"):
@@ -34,19 +35,16 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 from PIL import Image, ImageDraw
 
-from vlmindex import catalog
+from vlmindex.catalog import datasets as catalog_datasets
+from vlmindex.catalog import results
 from vlmindex.errors import VlmindexError
 from vlmindex.imageio import load_image
 from vlmindex.overlay import apply_overlay, get_condition
 
 if TYPE_CHECKING:
-    from vlmindex.workspace import Workspace
+    from vlmindex.catalog import Workspace
 
 OCR_INSTALL_HINT = "pip install 'vlmindex[ocr]'"
-_COLUMNS = (
-    "dataset", "condition", "image_id", "has_text", "text", "area_fraction", "n_boxes", "score",
-    "boxes", "engine", "error", "detected_at",
-)
 
 
 @dataclass(frozen=True)
@@ -176,17 +174,9 @@ class TextDetector:
 
 
 def _flush(ws: Workspace, rows: list[tuple[Any, ...]]) -> None:
-    if not rows:
-        return
-    placeholders = ", ".join("?" for _ in _COLUMNS)
-    with ws.write(wait=120) as con:
-        con.execute("BEGIN")
-        con.executemany(
-            f"INSERT OR REPLACE INTO text_detections ({', '.join(_COLUMNS)}) VALUES ({placeholders})",
-            rows,
-        )
-        con.execute("COMMIT")
-    rows.clear()
+    if rows:
+        results.store_detections(ws, rows, wait=120)
+        rows.clear()
 
 
 def detect_text(
@@ -213,20 +203,11 @@ def detect_text(
     if limit is not None and limit < 0:
         raise VlmindexError(f"--limit {limit} must be >= 0")
     settings = (settings or OcrSettings()).validate()
-    with ws.read() as con:
-        catalog.require_dataset(con, dataset)
+    with ws.read(views=False) as con:
+        catalog_datasets.require_dataset(con, dataset)
         recipe = get_condition(con, dataset, condition)
-        pools = catalog.class_pools(con, dataset)
-        n_images = con.execute("SELECT count(*) FROM images WHERE dataset = ?", [dataset]).fetchone()[0]
-        skip = "" if redo else (
-            "AND image_id NOT IN (SELECT image_id FROM text_detections "
-            "WHERE dataset = ? AND condition = ?)"
-        )
-        params: list[Any] = [dataset] if redo else [dataset, dataset, condition]
-        todo = con.execute(
-            f"SELECT image_id, path, label, modality FROM images WHERE dataset = ? {skip} ORDER BY image_id",
-            params,
-        ).fetchall()
+        pools = catalog_datasets.class_pools(con, dataset)
+        n_images, todo = results.detections_todo(con, dataset, condition, redo=redo)
     if n_images == 0:
         raise VlmindexError(f"dataset {dataset!r} has no images; ingest some first")
     already = n_images - len(todo)
@@ -245,14 +226,14 @@ def detect_text(
             disable=not progress, dynamic_ncols=True,
         )
         try:
-            for image_id, path, label, modality in todo:
+            for image_id, path, label, modality, pixels in todo:
                 try:
                     img = load_image(path)
                 except (OSError, ValueError, Image.DecompressionBombError) as exc:
                     errors += 1
                     buffer.append(
                         (dataset, condition, image_id, None, None, None, None, None, None,
-                         detector.engine, f"cannot read {path}: {exc}", datetime.now())
+                         detector.engine, f"cannot read {path}: {exc}", datetime.now(), pixels)
                     )
                 else:
                     if recipe is not None:
@@ -263,7 +244,7 @@ def detect_text(
                     buffer.append(
                         (dataset, condition, image_id, found.has_text, found.text, found.area_fraction,
                          found.n_boxes, found.score, json.dumps(found.boxes), detector.engine, None,
-                         datetime.now())
+                         datetime.now(), pixels)
                     )
                 processed += 1
                 bar.update(1)
@@ -274,12 +255,8 @@ def detect_text(
             _flush(ws, buffer)  # also on Ctrl-C: keep the images already read
     seconds = time.perf_counter() - started
 
-    with ws.read() as con:
-        stored, stored_text, mean_area = con.execute(
-            "SELECT count(*), count(*) FILTER (WHERE has_text), avg(area_fraction) FILTER (WHERE has_text) "
-            "FROM text_detections WHERE dataset = ? AND condition = ?",
-            [dataset, condition],
-        ).fetchone()
+    with ws.read(views=False) as con:
+        stored, stored_text, mean_area = results.detection_counts(con, dataset, condition)
     return {
         "dataset": dataset,
         "condition": condition,

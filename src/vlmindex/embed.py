@@ -1,34 +1,46 @@
 """Batched, resumable, shardable embedding runs: reader → model → Parquet writer.
 
-Images are decoded, overlaid (for a text condition) and preprocessed in DataLoader worker
-processes while the model runs in the main process. Parts are written every ``part_size`` images,
-atomically, so a run killed at any point resumes from what is on disk and ends with exactly one
-embedding per image. ``--shard i/n`` takes the images with ``image_id % n == i``: disjoint, and
-together the whole dataset, because image ids are uniform hashes.
+Images are read, checked against their ingest checksum, overlaid (for a text condition) and
+preprocessed in DataLoader worker processes while the model runs in the main process. Every
+``part_size`` images a part is committed through :func:`vlmindex.catalog.embeddings.commit_part`,
+which keeps only rows whose pixels are still the catalog's and whose image has no current
+embedding yet, so a run killed at any point resumes from what is on disk, two runs of one model at
+once end with one embedding per image, and a run overtaken by ``ingest --replace`` stores nothing
+stale. ``--shard i/n`` takes the images with ``image_id % n == i``: disjoint, and together the whole
+dataset, because image ids are uniform hashes.
+
+Stage shape: :class:`EmbedOptions`; the computation is the model's own ``encode_image``; persist is
+``commit_part`` plus the ``runs`` row; currency is "no image of the selection is pending".
 """
 
 from __future__ import annotations
 
-import json
+import contextlib
+import functools
 import os
 import time
 import uuid
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime
 from typing import Any
 
+import duckdb
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
-from vlmindex import store
-from vlmindex.catalog import class_pools, require_dataset
+from vlmindex.catalog import RunKey, Workspace
+from vlmindex.catalog import datasets as catalog_datasets
+from vlmindex.catalog import embeddings as store
+from vlmindex.catalog.parts import remove_stale_temporaries
 from vlmindex.errors import VlmindexError, WorkspaceBusy
-from vlmindex.imageio import load_image
+from vlmindex.imageio import load_verified
+from vlmindex.models import LoadOptions, auto_device
 from vlmindex.versions import library_versions
-from vlmindex.workspace import Workspace
+
+__all__ = ["EmbedOptions", "EmbedReport", "auto_device", "embed", "embed_run", "parse_shard", "pending_count"]
 
 
 @dataclass
@@ -45,6 +57,10 @@ class EmbedOptions:
     progress: bool = True
     extra: dict[str, Any] = field(default_factory=dict)
 
+    @property
+    def load(self) -> LoadOptions:
+        return LoadOptions(checkpoint=self.checkpoint, trust_remote_code=self.trust_remote_code, device=self.device)
+
 
 @dataclass
 class EmbedReport:
@@ -52,10 +68,13 @@ class EmbedReport:
     dataset: str
     condition: str
     embedded: int
-    total: int            # images of the selection with an embedding afterwards
+    total: int            # images of the selection with a current embedding afterwards
     seconds: float
     cached: bool = False
     failed: int = 0
+    zero: int = 0         # embeddings that came out all zeros (recorded in `skipped`, left out of analyses)
+    changed: int = 0      # images whose pixels changed while they were embedded (embedded next run)
+    duplicates: int = 0   # images another process embedded first
 
     @property
     def images_per_s(self) -> float:
@@ -69,6 +88,12 @@ class EmbedReport:
                 f"({self.images_per_s:.1f} images/s), {self.total} in total")
         if self.failed:
             line += f"; {self.failed} could not be read (recorded in `skipped`)"
+        if self.zero:
+            line += f"; {self.zero} gave an all-zero embedding (recorded in `skipped`, left out of analyses)"
+        if self.changed:
+            line += f"; {self.changed} changed while embedding and were not stored (run embed again)"
+        if self.duplicates:
+            line += f"; {self.duplicates} were embedded meanwhile by another process"
         return line
 
 
@@ -86,9 +111,9 @@ def parse_shard(text: str | None) -> tuple[int, int] | None:
 
 
 class ImageSource(Dataset):
-    """The reader: one (image_id, tensor) per catalog row, overlay applied before preprocessing."""
+    """The reader: one (image_id, tensor) per pending image, overlay applied before preprocessing."""
 
-    def __init__(self, rows: list[tuple[int, str, str | None, str | None]], preprocess, recipe=None,
+    def __init__(self, rows: list[store.PendingImage], preprocess, recipe=None,
                  pools: dict[str | None, list[str]] | None = None) -> None:
         self.rows, self.preprocess, self.recipe, self.pools = rows, preprocess, recipe, pools or {}
 
@@ -96,17 +121,17 @@ class ImageSource(Dataset):
         return len(self.rows)
 
     def __getitem__(self, i: int):
-        image_id, path, label, modality = self.rows[i]
+        row = self.rows[i]
         try:
-            img = load_image(path)
+            img = load_verified(row.path, row.sha256)
             if self.recipe is not None:
                 from vlmindex.overlay import apply_overlay
 
-                img = apply_overlay(img, self.recipe, image_id=image_id, label=label,
-                                    class_names=self.pools.get(modality, []))
-            return image_id, self.preprocess(img), None
+                img = apply_overlay(img, self.recipe, image_id=row.image_id, label=row.label,
+                                    class_names=self.pools.get(row.modality, []))
+            return row.image_id, self.preprocess(img), None
         except Exception as exc:  # noqa: BLE001 - recorded per image, never silently dropped
-            return image_id, None, f"{type(exc).__name__}: {exc}"
+            return row.image_id, None, f"{type(exc).__name__}: {exc}"
 
 
 def _collate(items):
@@ -117,93 +142,99 @@ def _collate(items):
     return ids, batch, failed
 
 
-def _worker_init(_: int) -> None:
+def _worker_init(lock_fd: int, _: int) -> None:
     torch.set_num_threads(1)  # decoding workers must not compete with the model for cores
+    with contextlib.suppress(OSError):
+        os.close(lock_fd)  # the run's lock is the parent's: it must die with the parent
 
 
-def select_images(ws: Workspace, dataset: str, condition: str, split: str | None):
-    """Catalog rows ``(image_id, path, label, modality)`` of a dataset (and split), the recipe and
-    the class names per modality (the pools a wrong-label overlay draws from)."""
+def _condition_inputs(ws: Workspace, key: RunKey):
+    """The recipe of ``key``'s condition and the class names per modality (the pools a wrong-label
+    overlay draws from); raises for an unknown dataset or condition."""
     from vlmindex.overlay import get_condition
 
-    with ws.read() as con:
-        require_dataset(con, dataset)
-        recipe = get_condition(con, dataset, condition)
-        pools = class_pools(con, dataset)
-        sql = "SELECT image_id, path, label, modality FROM images WHERE dataset = ?"
-        args: list[Any] = [dataset]
-        if split:
-            sql += " AND split = ?"
-            args.append(split)
-        rows = con.execute(sql + " ORDER BY image_id", args).fetchall()
-    if not rows:
-        where = f" split {split!r} of" if split else ""
-        raise VlmindexError(f"no images in{where} dataset {dataset!r}")
-    return rows, recipe, pools
+    with ws.read(views=False) as con:
+        catalog_datasets.require_dataset(con, key.dataset)
+        recipe = get_condition(con, key.dataset, key.condition)
+        pools = catalog_datasets.class_pools(con, key.dataset)
+    return recipe, pools
 
 
-def auto_device(device: str | None) -> str:
-    if device:
-        return device
-    return "cuda" if torch.cuda.is_available() else "cpu"
-
-
-def _selection(ws: Workspace, model: str, dataset: str, condition: str, opts: EmbedOptions):
-    """The run's rows (split and shard applied), which of them lack an embedding, recipe and pools."""
-    rows, recipe, pools = select_images(ws, dataset, condition, opts.split)
-    if opts.shard:
-        i, n = opts.shard
-        rows = [r for r in rows if r[0] % n == i]
-    ids = np.fromiter((r[0] for r in rows), dtype=np.int64, count=len(rows))
-    done = np.isin(ids, store.stored_ids(ws.embeddings_dir(model, dataset, condition)))
-    pending = [r for r, is_done in zip(rows, done, strict=True) if not is_done]
-    return rows, ids, pending, recipe, pools
+def _selection(ws: Workspace, key: RunKey, opts: EmbedOptions) -> tuple[list[store.PendingImage], int]:
+    todo, total = store.pending(ws, key, split=opts.split, shard=opts.shard)
+    if total == 0:
+        where = f" split {opts.split!r} of" if opts.split else ""
+        raise VlmindexError(f"no images in{where} dataset {key.dataset!r}")
+    return todo, total
 
 
 def pending_count(ws: Workspace, model: str, dataset: str, condition: str = "clean",
                   options: EmbedOptions | None = None) -> int:
-    """How many images of the selection still need an embedding (0: the run is complete)."""
-    return len(_selection(ws, model, dataset, condition, options or EmbedOptions())[2])
+    """How many images of the selection still need an embedding (0: the run is current)."""
+    key = RunKey(model, dataset, condition)
+    _condition_inputs(ws, key)
+    return len(_selection(ws, key, options or EmbedOptions())[0])
 
 
 def embed(ws: Workspace, model: str, dataset: str, condition: str = "clean",
           options: EmbedOptions | None = None, *, extractor=None) -> EmbedReport:
-    """Embed every image of ``dataset`` under ``condition`` that has no embedding yet.
+    """Embed every image of ``dataset`` under ``condition`` that has no current embedding yet.
 
     ``extractor`` reuses a loaded model across runs (the study runner loads each model once).
     """
-    from vlmindex.models import get_spec, load_model
+    return embed_run(ws, RunKey(model, dataset, condition), options, extractor=extractor)
+
+
+def embed_run(ws: Workspace, key: RunKey, options: EmbedOptions | None = None, *, extractor=None) -> EmbedReport:
+    """:func:`embed` for a :class:`RunKey`."""
+    from vlmindex.models import get_spec
 
     opts = options or EmbedOptions()
-    get_spec(model)  # an unknown name fails before any work
-    out_dir = ws.embeddings_dir(model, dataset, condition)
-    store.remove_stale_temporaries(out_dir)
-    rows, ids, pending, recipe, pools = _selection(ws, model, dataset, condition, opts)
-    if not pending:
-        return EmbedReport(model, dataset, condition, 0, len(rows), 0.0, cached=True)
+    get_spec(key.model)  # an unknown name fails before any work
+    recipe, pools = _condition_inputs(ws, key)
+    out_dir = ws.embeddings_dir(key.model, key.dataset, key.condition)
+    remove_stale_temporaries(out_dir)
+    _record_missing_runs(ws, key)
+    todo, total = _selection(ws, key, opts)
+    if not todo:
+        return EmbedReport(key.model, key.dataset, key.condition, 0, total, 0.0, cached=True)
+    with store.embedding_lock(ws, key, opts.shard) as lock_fd:
+        todo, total = _selection(ws, key, opts)  # another run may have finished while we waited
+        if not todo:
+            return EmbedReport(key.model, key.dataset, key.condition, 0, total, 0.0, cached=True)
+        return _embed_pending(ws, key, opts, todo, recipe, pools, extractor, lock_fd)
 
+
+def _embed_pending(ws: Workspace, key: RunKey, opts: EmbedOptions, todo: list[store.PendingImage], recipe,
+                   pools, extractor, lock_fd: int) -> EmbedReport:
     device = auto_device(opts.device)
     if extractor is None:
-        extractor = load_model(model, checkpoint=opts.checkpoint,
-                               trust_remote_code=opts.trust_remote_code, device=device)
-    if len(pending) < len(rows):
-        _check_same_weights(ws, model, dataset, condition, extractor.weights_sha256)
+        extractor = replace(opts.load, device=device).load(key.model)
+    store.check_resumable(ws, key, extractor.weights_sha256)
     if device.startswith("cuda") and extractor.dtype != torch.float16:
         extractor = extractor.to(device, half=True)
     workers = opts.num_workers if opts.num_workers is not None else min(os.cpu_count() or 1, 8)
     loader = DataLoader(
-        ImageSource(pending, extractor.preprocess, recipe, pools),
+        ImageSource(todo, extractor.preprocess, recipe, pools),
         batch_size=opts.batch_size, num_workers=workers, collate_fn=_collate,
-        worker_init_fn=_worker_init if workers else None,
+        worker_init_fn=functools.partial(_worker_init, lock_fd) if workers else None,
         prefetch_factor=4 if workers else None, pin_memory=device.startswith("cuda"),
     )
-    shard_tag = f"s{opts.shard[0]}of{opts.shard[1]}-" if opts.shard else ""
+    pixels_of = {p.image_id: p.pixels for p in todo}
+    paths = {p.image_id: p.path for p in todo}
     started, t0 = datetime.now(), time.perf_counter()
+    run_meta = {
+        "run_id": uuid.uuid4().hex, "split": opts.split,
+        "shard": f"{opts.shard[0]}/{opts.shard[1]}" if opts.shard else None, "dtype": opts.dtype, "device": device,
+        "batch_size": opts.batch_size, "num_workers": workers, "preprocessing": extractor.preprocess_config,
+        "versions": library_versions(), "weights_sha256": extractor.weights_sha256,
+        "started_at": started.isoformat(timespec="seconds"), "dim": extractor.dim,
+    }
     buf_ids: list[np.ndarray] = []
     buf_vecs: list[np.ndarray] = []
     failures: list[tuple[int, str]] = []
-    embedded = 0
-    dim = extractor.dim
+    counts = {"embedded": 0, "changed": 0, "duplicates": 0}
+    zero: list[int] = []
 
     def flush() -> None:
         nonlocal buf_ids, buf_vecs
@@ -211,11 +242,16 @@ def embed(ws: Workspace, model: str, dataset: str, condition: str = "clean",
             # empty the buffer first: a Ctrl-C during the write must not make `finally` write it twice
             ids_, vecs_ = np.concatenate(buf_ids), np.concatenate(buf_vecs)
             buf_ids, buf_vecs = [], []
-            store.write_part(out_dir, model=model, dataset=dataset, condition=condition,
-                             image_ids=ids_, embeddings=vecs_, dtype=opts.dtype, tag=shard_tag)
+            run_meta["dim"] = int(vecs_.shape[1])
+            commit = store.commit_part(
+                ws, key, image_ids=ids_, pixels=[pixels_of[int(i)] for i in ids_], vectors=vecs_, dtype=opts.dtype,
+                tag=f"s{opts.shard[0]}of{opts.shard[1]}-" if opts.shard else "",
+                run=dict(run_meta, seconds=round(time.perf_counter() - t0, 3)))
+            counts["embedded"] += commit.written
+            counts["changed"] += commit.changed
+            counts["duplicates"] += commit.duplicates
 
-    bar = tqdm(total=len(pending), desc=f"embed {model} {dataset}/{condition}", unit="img",
-               disable=not opts.progress, dynamic_ncols=True)
+    bar = tqdm(total=len(todo), desc=f"embed {key}", unit="img", disable=not opts.progress, dynamic_ncols=True)
     try:
         with torch.inference_mode():
             for batch_ids, batch, failed in loader:
@@ -223,12 +259,11 @@ def embed(ws: Workspace, model: str, dataset: str, condition: str = "clean",
                 bar.update(len(failed))
                 if batch is None:
                     continue
-                feats = extractor.encode_image(batch.to(device, non_blocking=True))
-                vecs = feats.float().cpu().numpy()
-                dim = vecs.shape[1]
-                buf_ids.append(batch_ids.numpy())
+                vecs = extractor.encode_image(batch.to(device, non_blocking=True)).float().cpu().numpy()
+                ids = batch_ids.numpy()
+                zero += ids[~(np.isfinite(vecs).all(axis=1) & vecs.any(axis=1))].tolist()
+                buf_ids.append(ids)
                 buf_vecs.append(vecs)
-                embedded += len(vecs)
                 bar.update(len(vecs))
                 if sum(len(b) for b in buf_ids) >= opts.part_size:
                     flush()
@@ -236,46 +271,32 @@ def embed(ws: Workspace, model: str, dataset: str, condition: str = "clean",
         flush()  # on Ctrl-C too: finished embeddings are kept
         bar.close()
     seconds = time.perf_counter() - t0
-    total = int(np.isin(ids, store.stored_ids(out_dir)).sum())
-    report = EmbedReport(model, dataset, condition, embedded, total, seconds, failed=len(failures))
-    try:
-        _record_run(ws, report, extractor, opts, device, dim, workers, started, failures, rows)
-    except WorkspaceBusy as exc:  # the embeddings are safe on disk; only the log entry is missing
-        warnings.warn(f"embeddings written, but the run could not be recorded in `runs`: {exc}", stacklevel=2)
+    total = store.current_count(ws, key, split=opts.split, shard=opts.shard)
+    report = EmbedReport(key.model, key.dataset, key.condition, counts["embedded"], total, seconds,
+                         failed=len(failures), zero=len(zero), changed=counts["changed"],
+                         duplicates=counts["duplicates"])
+    row = {**run_meta, "model": key.model, "dataset": key.dataset, "condition": key.condition,
+           "n": report.embedded, "total": report.total, "seconds": report.seconds,
+           "images_per_s": report.images_per_s, "started_at": started, "finished_at": datetime.now(),
+           "recorded_from": "embed"}
+    skips = [(paths.get(i, str(i)), f"embed {key.model}: {err}") for i, err in failures]
+    skips += [(paths.get(i, str(i)), f"embed {key.model}: the embedding is all zeros or not finite "
+               "(a uniform image?); left out of analyses") for i in zero]
+    if report.embedded or skips:
+        try:
+            store.record_run(ws, key, row if report.embedded else None, skips)
+        except (WorkspaceBusy, duckdb.Error, OSError) as exc:
+            # The embeddings are safe in their parts, which carry this provenance too: the next
+            # embed of this run records the missing row from them.
+            warnings.warn(f"embeddings written, but the run could not be recorded in `runs` "
+                          f"({' '.join(str(exc).split())}); the next `vlmindex embed` of this run records it",
+                          stacklevel=2)
     return report
 
 
-def _check_same_weights(ws: Workspace, model: str, dataset: str, condition: str, sha: str | None) -> None:
-    """Refuse to resume a run with other weights: one run must hold one model's embeddings."""
-    with ws.read() as con:
-        row = con.execute(
-            "SELECT weights_sha256 FROM runs WHERE model = ? AND dataset = ? AND condition = ? "
-            "AND device <> 'import' ORDER BY finished_at DESC LIMIT 1", [model, dataset, condition]).fetchone()
-    if row and row[0] != sha:
-        raise VlmindexError(
-            f"{model!r} on {dataset}/{condition} was embedded with other weights (sha256 {str(row[0])[:12]}…, "
-            f"now {str(sha)[:12]}…); embed under another --model name, or remove "
-            f"{ws.embeddings_dir(model, dataset, condition)} to start over"
-        )
-
-
-def _record_run(ws, report, extractor, opts, device, dim, workers, started, failures, rows) -> None:
-    paths = {r[0]: r[1] for r in rows}
-    with ws.write(wait=120) as con:
-        con.execute(
-            "INSERT INTO runs VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-            [
-                uuid.uuid4().hex, report.model, report.dataset, report.condition, opts.split,
-                f"{opts.shard[0]}/{opts.shard[1]}" if opts.shard else None,
-                report.embedded, report.total, dim, opts.dtype, report.seconds,
-                report.images_per_s, device, opts.batch_size, workers,
-                json.dumps(extractor.preprocess_config, default=str),
-                json.dumps(library_versions()), extractor.weights_sha256, started, datetime.now(),
-            ],
-        )
-        if failures:
-            con.executemany(
-                "INSERT INTO skipped VALUES (?, ?, ?, ?)",
-                [(report.dataset, paths.get(i, str(i)), f"embed {report.model}: {err}", datetime.now())
-                 for i, err in failures],
-            )
+def _record_missing_runs(ws: Workspace, key: RunKey) -> None:
+    try:
+        store.record_missing_runs(ws, key)
+    except (WorkspaceBusy, duckdb.Error, OSError) as exc:
+        warnings.warn(f"could not record earlier runs of {key} in `runs`: {' '.join(str(exc).split())}",
+                      stacklevel=3)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import io
 import os
 from pathlib import Path
 
@@ -37,12 +38,26 @@ def to_rgb(img: Image.Image) -> Image.Image:
     return img
 
 
-def load_image(path: str | os.PathLike[str]) -> Image.Image:
+def load_image(path: str | os.PathLike[str] | io.BytesIO) -> Image.Image:
     """Open, fully decode and convert an image file to RGB. Raises on corrupt or truncated files."""
     with Image.open(path) as img:
         img.load()
         # camera JPEGs (some ISIC images) store rotation in EXIF: embed what a viewer shows
         return to_rgb(ImageOps.exif_transpose(img))
+
+
+class ChangedOnDisk(Exception):
+    """The file's content is not the one the catalog recorded at ingest."""
+
+
+def load_verified(path: str | os.PathLike[str], sha256: str) -> Image.Image:
+    """:func:`load_image` of exactly the bytes the catalog knows: the file is read once, hashed,
+    and decoded from those bytes, so the pixels embedded are the pixels fingerprinted."""
+    with open(path, "rb") as fh:
+        data = fh.read()
+    if hashlib.sha256(data).hexdigest() != sha256:
+        raise ChangedOnDisk(f"{path} changed since it was ingested; re-ingest the dataset with --replace")
+    return load_image(io.BytesIO(data))
 
 
 def file_sha256(path: str | os.PathLike[str]) -> str:

@@ -1,13 +1,15 @@
 """FAISS indexes over L2-normalised embeddings (inner product = cosine), ids = ``image_id``.
 
-Each index is saved with a JSON sidecar: kind, parameters, dimension, count, build seconds and the
-checksum of the embeddings it was built from, so a stale index is detected rather than trusted.
+Each index is saved with a JSON sidecar: kind, parameters, dimension, count, build seconds, the
+sha256 of the ``.faiss`` file itself and the fingerprint of the run it was built from, so a stale,
+damaged or truncated index is detected rather than trusted.
 Approximate kinds are measured against exact search on a sample of queries (recall@k, overall and
 per class) when they are built.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import time
@@ -19,9 +21,11 @@ from typing import Any
 import faiss
 import numpy as np
 
-from vlmindex import store
+from vlmindex.catalog import RunKey, Workspace, fingerprints
+from vlmindex.catalog import datasets as catalog_datasets
+from vlmindex.catalog.embeddings import read_run, run_fingerprint
+from vlmindex.catalog.workspace import atomic_write_bytes, atomic_write_json
 from vlmindex.errors import VlmindexError
-from vlmindex.workspace import Workspace, atomic_write_bytes, atomic_write_json
 
 KINDS = ("flat", "ivf", "hnsw", "ivfpq")
 EXACT_LIMIT = 200_000  # 'auto' builds exact flat indexes up to this many vectors
@@ -37,14 +41,20 @@ class IndexInfo:
     dim: int
     count: int
     build_seconds: float
-    checksum: str
+    checksum: str          # sha256 of the .faiss file itself
     faiss_version: str
     built_at: str
     recall: dict[str, Any] | None = None
+    inputs_fingerprint: str | None = None  # of the run it was built from (catalog.fingerprints)
 
     @classmethod
-    def load(cls, path: Path) -> IndexInfo:
-        return cls(**json.loads(path.read_text()))
+    def load(cls, path: Path) -> IndexInfo | None:
+        """The sidecar at ``path``; None when it is unreadable or not a vlmindex sidecar."""
+        try:
+            data = json.loads(path.read_text())
+            return cls(**{f: data[f] for f in cls.__dataclass_fields__ if f in data})
+        except (OSError, ValueError, TypeError):
+            return None
 
 
 def normalise(x: np.ndarray) -> np.ndarray:
@@ -185,62 +195,101 @@ def choose_kind(kind: str | None, n: int) -> str:
     return kind
 
 
+def _stage_fingerprint(key: RunKey, run_fingerprint: str) -> str:
+    return fingerprints.combine("index", {key: run_fingerprint}, {})
+
+
 def build_index(ws: Workspace, model: str, dataset: str, condition: str = "clean", *,
                 kind: str | None = None, params: dict[str, Any] | None = None,
                 force: bool = False, recall_k: int = 10) -> tuple[IndexInfo, bool]:
-    """Build (or keep, when up to date) the index of one run. Returns ``(info, built)``."""
-    from vlmindex.catalog import require_dataset
+    """Build (or keep, when current) the index of one run. Returns ``(info, built)``.
 
-    emb_dir = ws.embeddings_dir(model, dataset, condition)
-    ids, vectors = store.read_embeddings(emb_dir)
-    if len(ids) == 0:
-        with ws.read() as con:
-            require_dataset(con, dataset)
-        raise VlmindexError(
-            f"no embeddings for model {model!r} on {dataset}/{condition}; run "
-            f"`vlmindex embed --model {model} --dataset {dataset} --condition {condition}` first"
-        )
-    checksum = store.embeddings_checksum(ids, vectors)
+    An index is current when its sidecar's inputs fingerprint is the run's now, its kind is the
+    one asked for, and the ``.faiss`` file's sha256 is the one recorded when it was written: a
+    damaged or replaced file is rebuilt, never reported "up to date".
+    """
+    key = RunKey(model, dataset, condition)
+    run = read_run(ws, key)
+    if len(run.ids) == 0:
+        with ws.read(views=False) as con:
+            catalog_datasets.require_dataset(con, dataset)
+        raise VlmindexError(f"no embeddings for model {model!r} on {dataset}/{condition}; run "
+                            f"`vlmindex embed {key.cli_args()}` first")
+    fingerprint = _stage_fingerprint(key, run.fingerprint)
     path = ws.index_path(model, dataset, condition)
     sidecar = path.with_suffix(".json")
-    chosen = choose_kind(kind, len(ids))
-    if sidecar.exists() and path.exists() and not force:
+    chosen = choose_kind(kind, len(run.ids))
+    if not force and not params and sidecar.exists() and path.exists():
         info = IndexInfo.load(sidecar)
-        if info.checksum == checksum and info.kind == chosen and not params:
+        if (info is not None and info.inputs_fingerprint == fingerprint and info.kind == chosen
+                and info.checksum == file_sha256(path)):
             return info, False
     t0 = time.perf_counter()
-    index, used = build(ids, vectors, chosen, params)
+    index, used = build(run.ids, run.vectors, chosen, params)
     seconds = time.perf_counter() - t0
     recall = None
     if chosen != "flat":
-        with ws.read() as con:
-            lab = dict(con.execute("SELECT image_id, label FROM images WHERE dataset = ?",
-                                   [dataset]).fetchall())
-        labels = np.array([lab.get(int(i)) for i in ids], dtype=object)
-        recall = measure_recall(index, ids, vectors, labels, k=recall_k)
-    info = IndexInfo(model, dataset, condition, chosen, used, int(vectors.shape[1]), int(len(ids)),
-                     seconds, checksum, faiss.__version__, datetime.now().isoformat(timespec="seconds"),
-                     recall)
-    atomic_write_bytes(path, faiss.serialize_index(index).tobytes())
-    atomic_write_json(sidecar, asdict(info))
+        with ws.read(views=False) as con:
+            lab = catalog_datasets.images_by_id(con, run.ids.tolist(), ("label",))
+        labels = np.array([lab.get(int(i), (None,))[0] for i in run.ids], dtype=object)
+        recall = measure_recall(index, run.ids, run.vectors, labels, k=recall_k)
+    data = faiss.serialize_index(index).tobytes()
+    info = IndexInfo(model, dataset, condition, chosen, used, int(run.vectors.shape[1]), int(len(run.ids)),
+                     seconds, hashlib.sha256(data).hexdigest(), faiss.__version__,
+                     datetime.now().isoformat(timespec="seconds"), recall, fingerprint)
+    with fingerprints.committing(ws, fingerprint, "index", [key], {}, what=f"the index of {key}"):
+        atomic_write_bytes(path, data)
+        atomic_write_json(sidecar, asdict(info))
     return info, True
+
+
+def is_current(ws: Workspace, key: RunKey) -> bool:
+    """Whether the run's index exists, is undamaged and was built from the run as it is now."""
+    path = ws.index_path(key.model, key.dataset, key.condition)
+    sidecar = path.with_suffix(".json")
+    info = IndexInfo.load(sidecar) if sidecar.exists() and path.exists() else None
+    if info is None:
+        return False
+    with ws.read(views=False) as con:
+        now = _stage_fingerprint(key, run_fingerprint(con, ws, key))
+    return info.inputs_fingerprint == now and info.checksum == file_sha256(path)
 
 
 def load_index(ws: Workspace, model: str, dataset: str,
                condition: str = "clean") -> tuple[faiss.Index, IndexInfo]:
-    """Load an index, refusing one that is missing or older than its embeddings."""
+    """Load an index, refusing one that is missing, damaged, or older than its embeddings."""
+    key = RunKey(model, dataset, condition)
     path = ws.index_path(model, dataset, condition)
     sidecar = path.with_suffix(".json")
-    build_cmd = f"vlmindex index build --model {model} --dataset {dataset} --condition {condition}"
-    if not path.exists() or not sidecar.exists():
-        raise VlmindexError(f"no index for {model!r} on {dataset}/{condition}; build it with `{build_cmd}`")
-    info = IndexInfo.load(sidecar)
-    ids, vectors = store.read_embeddings(ws.embeddings_dir(model, dataset, condition))
-    if store.embeddings_checksum(ids, vectors) != info.checksum:
+    build_cmd = f"vlmindex index build {key.cli_args()}"
+    # The pair is read under a catalog connection: `index build` renames both files while it
+    # holds the catalog read-write, so no reader sees a new file beside an old sidecar.
+    with ws.read(views=False) as con:
+        if not path.exists() or not sidecar.exists():
+            raise VlmindexError(f"no index for {model!r} on {dataset}/{condition}; build it with `{build_cmd}`")
+        info = IndexInfo.load(sidecar)
+        data = path.read_bytes()
+        now = _stage_fingerprint(key, run_fingerprint(con, ws, key))
+    if info is None or hashlib.sha256(data).hexdigest() != info.checksum:
+        raise VlmindexError(f"the index file {path} is damaged (its checksum is not the one recorded when it "
+                            f"was built); rebuild it with `{build_cmd} --force`")
+    if info.inputs_fingerprint != now:
         raise VlmindexError(
-            f"the index of {model!r} on {dataset}/{condition} is stale (its embeddings changed "
+            f"the index of {model!r} on {dataset}/{condition} is stale (its embeddings or images changed "
             f"since it was built); rebuild it with `{build_cmd}`"
         )
-    index = faiss.deserialize_index(np.frombuffer(path.read_bytes(), dtype=np.uint8))
+    try:
+        index = faiss.deserialize_index(np.frombuffer(data, dtype=np.uint8))
+    except RuntimeError:
+        raise VlmindexError(f"the index file {path} cannot be read by FAISS; rebuild it with "
+                            f"`{build_cmd} --force`") from None
     _set_search_params(index, info.kind, info.params)
     return index, info
+
+
+def file_sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()

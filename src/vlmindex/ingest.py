@@ -10,20 +10,22 @@ import hashlib
 import json
 import os
 import re
-from collections.abc import Iterable
+import shutil
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from datetime import datetime
 from pathlib import Path
+from typing import Any
 
-import pyarrow as pa
 from PIL import Image, UnidentifiedImageError
 from tqdm import tqdm
 
+from vlmindex.catalog import Workspace, dependencies
+from vlmindex.catalog import datasets as catalog_datasets
+from vlmindex.catalog.workspace import transaction
 from vlmindex.datasets import Adapter, Candidate, IngestOptions, Skip, get_adapter
 from vlmindex.errors import VlmindexError
 from vlmindex.imageio import file_sha256, to_rgb
-from vlmindex.workspace import Workspace
 
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 BATCH = 256
@@ -98,7 +100,9 @@ def ingest(
 ) -> IngestReport:
     """Ingest ``source`` as dataset ``name``. Idempotent: re-ingesting adds only what is new.
 
-    ``scan`` overrides the adapter of ``fmt`` (the synthetic set uses its own manifest).
+    ``scan`` overrides the adapter of ``fmt`` (the synthetic set uses its own manifest). An ingest
+    that fails, or that finds no usable image for a new dataset, leaves no dataset behind (the
+    files it could not use stay listed in ``skipped``).
     """
     check_name(name)
     options = options or IngestOptions()
@@ -108,44 +112,52 @@ def ingest(
             raise VlmindexError(f"source {source} does not exist; give the folder or file to ingest")
         scan = get_adapter(fmt)
     now = datetime.now()
+    out_dir = ws.images_dir(name)
+    created_dir = not out_dir.exists()
     with ws.write() as con:
-        existing = con.execute("SELECT format, source FROM datasets WHERE name = ?", [name]).fetchone()
-        if existing and existing[0] != fmt and not replace:
+        existing = catalog_datasets.dataset_record(con, name)
+        if existing and existing["format"] != fmt and not replace:
             raise VlmindexError(
-                f"dataset {name!r} was ingested as {existing[0]!r}, not {fmt!r}; "
+                f"dataset {name!r} was ingested as {existing['format']!r}, not {fmt!r}; "
                 "pick another name or pass --replace"
             )
-        if existing and existing[1] != str(source.resolve()) and not replace:
+        if existing and existing["source"] != str(source.resolve()) and not replace:
             # Keys are relative paths: another source would overwrite images that merely share a name.
             raise VlmindexError(
-                f"dataset {name!r} was ingested from {existing[1]}, not {source.resolve()}; "
+                f"dataset {name!r} was ingested from {existing['source']}, not {source.resolve()}; "
                 "pick another name or pass --replace"
             )
         # One transaction: an ingest that fails half-way (a damaged archive, Ctrl-C) leaves the
         # catalog as it was, rather than a --replace that has dropped the old rows and added few.
-        con.execute("BEGIN TRANSACTION")
+        stale: list[Path] = []
         try:
-            ingested, skipped, total = _ingest_rows(con, name, source, fmt, options, scan, ws, replace,
-                                                    progress, now)
-            con.execute("COMMIT")
+            with transaction(con):
+                if replace:  # the pixels may change: nothing computed from the old ones survives
+                    stale = dependencies.drop_rows(con, ws, name)
+                ingested, skips = _ingest_rows(con, name, source, options, scan, out_dir, replace, progress, now)
+                keep = existing is not None or ingested > 0
+                total = 0
+                if keep:
+                    opts = {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(options).items()}
+                    total = catalog_datasets.upsert_dataset(con, name=name, fmt=fmt, source=str(source.resolve()),
+                                                            options=opts, n_skipped=len(skips), now=now)
+                catalog_datasets.record_skips(con, name, skips, stage="ingest", now=now)
         except BaseException:
-            con.execute("ROLLBACK")
+            if created_dir and existing is None:  # converted PNGs of a dataset that never came to be
+                shutil.rmtree(out_dir, ignore_errors=True)
             raise
-        if replace:  # the pixels may have changed: nothing computed from the old ones survives
-            ws.drop_results(con, name)
-    return IngestReport(name, ingested, skipped, total)
+        dependencies.remove_files(stale)
+    if not keep and created_dir:
+        shutil.rmtree(out_dir, ignore_errors=True)
+    return IngestReport(name, ingested, len(skips), total)
 
 
-def _ingest_rows(con, name: str, source: Path, fmt: str, options: IngestOptions, scan: Adapter,
-                 ws: Workspace, replace: bool, progress: bool, now: datetime) -> tuple[int, int, int]:
-    if replace:
-        con.execute("DELETE FROM images WHERE dataset = ?", [name])
-    con.execute("DELETE FROM skipped WHERE dataset = ?", [name])
-
-    out_dir = ws.images_dir(name)
-    ingested = skipped = 0
+def _ingest_rows(con: Any, name: str, source: Path, options: IngestOptions, scan: Adapter, out_dir: Path,
+                 replace: bool, progress: bool, now: datetime) -> tuple[int, list[tuple[str, str]]]:
+    catalog_datasets.clear_dataset(con, name, images=replace)
+    ingested = 0
     rows: list[dict] = []
-    skips: list[dict] = []
+    skips: list[tuple[str, str]] = []
     seen: dict[int, str] = {}
     bar = tqdm(desc=f"ingest {name}", unit="img", disable=not progress, leave=False)
     with ThreadPoolExecutor(max_workers=os.cpu_count() or 2) as pool:
@@ -161,29 +173,17 @@ def _ingest_rows(con, name: str, source: Path, fmt: str, options: IngestOptions,
                 else:
                     seen[image_id] = cand.key
             if isinstance(result, Skip):
-                skips.append({"dataset": name, "path": result.path, "reason": result.reason,
-                              "skipped_at": now})
-                skipped += 1
+                skips.append((result.path, result.reason))
                 continue
             cand, width, height, sha = result
             rows.append(_row(name, cand, width, height, sha, options, now))
             ingested += 1
             if len(rows) >= BATCH:
-                _insert(con, rows)
+                catalog_datasets.insert_images(con, rows)
                 rows = []
     bar.close()
-    _insert(con, rows)
-    if skips:
-        con.executemany(
-            "INSERT INTO skipped VALUES ($dataset, $path, $reason, $skipped_at)", skips
-        )
-    total = con.execute("SELECT count(*) FROM images WHERE dataset = ?", [name]).fetchone()[0]
-    opts = {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(options).items()}
-    con.execute(
-        "INSERT OR REPLACE INTO datasets VALUES (?, ?, ?, ?, ?, ?, ?)",
-        [name, fmt, str(source.resolve()), json.dumps(opts), total, skipped, now],
-    )
-    return ingested, skipped, total
+    catalog_datasets.insert_images(con, rows)
+    return ingested, skips
 
 
 def _inspect_or_pass(item: Candidate | Skip) -> tuple[Candidate, int, int, str] | Skip:
@@ -209,28 +209,6 @@ def _row(name: str, cand: Candidate, width: int, height: int, sha: str,
     }
 
 
-_COLUMNS = ["image_id", "dataset", "path", "source_path", "label", "split", "group_id", "modality",
-            "width", "height", "sha256", "ingested_at"]
-
-
-def _insert(con, rows: Iterable[dict]) -> None:
-    rows = list(rows)
-    if not rows:
-        return
-    batch = pa.Table.from_pylist(rows).select(_COLUMNS)  # noqa: F841 - read by DuckDB by name
-    changed = con.execute(
-        "SELECT i.path FROM images i JOIN batch b USING (image_id) WHERE i.sha256 <> b.sha256 LIMIT 1"
-    ).fetchone()
-    if changed:
-        # Embeddings are keyed by image_id: new pixels under an old id would silently keep old vectors.
-        raise VlmindexError(
-            f"{changed[0]} changed since it was ingested; re-ingest with --replace, which also drops "
-            "the dataset's embeddings and results"
-        )
-    cols = ", ".join(_COLUMNS)
-    con.execute(f"INSERT OR REPLACE INTO images ({cols}) SELECT {cols} FROM batch")
-
-
 def ingest_synthetic(
     ws: Workspace, name: str, *, seed: int = 0, replace: bool = False, progress: bool = True,
     **generate_kwargs: int,
@@ -240,19 +218,17 @@ def ingest_synthetic(
 
     check_name(name)
     out_dir = ws.images_dir(name)
-    with ws.read() as con:
-        row = con.execute("SELECT options FROM datasets WHERE name = ?", [name]).fetchone()
+    with ws.read(views=False) as con:
+        record = catalog_datasets.dataset_record(con, name)
     params = {"seed": seed, **generate_kwargs}
-    if row and not replace:
-        before = json.loads(row[0] or "{}").get("extra", {}).get("synth")
+    if record and not replace:
+        before = record["options"].get("extra", {}).get("synth")
         if before is not None and json.loads(before) != params:
             raise VlmindexError(
                 f"dataset {name!r} was generated with {before}; pass --replace to regenerate it "
                 "with other settings, or choose another name"
             )
     if replace and out_dir.exists():
-        import shutil
-
         shutil.rmtree(out_dir)
     manifest = synth.generate(out_dir, seed=seed, progress=progress, **generate_kwargs)
 

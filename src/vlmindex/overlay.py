@@ -29,21 +29,21 @@ import random
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
-from datetime import datetime
 from typing import TYPE_CHECKING, Any
 
 from PIL import Image, ImageColor, ImageDraw, ImageFont
 
-from vlmindex import catalog
+from vlmindex.catalog import conditions
+from vlmindex.catalog import datasets as catalog_datasets
+from vlmindex.catalog.keys import CLEAN
 from vlmindex.errors import VlmindexError
 from vlmindex.imageio import to_rgb
 
 if TYPE_CHECKING:
     import duckdb
 
-    from vlmindex.workspace import Workspace
+    from vlmindex.catalog import Workspace
 
-CLEAN = "clean"
 TEXT_SOURCES = ("label", "wrong-label", "random-word", "fixed:TEXT", "id")
 POSITIONS = ("top-left", "top-right", "bottom-left", "bottom-right", "center", "random")
 _NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
@@ -272,28 +272,19 @@ def apply_overlay(
 # -- catalog -----------------------------------------------------------------------------------
 
 
-def _condition_names(con: duckdb.DuckDBPyConnection, dataset: str) -> list[str]:
-    rows = con.execute(
-        "SELECT name FROM conditions WHERE dataset = ? ORDER BY name", [dataset]
-    ).fetchall()
-    return [CLEAN] + [r[0] for r in rows]
-
-
 def get_condition(con: duckdb.DuckDBPyConnection, dataset: str, name: str) -> OverlayRecipe | None:
     """The recipe of condition ``name`` on ``dataset``; ``None`` for ``clean`` (no overlay)."""
     if name == CLEAN:
         return None
-    row = con.execute(
-        "SELECT recipe FROM conditions WHERE dataset = ? AND name = ?", [dataset, name]
-    ).fetchone()
-    if row is None:
-        catalog.require_dataset(con, dataset)
+    stored = conditions.recipe_json(con, dataset, name)
+    if stored is None:
+        catalog_datasets.require_dataset(con, dataset)
         raise VlmindexError(
             f"unknown condition {name!r} for dataset {dataset!r}; its conditions: "
-            f"{', '.join(_condition_names(con, dataset))}; add one with "
+            f"{', '.join(conditions.names(con, dataset))}; add one with "
             f"`vlmindex overlay add {dataset} {name} --text label`"
         )
-    return OverlayRecipe.from_json(row[0])
+    return OverlayRecipe.from_json(stored)
 
 
 def add_condition(
@@ -301,7 +292,8 @@ def add_condition(
 ) -> None:
     """Register ``recipe`` as condition ``name`` of ``dataset`` in the catalog (no images written).
 
-    Replacing a condition also drops its text-detection results, which describe the old pixels.
+    Replacing a condition drops everything computed from its old pixels (embeddings, indexes,
+    analyses, overlay figures, text detections).
     """
     recipe.validate()
     if name == CLEAN:
@@ -312,13 +304,9 @@ def add_condition(
             "starting with a letter or digit"
         )
     with ws.write(wait=30) as con:
-        catalog.require_dataset(con, dataset)
+        catalog_datasets.require_dataset(con, dataset)
         if recipe.needs_labels:
-            n_unlabelled, n_classes = con.execute(
-                "SELECT count(*) FILTER (WHERE label IS NULL), count(DISTINCT label) "
-                "FROM images WHERE dataset = ?",
-                [dataset],
-            ).fetchone()
+            n_unlabelled, n_classes = catalog_datasets.label_counts(con, dataset)
             if n_unlabelled:
                 raise VlmindexError(
                     f"--text {recipe.text} needs labels, but {n_unlabelled} images of {dataset!r} "
@@ -328,26 +316,13 @@ def add_condition(
                 raise VlmindexError(
                     f"--text wrong-label needs at least two classes; {dataset!r} has {n_classes}"
                 )
-        exists = con.execute(
-            "SELECT 1 FROM conditions WHERE dataset = ? AND name = ?", [dataset, name]
-        ).fetchone()
+        exists = conditions.exists(con, dataset, name)
         if exists and not replace:
             raise VlmindexError(
                 f"condition {name!r} already exists for {dataset!r}; pass --replace to overwrite "
                 f"it or `vlmindex overlay remove {dataset} {name}` first"
             )
-        con.execute("BEGIN")
-        if exists:  # new pixels: embeddings and results of the old recipe would be stale
-            ws.drop_results(con, dataset, name)
-        con.execute("DELETE FROM conditions WHERE dataset = ? AND name = ?", [dataset, name])
-        con.execute(
-            "INSERT INTO conditions (dataset, name, recipe, created_at) VALUES (?, ?, ?, ?)",
-            [dataset, name, recipe.to_json(), datetime.now()],
-        )
-        con.execute(
-            "DELETE FROM text_detections WHERE dataset = ? AND condition = ?", [dataset, name]
-        )
-        con.execute("COMMIT")
+        conditions.put(con, ws, dataset, name, recipe.to_json(), replace=exists)
 
 
 def remove_condition(ws: Workspace, dataset: str, name: str) -> None:
@@ -356,25 +331,15 @@ def remove_condition(ws: Workspace, dataset: str, name: str) -> None:
         raise VlmindexError("condition 'clean' is built in and cannot be removed")
     with ws.write(wait=30) as con:
         get_condition(con, dataset, name)  # raises with the list of conditions when unknown
-        con.execute("BEGIN")
-        ws.drop_results(con, dataset, name)
-        con.execute("DELETE FROM conditions WHERE dataset = ? AND name = ?", [dataset, name])
-        con.execute(
-            "DELETE FROM text_detections WHERE dataset = ? AND condition = ?", [dataset, name]
-        )
-        con.execute("COMMIT")
+        conditions.remove(con, ws, dataset, name)
 
 
 def list_conditions(con: duckdb.DuckDBPyConnection, dataset: str | None = None) -> list[dict]:
     """Registered conditions (``clean`` is implicit and not listed), recipe fields flattened."""
-    sql = "SELECT dataset, name, recipe, created_at FROM conditions"
-    params: list[Any] = []
     if dataset is not None:
-        catalog.require_dataset(con, dataset)
-        sql += " WHERE dataset = ?"
-        params.append(dataset)
+        catalog_datasets.require_dataset(con, dataset)
     rows = []
-    for ds, name, recipe_json, created_at in con.execute(sql + " ORDER BY dataset, name", params).fetchall():
+    for ds, name, recipe_json, created_at in conditions.rows(con, dataset):
         recipe = OverlayRecipe.from_json(recipe_json)
         rows.append(
             {"dataset": ds, "name": name, **dataclasses.asdict(recipe), "created_at": created_at,
@@ -395,25 +360,15 @@ def preview_tiles(
 
     if n < 1:
         raise VlmindexError(f"-n {n}: preview at least one image")
-    with ws.read() as con:
+    with ws.read(views=False) as con:
         recipe = get_condition(con, dataset, name)
         if recipe is None:
             raise VlmindexError(
                 "condition 'clean' has no overlay to preview; name a condition from "
                 f"`vlmindex overlay list {dataset}`"
             )
-        pools = catalog.class_pools(con, dataset)
-        rows = con.execute(
-            """
-            SELECT image_id, path, label, modality FROM (
-                SELECT image_id, path, label, modality,
-                       row_number() OVER (PARTITION BY label ORDER BY image_id) AS k
-                FROM images WHERE dataset = ?)
-            ORDER BY k, label NULLS LAST, image_id
-            LIMIT ?
-            """,
-            [dataset, n],
-        ).fetchall()
+        pools = catalog_datasets.class_pools(con, dataset)
+        rows = catalog_datasets.preview_rows(con, dataset, n)
     if not rows:
         raise VlmindexError(f"dataset {dataset!r} has no images to preview")
     tiles = []

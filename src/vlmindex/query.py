@@ -8,10 +8,12 @@ from typing import Any
 import numpy as np
 import torch
 
+from vlmindex.catalog import Workspace
+from vlmindex.catalog import datasets as catalog_datasets
 from vlmindex.errors import VlmindexError
 from vlmindex.imageio import load_image
 from vlmindex.index import load_index, search
-from vlmindex.workspace import Workspace
+from vlmindex.models import LoadOptions
 
 
 def embed_files(extractor, paths: list[Path], batch_size: int = 32) -> np.ndarray:
@@ -34,20 +36,18 @@ def embed_files(extractor, paths: list[Path], batch_size: int = 32) -> np.ndarra
 
 def query(ws: Workspace, images: list[Path], model: str, dataset: str, condition: str = "clean", *,
           k: int = 10, checkpoint: str | None = None, trust_remote_code: bool = False,
-          device: str | None = None) -> list[dict[str, Any]]:
-    """Rows ``query, rank, image_id, path, label, score`` for each query image's top ``k``."""
-    from vlmindex.catalog import require_dataset
-    from vlmindex.embed import auto_device
-    from vlmindex.models import get_spec, load_model
+          device: str | None = None, load: LoadOptions | None = None) -> list[dict[str, Any]]:
+    """Rows ``query, model, rank, image_id, path, label, score`` for each query image's top ``k``."""
+    from vlmindex.models import get_spec
 
     if k < 1:
         raise VlmindexError(f"-k must be at least 1, got {k}")
-    with ws.read() as con:
-        require_dataset(con, dataset)
+    load = load or LoadOptions(checkpoint=checkpoint, trust_remote_code=trust_remote_code, device=device)
+    with ws.read(views=False) as con:
+        catalog_datasets.require_dataset(con, dataset)
     get_spec(model)
     index, info = load_index(ws, model, dataset, condition)
-    extractor = load_model(model, checkpoint=checkpoint, trust_remote_code=trust_remote_code,
-                           device=auto_device(device))
+    extractor = load.load(model)
     vectors = embed_files(extractor, [Path(p) for p in images])
     if vectors.shape[1] != info.dim:
         raise VlmindexError(
@@ -57,16 +57,14 @@ def query(ws: Workspace, images: list[Path], model: str, dataset: str, condition
         )
     scores, ids = search(index, vectors, k)
     found = sorted({int(i) for i in ids.ravel() if i >= 0})
-    with ws.read() as con:
-        meta = {r[0]: r[1:] for r in con.execute(
-            "SELECT image_id, path, label FROM images WHERE image_id IN (SELECT unnest(?))", [found]
-        ).fetchall()}
+    with ws.read(views=False) as con:
+        meta = catalog_datasets.images_by_id(con, found, ("path", "label"))
     rows = []
     for q, (qscores, qids) in enumerate(zip(scores, ids, strict=True)):
         for rank, (s, i) in enumerate(zip(qscores, qids, strict=True), start=1):
             if i < 0:
                 continue
             path, label = meta.get(int(i), (None, None))
-            rows.append({"query": str(images[q]), "rank": rank, "image_id": int(i), "path": path,
+            rows.append({"query": str(images[q]), "model": model, "rank": rank, "image_id": int(i), "path": path,
                          "label": label, "score": round(float(s), 6)})
     return rows

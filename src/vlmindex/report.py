@@ -30,12 +30,13 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import pyarrow.parquet as pq
 
 from vlmindex import __version__
+from vlmindex.catalog import RunKey, Workspace, results
+from vlmindex.catalog.embeddings import read_run
+from vlmindex.catalog.workspace import atomic_write_bytes
 from vlmindex.errors import VlmindexError
 from vlmindex.report_plots import Bar, Point, bar_chart, esc, heatmap, scatter
-from vlmindex.workspace import Workspace, atomic_write_bytes
 
 SECTIONS: tuple[tuple[str, str], ...] = (
     ("overview", "Overview"),
@@ -215,26 +216,12 @@ def holm(pvalues: Sequence[float] | np.ndarray) -> np.ndarray:
 # ------------------------------------------------------------------------------------------------
 
 
-def _rows(cur: Any) -> list[dict[str, Any]]:
-    cols = [d[0] for d in cur.description]
-    return [dict(zip(cols, r, strict=True)) for r in cur.fetchall()]
-
-
 def latest_summaries(con: Any, dataset: str | None = None) -> list[dict[str, Any]]:
     """The latest analysis per (model, dataset, condition) and options: the ``latest_summaries`` view.
 
     Ordered by dataset, clean before overlay conditions, then mAP (best first) and model.
     """
-    where, args = ("WHERE dataset = ?", [dataset]) if dataset else ("", [])
-    rows = _rows(con.execute(
-        f"SELECT * EXCLUDE (scope) FROM latest_summaries {where} "
-        "ORDER BY dataset, condition <> 'clean', condition, map_micro DESC NULLS LAST, model", args))
-    for r in rows:
-        try:
-            r["provenance"] = json.loads(r["provenance"]) if r.get("provenance") else {}
-        except ValueError:
-            r["provenance"] = {"unparsed": str(r["provenance"])}
-    return rows
+    return results.latest_summaries(con, dataset)
 
 
 def _protocol(s: dict[str, Any]) -> tuple[Any, ...]:
@@ -262,12 +249,7 @@ def _per_query(con: Any, analysis_ids: list[str]) -> dict[str, dict[str, np.ndar
     """
     if not analysis_ids:
         return {}
-    t = con.sql(
-        "SELECT q.analysis_id, q.image_id, q.ap, q.purity_at_k, q.label, "
-        "coalesce(i.group_id, 'image:' || q.image_id::VARCHAR) AS unit "
-        "FROM query_metrics q LEFT JOIN images i ON i.image_id = q.image_id "
-        "WHERE list_contains(?, q.analysis_id) ORDER BY q.analysis_id, q.image_id",
-        params=[analysis_ids]).to_arrow_table()
+    t = results.per_query(con, analysis_ids)
     cols = {c: t.column(c).to_numpy(zero_copy_only=False) for c in t.column_names}
     aid = cols["analysis_id"].astype(str)
     cuts = np.flatnonzero(aid[1:] != aid[:-1]) + 1
@@ -285,16 +267,8 @@ def _per_query(con: Any, analysis_ids: list[str]) -> dict[str, dict[str, np.ndar
     return out
 
 
-def _table_exists(con: Any, name: str) -> bool:
-    return bool(con.execute("SELECT count(*) FROM information_schema.tables WHERE table_name = ?",
-                            [name]).fetchone()[0])
-
-
 def _overlay_effects(con: Any, dataset: str | None) -> list[dict[str, Any]]:
-    if not _table_exists(con, "overlay_effects"):
-        return []
-    rows = _rows(con.execute("SELECT * FROM overlay_effects" + (" WHERE dataset = ?" if dataset else ""),
-                             [dataset] if dataset else []))
+    rows = results.overlay_effect_rows(con, dataset)
     if not rows:
         return []
     keys = [k for k in _EFFECT_KEYS if k in rows[0]]
@@ -308,30 +282,11 @@ def _overlay_effects(con: Any, dataset: str | None) -> list[dict[str, Any]]:
     return sorted(newest.values(), key=lambda r: tuple(str(r.get(k)) for k in keys))
 
 
-def _read_rows(directory: Path, wanted: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Embeddings of the ``wanted`` image ids only, part by part, so memory stays bounded."""
-    from vlmindex.store import part_paths
-
-    ids_out, mats = [], []
-    for p in part_paths(directory):
-        ids = pq.read_table(p, columns=["image_id"])["image_id"].to_numpy()
-        mask = np.isin(ids, wanted)
-        if not mask.any():
-            continue
-        col = pq.read_table(p, columns=["embedding"])["embedding"].combine_chunks()
-        dim = col.type.list_size
-        mat = col.flatten().to_numpy(zero_copy_only=False).reshape(-1, dim)[mask].astype(np.float32)
-        ids_out.append(ids[mask])
-        mats.append(mat)
-    if not ids_out:
-        return np.empty(0, dtype=np.int64), np.empty((0, 0), dtype=np.float32)
-    ids = np.concatenate(ids_out)
-    mat = np.concatenate(mats)
-    order = np.argsort(ids, kind="stable")
-    ids, mat = ids[order], mat[order]
-    keep = np.ones(len(ids), dtype=bool)
-    keep[1:] = ids[1:] != ids[:-1]
-    return ids[keep], mat[keep]
+def _read_rows(ws: Workspace, key: RunKey, wanted: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Current embeddings of the ``wanted`` image ids only: the catalog's one reader (newest part wins,
+    as in ``analyze``), so a projection plots the vectors the analysis scored."""
+    run = read_run(ws, key, ids=wanted)
+    return run.ids, run.vectors
 
 
 # ------------------------------------------------------------------------------------------------
@@ -372,7 +327,7 @@ def _anchor(s: dict[str, Any]) -> str:
 
 
 def _overview(ws: Workspace, con: Any, summaries: list[dict[str, Any]], opts: ReportOptions) -> str:
-    from vlmindex.catalog import dataset_summaries
+    from vlmindex.catalog.datasets import dataset_summaries
 
     datasets = sorted({s["dataset"] for s in summaries})
     info = {d["name"]: d for d in dataset_summaries(con)}
@@ -522,7 +477,7 @@ def _projections(ws: Workspace, summaries: list[dict[str, Any]], per_query: dict
         label_of = dict(zip(q0["image_id"].tolist(), q0["label"].tolist(), strict=True))
         mats, keys = [], []
         for r in runs:
-            ids, mat = _read_rows(ws.embeddings_dir(model, ds, r["condition"]), chosen)
+            ids, mat = _read_rows(ws, RunKey(model, ds, r["condition"]), chosen)
             chosen = np.intersect1d(chosen, ids)
             mats.append((r["condition"], ids, mat))
         vecs = []
@@ -768,10 +723,9 @@ def _index_text(ws: Workspace, s: dict[str, Any]) -> str:
         return f"{idx.get('kind')} {_short_json(idx.get('params') or {})}"
     sidecar = ws.index_path(s["model"], s["dataset"], s["condition"]).with_suffix(".json")
     if sidecar.exists():
-        try:
-            info = IndexInfo.load(sidecar)
-        except (ValueError, TypeError) as exc:
-            return f"unreadable sidecar {sidecar.name}: {exc}"
+        info = IndexInfo.load(sidecar)
+        if info is None:
+            return f"unreadable sidecar {sidecar.name}"
         return (f"{info.kind} {_short_json(info.params)} ({info.count} vectors, built {info.built_at}, "
                 "after this analysis)")
     return "none built"
@@ -858,7 +812,7 @@ def build_report(ws: Workspace, options: ReportOptions | None = None,
     with ws.read() as con:
         summaries = latest_summaries(con, opts.dataset)
         if not summaries:
-            have = [r[0] for r in con.execute("SELECT DISTINCT dataset FROM summaries ORDER BY 1").fetchall()]
+            have = results.analysed_datasets(con)
             if opts.dataset and have:
                 raise VlmindexError(f"no analyses of dataset {opts.dataset!r} in {ws.root} "
                                     f"(analysed datasets: {', '.join(have)})")

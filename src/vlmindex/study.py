@@ -1,9 +1,11 @@
 """Study files: one TOML file names datasets, overlay conditions, models and analysis options; the
 runner does every missing step of that grid in dependency order and skips what is already done.
 
-Order: ingest → conditions → per model: embed → index → analyze (clean first, then each
-condition) → overlay effects and zero-shot → leaderboard (and report). A model that cannot be
-loaded or fails is skipped with its reason and listed at the end; everything else goes on.
+Order: ingest → conditions → per model, stage by stage (embed, index, analyze, overlay effect,
+zero-shot) over every run the stage covers → leaderboard (and report). Each stage's own currency
+check (fingerprints of its inputs, ``vlmindex.catalog.fingerprints``) decides what is already
+done. A model that cannot be loaded or fails is skipped with its reason and listed at the end;
+everything else goes on.
 """
 
 from __future__ import annotations
@@ -17,11 +19,10 @@ from pathlib import Path
 from typing import Any
 
 from vlmindex.analyze import AnalyzeOptions
+from vlmindex.catalog import CLEAN, RunKey, Workspace
 from vlmindex.datasets import IngestOptions
 from vlmindex.errors import VlmindexError
-from vlmindex.workspace import Workspace
 
-CLEAN = "clean"
 _INGEST_KEYS = {f for f in IngestOptions.__dataclass_fields__ if f != "extra"}
 _RECIPE_KEYS = {"text", "position", "size", "color", "opacity", "seed", "box"}
 _ANALYSIS_KEYS = {"k", "exclude_group", "query_split", "gallery_split", "modality", "probe", "seed"}
@@ -123,31 +124,153 @@ def _conditions_for(study: Study, dataset: str) -> list[str]:
     return [CLEAN] + [c["name"] for c in study.conditions if dataset in c.get("datasets", [dataset])]
 
 
+@dataclass
+class _Context:
+    """What the stages of one model share while the runner works through them."""
+
+    ws: Workspace
+    study: Study
+    model: str
+    embed_options: Any
+    extractor: Any = None  # loaded once, on the first stage that needs it
+
+    @property
+    def load(self) -> Any:
+        from vlmindex.models import LoadOptions
+
+        return LoadOptions(checkpoint=self.study.checkpoints.get(self.model),
+                           trust_remote_code=self.model in self.study.trust_remote_code,
+                           device=self.embed_options.device)
+
+
+@dataclass(frozen=True)
+class StudyStage:
+    """One stage as the runner sees it: which runs it covers, whether a run's result is current
+    (the stage's own fingerprint check), and how to compute it."""
+
+    name: str
+    keys: Callable[[_Context], list[RunKey]]
+    is_current: Callable[[_Context, RunKey], bool]
+    run: Callable[[_Context, RunKey], Any]
+
+
+def _runs(ctx: _Context) -> list[RunKey]:
+    return [RunKey(ctx.model, d["name"], c) for d in ctx.study.datasets for c in _conditions_for(ctx.study, d["name"])]
+
+
+def _overlay_runs(ctx: _Context) -> list[RunKey]:
+    if not ctx.study.overlay_effects:
+        return []
+    return [k for k in _runs(ctx) if k.condition != CLEAN]
+
+
+def _zeroshot_runs(ctx: _Context) -> list[RunKey]:
+    from vlmindex.models import get_spec
+
+    if not (ctx.study.zeroshot and get_spec(ctx.model).has_text):
+        return []
+    return [RunKey(ctx.model, d["name"], CLEAN) for d in ctx.study.datasets]
+
+
+def _extractor(ctx: _Context) -> Any:
+    if ctx.extractor is None:
+        ctx.extractor = ctx.load.load(ctx.model)
+    return ctx.extractor
+
+
+def _embed(ctx: _Context, key: RunKey) -> Any:
+    from vlmindex.embed import embed_run
+
+    return embed_run(ctx.ws, key, ctx.embed_options, extractor=_extractor(ctx))
+
+
+def _zeroshot_options(ctx: _Context) -> Any:
+    from vlmindex.zeroshot import ZeroShotOptions
+
+    return ZeroShotOptions(checkpoint=ctx.study.checkpoints.get(ctx.model),
+                           trust_remote_code=ctx.model in ctx.study.trust_remote_code)
+
+
+def _stages() -> tuple[StudyStage, ...]:
+    from vlmindex import analyze, bias, embed, index, zeroshot
+
+    a = lambda ctx: ctx.study.analysis  # noqa: E731 - the study's analysis options, read when a stage runs
+    effect = lambda ctx: {"k": a(ctx).k, "exclude_group": a(ctx).exclude_group}  # noqa: E731
+    return (
+        StudyStage("embed", _runs,
+                   lambda ctx, k: embed.pending_count(ctx.ws, k.model, k.dataset, k.condition, ctx.embed_options) == 0,
+                   _embed),
+        StudyStage("index", _runs, lambda ctx, k: index.is_current(ctx.ws, k),
+                   lambda ctx, k: index.build_index(ctx.ws, k.model, k.dataset, k.condition)),
+        StudyStage("analyze", _runs,
+                   lambda ctx, k: analyze.is_current(ctx.ws, k.model, k.dataset, k.condition, a(ctx)),
+                   lambda ctx, k: analyze.analyze_run(ctx.ws, k, a(ctx))),
+        StudyStage("overlay effect", _overlay_runs,
+                   lambda ctx, k: bias.is_current(ctx.ws, k.model, k.dataset, k.condition, **effect(ctx)),
+                   lambda ctx, k: bias.compute_overlay_effect(ctx.ws, k.model, k.dataset, k.condition, **effect(ctx))),
+        StudyStage("zeroshot", _zeroshot_runs,
+                   lambda ctx, k: zeroshot.is_current(ctx.ws, k.model, k.dataset,
+                                                      _conditions_for(ctx.study, k.dataset), _zeroshot_options(ctx)),
+                   lambda ctx, k: zeroshot.zeroshot(ctx.ws, k.model, k.dataset, _conditions_for(ctx.study, k.dataset),
+                                                    _zeroshot_options(ctx), extractor=_extractor(ctx))),
+    )
+
+
 def run_study(ws: Workspace, study: Study, *, log: Callable[[str], None] = print,
               progress: bool = False) -> StudyResult:
-    """Run every missing step of ``study`` in ``ws``."""
-    from vlmindex.analyze import analyze, is_current
-    from vlmindex.embed import EmbedOptions, auto_device, embed, pending_count
-    from vlmindex.index import build_index
-    from vlmindex.ingest import ingest, ingest_synthetic
-    from vlmindex.models import get_spec, load_model
-    from vlmindex.overlay import OverlayRecipe, add_condition, get_condition
+    """Run every missing step of ``study`` in ``ws``: datasets, conditions, then for each model every
+    stage over every run it covers, skipping each result that is already current."""
+    from vlmindex.embed import EmbedOptions
+    from vlmindex.models import get_spec
 
     result = StudyResult()
     t0 = time.perf_counter()
-
-    def step(what: str, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
-        t = time.perf_counter()
-        out = fn(*args, **kwargs)
-        log(f"  {what} ({time.perf_counter() - t:.1f} s)")
-        result.done.append(what)
-        return out
-
     log(f"study {study.name}: {len(study.datasets)} dataset(s), {len(study.conditions)} overlay "
         f"condition(s), {len(study.models)} model(s)")
-    # 1. datasets
-    with ws.read() as con:
-        have = {r[0] for r in con.execute("SELECT name FROM datasets").fetchall()}
+    _prepare_data(ws, study, result, log, progress)
+    embed_options = EmbedOptions(progress=progress, **study.embed)
+    stages = _stages()
+    for model in study.models:
+        log(f"model {model}")
+        try:
+            get_spec(model)
+            ctx = _Context(ws, study, model, embed_options)
+            for stage in stages:
+                for key in stage.keys(ctx):
+                    if stage.is_current(ctx, key):
+                        result.skipped_steps += 1
+                        continue
+                    t = time.perf_counter()
+                    stage.run(ctx, key)
+                    what = f"{stage.name} {key.model} {key.dataset}" + (
+                        "" if stage.name == "zeroshot" else f"/{key.condition}")
+                    log(f"  {what} ({time.perf_counter() - t:.1f} s)")
+                    result.done.append(what)
+        except Exception as exc:  # noqa: BLE001 - a failing model never stops the study
+            reason = " ".join(str(exc).split()) or type(exc).__name__
+            if not isinstance(exc, VlmindexError):
+                reason = f"{type(exc).__name__}: {reason}"
+            result.skipped_models[model] = reason
+            log(f"  skipped {model}: {reason}")
+    result.seconds = time.perf_counter() - t0
+    return result
+
+
+def _prepare_data(ws: Workspace, study: Study, result: StudyResult, log: Callable[[str], None],
+                  progress: bool) -> None:
+    """Ingest the study's datasets and register its conditions, where not done already."""
+    from vlmindex.catalog import datasets as catalog_datasets
+    from vlmindex.ingest import ingest, ingest_synthetic
+    from vlmindex.overlay import OverlayRecipe, add_condition, get_condition
+
+    def step(what: str, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> None:
+        t = time.perf_counter()
+        fn(*args, **kwargs)
+        log(f"  {what} ({time.perf_counter() - t:.1f} s)")
+        result.done.append(what)
+
+    with ws.read(views=False) as con:
+        have = set(catalog_datasets.dataset_names(con))
     for d in study.datasets:
         if d["name"] in have:
             result.skipped_steps += 1
@@ -159,11 +282,10 @@ def run_study(ws: Workspace, study: Study, *, log: Callable[[str], None] = print
                                     if k in _INGEST_KEYS})
             step(f"ingest {d['name']}", ingest, ws, d["name"], d["source"], d["format"], opts,
                  progress=progress)
-    # 2. conditions
     for c in study.conditions:
         recipe = OverlayRecipe(**{k: v for k, v in c.items() if k in _RECIPE_KEYS})
         for d in c.get("datasets", [x["name"] for x in study.datasets]):
-            with ws.read() as con:
+            with ws.read(views=False) as con:
                 try:
                     existing = get_condition(con, d, c["name"])
                 except VlmindexError:
@@ -177,87 +299,13 @@ def run_study(ws: Workspace, study: Study, *, log: Callable[[str], None] = print
                     "rename it in the study or remove it with `vlmindex overlay remove`"
                 )
             step(f"overlay add {d} {c['name']}", add_condition, ws, d, c["name"], recipe)
-    # 3. per model
-    embed_opts = EmbedOptions(progress=progress, **study.embed)
-    for model in study.models:
-        log(f"model {model}")
-        try:
-            spec = get_spec(model)
-            grid = [(d["name"], c) for d in study.datasets for c in _conditions_for(study, d["name"])]
-            extractor = None
-            for dataset, condition in grid:
-                if pending_count(ws, model, dataset, condition, embed_opts) == 0:
-                    result.skipped_steps += 1
-                else:
-                    if extractor is None:
-                        extractor = step(f"load {model}", load_model, model,
-                                         checkpoint=study.checkpoints.get(model),
-                                         trust_remote_code=model in study.trust_remote_code,
-                                         device=auto_device(embed_opts.device))
-                    step(f"embed {model} {dataset}/{condition}", embed, ws, model, dataset, condition,
-                         embed_opts, extractor=extractor)
-                info, built = build_index(ws, model, dataset, condition)
-                if built:
-                    result.done.append(f"index {model} {dataset}/{condition}")
-                else:
-                    result.skipped_steps += 1
-                if is_current(ws, model, dataset, condition, study.analysis):
-                    result.skipped_steps += 1
-                else:
-                    step(f"analyze {model} {dataset}/{condition}", analyze, ws, model, dataset, condition,
-                         study.analysis)
-            _after_analysis(ws, study, model, spec, step, extractor, result)
-        except Exception as exc:  # noqa: BLE001 - a failing model never stops the study
-            reason = " ".join(str(exc).split()) or type(exc).__name__
-            if not isinstance(exc, VlmindexError):
-                reason = f"{type(exc).__name__}: {reason}"
-            result.skipped_models[model] = reason
-            log(f"  skipped {model}: {reason}")
-    result.seconds = time.perf_counter() - t0
-    return result
-
-
-def _after_analysis(ws: Workspace, study: Study, model: str, spec: Any, step: Callable[..., Any],
-                    extractor: Any, result: StudyResult) -> None:
-    """Overlay effects (each condition against clean) and zero-shot for models with a text tower."""
-    from vlmindex import bias, zeroshot
-    from vlmindex.analyze import results_current
-
-    k, groups = study.analysis.k, study.analysis.exclude_group
-    if study.overlay_effects:
-        for d in study.datasets:
-            for condition in _conditions_for(study, d["name"])[1:]:
-                filters = {"model": model, "dataset": d["name"], "condition": condition, "k": k,
-                           "exclude_group": groups}
-                runs = [(model, d["name"], CLEAN), (model, d["name"], condition)]
-                if results_current(ws, "overlay_effects", filters, runs):
-                    result.skipped_steps += 1
-                    continue
-                step(f"overlay effect {model} {d['name']}/{condition}", bias.compute_overlay_effect,
-                     ws, model, d["name"], condition, k=study.analysis.k,
-                     exclude_group=study.analysis.exclude_group)
-    if study.zeroshot and spec.has_text:
-        opts = zeroshot.ZeroShotOptions(checkpoint=study.checkpoints.get(model),
-                                        trust_remote_code=model in study.trust_remote_code)
-        for d in study.datasets:
-            conditions = _conditions_for(study, d["name"])
-            if all(results_current(ws, "zeroshot_results", {"model": model, "dataset": d["name"], "condition": c},
-                                   [(model, d["name"], c)]) for c in conditions):
-                result.skipped_steps += 1
-                continue
-            step(f"zeroshot {model} {d['name']}", zeroshot.zeroshot, ws, model, d["name"],
-                 _conditions_for(study, d["name"]), opts, extractor=extractor)
 
 
 def leaderboard(ws: Workspace, study: Study) -> tuple[list[str], list[dict[str, Any]]]:
     """The shipped leaderboard restricted to the study's own analyses (its grid and its options)."""
-    from vlmindex.workspace import sql_dir
+    from vlmindex.catalog import sandbox, shipped
 
     ids = [study.analysis.analysis_id(m, d["name"], c) for m in study.models for d in study.datasets
            for c in _conditions_for(study, d["name"])]
-    text = (sql_dir() / "leaderboard.sql").read_text().rstrip().rstrip(";")
-    with ws.read() as con:
-        cur = con.execute(f"SELECT * EXCLUDE (analysis_id) FROM ({text}) WHERE analysis_id IN (SELECT unnest(?))",
-                          [ids])
-        cols = [c[0] for c in cur.description]
-        return cols, [dict(zip(cols, r, strict=True)) for r in cur.fetchall()]
+    with sandbox.connect(ws) as con:
+        return shipped.run(con, "leaderboard", analysis_ids=ids, exclude=("analysis_id",))

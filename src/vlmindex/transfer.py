@@ -7,19 +7,18 @@ an NPY of ids).
 
 from __future__ import annotations
 
-import json
-import uuid
-from datetime import datetime
 from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from vlmindex import store
-from vlmindex.catalog import require_dataset
+from vlmindex.catalog import RunKey, Workspace
+from vlmindex.catalog import datasets as catalog_datasets
+from vlmindex.catalog import embeddings as store
+from vlmindex.catalog.parts import write_table_atomic
 from vlmindex.errors import VlmindexError
-from vlmindex.workspace import Workspace
+from vlmindex.overlay import get_condition
 
 
 def _read_keys(path: Path) -> list[str]:
@@ -30,12 +29,9 @@ def _read_keys(path: Path) -> list[str]:
 
 def _resolve_ids(con, dataset: str, keys: list, by_path: bool, source: Path) -> np.ndarray:
     if by_path:
-        rows = con.execute(
-            "SELECT image_id, path, source_path FROM images WHERE dataset = ?", [dataset]
-        ).fetchall()
         exact: dict[str, int] = {}
         by_name: dict[str, set[int]] = {}
-        for image_id, path, src in rows:
+        for image_id, path, src in catalog_datasets.images(con, dataset, columns=("image_id", "path", "source_path")):
             for key in (path, src):
                 if key:
                     exact.setdefault(str(key), image_id)
@@ -58,7 +54,7 @@ def _resolve_ids(con, dataset: str, keys: list, by_path: bool, source: Path) -> 
             out.append(hit)
         return np.asarray(out, dtype=np.int64)
     ids = np.asarray([int(k) for k in keys], dtype=np.int64)
-    known = {r[0] for r in con.execute("SELECT image_id FROM images WHERE dataset = ?", [dataset]).fetchall()}
+    known = {r[0] for r in catalog_datasets.images(con, dataset, columns=("image_id",))}
     missing = [int(i) for i in ids if int(i) not in known]
     if missing:
         raise VlmindexError(
@@ -97,32 +93,22 @@ def import_embeddings(ws: Workspace, model: str, dataset: str, file: Path, *, co
         raise VlmindexError(f"{file}: {len(keys)} ids but an embedding matrix of shape {matrix.shape}")
     if not np.isfinite(matrix).all():
         raise VlmindexError(f"{file}: embeddings contain NaN or infinite values")
-    with ws.read() as con:
-        require_dataset(con, dataset)
+    key = RunKey(model, dataset, condition)
+    with ws.read(views=False) as con:
+        catalog_datasets.require_dataset(con, dataset)
+        get_condition(con, dataset, condition)
         ids = _resolve_ids(con, dataset, keys, by_path, file)
     if len(np.unique(ids)) != len(ids):
         raise VlmindexError(f"{file}: some images appear more than once")
-    out_dir = ws.embeddings_dir(model, dataset, condition)
-    old = store.part_paths(out_dir)
-    store.write_part(out_dir, model=model, dataset=dataset, condition=condition, image_ids=ids,
-                     embeddings=matrix, dtype=dtype, tag="import-")
-    for p in old:
-        p.unlink()
-    with ws.write(wait=60) as con:
-        now = datetime.now()
-        con.execute(
-            "INSERT INTO runs (run_id, model, dataset, condition, n, total, dim, dtype, device, "
-            "preprocessing, started_at, finished_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, 'import', ?, ?, ?)",
-            [uuid.uuid4().hex, model, dataset, condition, len(ids), len(ids), matrix.shape[1], dtype,
-             json.dumps({"imported_from": str(file.resolve())}), now, now],
-        )
+    store.import_run(ws, key, image_ids=ids, vectors=matrix, dtype=dtype, source=str(file.resolve()))
     return len(ids)
 
 
 def export_embeddings(ws: Workspace, model: str, dataset: str, out: Path, *, condition: str = "clean") -> int:
-    """Write a run's embeddings to ``out``: ``.parquet`` (image_id, path, label, embedding) or ``.npy``
-    (plus ``<out>.ids.txt``)."""
-    ids, matrix = store.read_embeddings(ws.embeddings_dir(model, dataset, condition))
+    """Write a run's current embeddings to ``out``: ``.parquet`` (image_id, path, label, embedding) or
+    ``.npy`` (plus ``<out>.ids.txt``)."""
+    run = store.read_run(ws, RunKey(model, dataset, condition))
+    ids, matrix = run.ids, run.vectors
     if len(ids) == 0:
         raise VlmindexError(f"no embeddings for model {model!r} on {dataset}/{condition}")
     out = Path(out)
@@ -133,9 +119,8 @@ def export_embeddings(ws: Workspace, model: str, dataset: str, out: Path, *, con
         tmp.replace(out)
         Path(f"{out}.ids.txt").write_text("\n".join(str(i) for i in ids) + "\n")
         return len(ids)
-    with ws.read() as con:
-        meta = {r[0]: r[1:] for r in con.execute(
-            "SELECT image_id, path, label FROM images WHERE dataset = ?", [dataset]).fetchall()}
+    with ws.read(views=False) as con:
+        meta = catalog_datasets.images_by_id(con, ids.tolist(), ("path", "label"))
     dim = matrix.shape[1]
     table = pa.table({
         "image_id": pa.array(ids),
@@ -143,5 +128,5 @@ def export_embeddings(ws: Workspace, model: str, dataset: str, out: Path, *, con
         "label": pa.array([meta.get(int(i), (None, None))[1] for i in ids], pa.string()),
         "embedding": pa.FixedSizeListArray.from_arrays(pa.array(matrix.reshape(-1)), dim),
     })
-    store.write_table_atomic(table, out)
+    write_table_atomic(table, out)
     return len(ids)

@@ -28,15 +28,15 @@ from typing import Any
 
 import numpy as np
 
-from vlmindex.analyze import RunData, load_run
-from vlmindex.catalog import class_pools, require_dataset
+from vlmindex.analyze import RunData, load
+from vlmindex.catalog import CLEAN, RunKey, Workspace, fingerprints, results
+from vlmindex.catalog.datasets import class_pools, require_dataset
+from vlmindex.catalog.embeddings import newest_weights
 from vlmindex.errors import VlmindexError
-from vlmindex.overlay import CLEAN, get_condition, overlay_text_for
-from vlmindex.workspace import Workspace
+from vlmindex.models import LoadOptions
+from vlmindex.overlay import get_condition, overlay_text_for
 
 ALL = "all"
-COLUMNS = ["model", "dataset", "condition", "modality", "n", "n_classes", "accuracy", "balanced_accuracy",
-           "written_share", "written_share_clean", "flip_rate", "n_prompts", "prompts_sha256", "created_at"]
 
 
 @dataclass(frozen=True)
@@ -172,14 +172,6 @@ def _require_text_tower(model: str) -> None:
         )
 
 
-def _run_weights(ws: Workspace, model: str, dataset: str, condition: str) -> str | None:
-    with ws.read() as con:
-        row = con.execute(
-            "SELECT weights_sha256 FROM runs WHERE model = ? AND dataset = ? AND condition = ? "
-            "ORDER BY finished_at DESC LIMIT 1", [model, dataset, condition]).fetchone()
-    return row[0] if row else None
-
-
 def _encoder(extractor: Any, batch_size: int) -> Callable[[list[str]], np.ndarray]:
     def encode(texts: list[str]) -> np.ndarray:
         parts = [np.asarray(extractor.encode_text(texts[i : i + batch_size]), dtype=np.float64)
@@ -187,6 +179,48 @@ def _encoder(extractor: Any, batch_size: int) -> Callable[[list[str]], np.ndarra
         return np.concatenate(parts)
 
     return encode
+
+
+STAGE = "zeroshot"
+
+
+def _prompt_plan(modalities: list[str | None], pools: dict[str | None, list[str]], templates: dict[str, Any]
+                 ) -> tuple[dict[str | None, tuple[list[str], list[list[str]]]], str]:
+    """Per modality: its classes and their prompts; and the sha256 of every prompt used."""
+    plan: dict[str | None, tuple[list[str], list[list[str]]]] = {}
+    used: dict[str, dict[str, list[str]]] = {}
+    for m in modalities:
+        classes = list(pools.get(m, []))
+        if not classes:
+            continue
+        prompts = class_prompts(classes, m, templates)
+        plan[m] = (classes, prompts)
+        used[str(m)] = dict(zip(classes, prompts, strict=True))
+    return plan, hashlib.sha256(json.dumps(used, sort_keys=True).encode()).hexdigest()
+
+
+def _stage_options(prompts_sha256: str, weights: str | None) -> dict[str, Any]:
+    return {"prompts_sha256": prompts_sha256, "weights_sha256": weights}
+
+
+def is_current(ws: Workspace, model: str, dataset: str, conditions: Sequence[str] = (CLEAN,),
+               options: ZeroShotOptions | None = None) -> bool:
+    """Whether stored zero-shot rows of every condition were computed from the runs, prompts and
+    weights as they are now."""
+    opts = options or ZeroShotOptions()
+    conds = [CLEAN] + [c for c in dict.fromkeys(conditions) if c != CLEAN]
+    keys = [RunKey(model, dataset, c) for c in conds]
+    with ws.read(views=False) as con:
+        pools = class_pools(con, dataset)
+        stored = set()
+        for c in conds:
+            stored |= results.stored_fingerprints(con, "zeroshot_results",
+                                                  {"model": model, "dataset": dataset, "condition": c})
+    if len(stored) != 1:
+        return False
+    _, digest = _prompt_plan(sorted(pools, key=lambda m: (m is None, m)), pools, load_templates(opts.templates))
+    options_now = _stage_options(digest, newest_weights(ws, keys[0]))
+    return fingerprints.is_current(ws, next(iter(stored)), STAGE, keys, options_now)
 
 
 def zeroshot(
@@ -210,42 +244,36 @@ def zeroshot(
     if extractor is None:
         _require_text_tower(model)  # before anything is read: the one error that matters here
     conds = [CLEAN] + [c for c in dict.fromkeys(conditions) if c != CLEAN]
+    keys = [RunKey(model, dataset, c) for c in conds]
     templates = load_templates(opts.templates)
-    with ws.read() as con:
+    with ws.read(views=False) as con:
         require_dataset(con, dataset)
         recipes = {c: get_condition(con, dataset, c) for c in conds}
         pools = class_pools(con, dataset)
-    runs: dict[str, RunData] = {c: load_run(ws, model, dataset, c) for c in conds}
+    runs: dict[str, RunData] = {k.condition: load(ws, k) for k in keys}
+    embedded_with = newest_weights(ws, keys[0])
     if extractor is None:
-        from vlmindex.embed import auto_device
-        from vlmindex.models import load_model
-
-        extractor = load_model(model, checkpoint=opts.checkpoint, trust_remote_code=opts.trust_remote_code,
-                               device=auto_device(opts.device))
+        extractor = LoadOptions(checkpoint=opts.checkpoint, trust_remote_code=opts.trust_remote_code,
+                                device=opts.device).load(model)
         loaded = extractor.weights_sha256
-        for c in conds:
-            stored = _run_weights(ws, model, dataset, c)
+        for k in keys:
+            stored = newest_weights(ws, k)
             if loaded and stored and loaded != stored:
                 raise VlmindexError(
                     f"the weights loaded for '{model}' (sha256 {loaded[:12]}) are not those that embedded "
-                    f"{dataset}/{c} ({stored[:12]}); pass the --checkpoint the images were embedded with"
+                    f"{dataset}/{k.condition} ({stored[:12]}); pass the --checkpoint the images were embedded with"
                 )
     encode = _encoder(extractor, max(1, opts.batch_size))
 
     # One classifier per modality present in any run.
     modalities = sorted({m for r in runs.values() for m in r.modalities.tolist()},
                         key=lambda m: (m is None, m))
-    classifiers: dict[str | None, tuple[list[str], np.ndarray]] = {}
-    used: dict[str, dict[str, list[str]]] = {}
-    for m in modalities:
-        classes = list(pools.get(m, []))
-        if not classes:
-            continue
-        prompts = class_prompts(classes, m, templates)
-        classifiers[m] = (classes, text_classifier(encode, prompts))
-        used[str(m)] = dict(zip(classes, prompts, strict=True))
-    digest = hashlib.sha256(json.dumps(used, sort_keys=True).encode()).hexdigest()
+    plan, digest = _prompt_plan(modalities, pools, templates)
+    classifiers = {m: (classes, text_classifier(encode, prompts)) for m, (classes, prompts) in plan.items()}
     n_prompts = {m: len(templates_for(m, templates)) for m in modalities}
+    stage_options = _stage_options(_prompt_plan(sorted(pools, key=lambda m: (m is None, m)), pools, templates)[1],
+                                   embedded_with)
+    fp = fingerprints.combine(STAGE, {k: runs[k.condition].fingerprint for k in keys}, stage_options)
 
     predictions: dict[str, dict[int, str]] = {}
     rows: list[dict[str, Any]] = []
@@ -285,7 +313,7 @@ def zeroshot(
                 "written_share_clean": None, "flip_rate": None,
                 "n_prompts": n_prompts.get(name) if name != ALL else (
                     n_prompts[modalities[0]] if len(set(n_prompts.values())) == 1 else None),
-                "prompts_sha256": digest, "created_at": now,
+                "prompts_sha256": digest, "created_at": now, "inputs_fingerprint": fp,
             }
             if written is not None:
                 w_sel, cp = written[sel], clean_pred[sel]
@@ -297,13 +325,7 @@ def zeroshot(
                                                      & (p[paired] == w_sel[paired])))
             rows.append(row)
     if save:
-        with ws.write(wait=120) as con:
-            con.execute("BEGIN")
-            for c in conds:
-                con.execute("DELETE FROM zeroshot_results WHERE model = ? AND dataset = ? AND condition = ?",
-                            [model, dataset, c])
-            con.executemany(f"INSERT INTO zeroshot_results ({', '.join(COLUMNS)}) "
-                            f"VALUES ({', '.join('?' * len(COLUMNS))})",
-                            [[r[k] for k in COLUMNS] for r in rows])
-            con.execute("COMMIT")
+        with fingerprints.committing(ws, fp, STAGE, keys, stage_options,
+                                     what=f"zero-shot of {model} on {dataset}") as con:
+            results.store_zeroshot(con, model, dataset, conds, rows)
     return rows

@@ -11,8 +11,8 @@ import traceback
 import click
 
 from vlmindex import __version__
+from vlmindex.catalog import Workspace
 from vlmindex.errors import VlmindexError
-from vlmindex.workspace import Workspace
 
 
 class Context:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import click
 
 from vlmindex.cli import cli, pass_ctx
+from vlmindex.cli.options import dataset_option, load_options, models_option, names
 from vlmindex.cli.output import echo_rows, format_option
 from vlmindex.cli.overlay_cmds import overlay
 
@@ -13,13 +14,9 @@ ZEROSHOT_COLUMNS = ["model", "condition", "modality", "n", "n_classes", "accurac
                     "written_share", "written_share_clean", "flip_rate"]
 
 
-def _names(text: str) -> list[str]:
-    return [m.strip() for m in text.split(",") if m.strip()]
-
-
 @overlay.command("effect")
-@click.option("--model", "-m", "models", required=True, help="Model name(s), comma-separated.")
-@click.option("--dataset", "-d", required=True)
+@models_option()
+@dataset_option
 @click.option("--condition", "-c", "conditions", required=True, multiple=True,
               help="Overlay condition(s) to compare against clean (repeatable or comma-separated).")
 @click.option("-k", default=10, show_default=True,
@@ -47,29 +44,24 @@ def overlay_effect(ctx, models, dataset, conditions, k, exclude_group, n_boot, s
     from vlmindex.bias import compute_overlay_effect
 
     rows = []
-    for model in _names(models):
-        for condition in [c for text in conditions for c in _names(text)]:
+    for model in models:
+        for condition in [c for text in conditions for c in names(text)]:
             rows += compute_overlay_effect(ctx.workspace, model, dataset, condition, k=k,
                                            exclude_group=exclude_group, n_boot=n_boot, seed=seed)
     echo_rows(rows, fmt, EFFECT_COLUMNS if fmt == "table" else None)
 
 
 @cli.command()
-@click.option("--model", "-m", "models", required=True,
-              help="Model name(s) with a text tower, comma-separated.")
-@click.option("--dataset", "-d", required=True)
+@models_option(help="Model name(s) with a text tower, comma-separated.")
+@dataset_option
 @click.option("--condition", "-c", "conditions", multiple=True,
               help="Overlay condition(s) to classify besides clean (repeatable or comma-separated).")
-@click.option("--checkpoint", type=click.Path(exists=True),
-              help="The weights the images were embedded with (as given to `vlmindex embed`).")
-@click.option("--trust-remote-code", is_flag=True,
-              help="Allow models that run code shipped with their checkpoint.")
-@click.option("--device", help="cpu, cuda, ... (default: cuda when present).")
+@load_options
 @click.option("--templates", type=click.Path(exists=True, dir_okay=False),
               help="JSON file of prompt templates per modality replacing the shipped ones.")
 @format_option()
 @pass_ctx
-def zeroshot(ctx, models, dataset, conditions, checkpoint, trust_remote_code, device, templates, fmt):
+def zeroshot(ctx, models, dataset, conditions, load, templates, fmt):
     """Zero-shot classification with the model's text tower, clean against overlaid images.
 
     Prompts per modality come from templates shipped with vlmindex ({label} = class name); each
@@ -85,10 +77,10 @@ def zeroshot(ctx, models, dataset, conditions, checkpoint, trust_remote_code, de
     from vlmindex.zeroshot import ZeroShotOptions
     from vlmindex.zeroshot import zeroshot as run_zeroshot
 
-    opts = ZeroShotOptions(checkpoint=checkpoint, trust_remote_code=trust_remote_code, device=device,
-                           templates=templates)
-    conds = [c for text in conditions for c in _names(text)]
+    opts = ZeroShotOptions(checkpoint=load.checkpoint, trust_remote_code=load.trust_remote_code,
+                           device=load.device, templates=templates)
+    conds = [c for text in conditions for c in names(text)]
     rows = []
-    for model in _names(models):
+    for model in models:
         rows += run_zeroshot(ctx.workspace, model, dataset, conds or ["clean"], opts)
     echo_rows(rows, fmt, ZEROSHOT_COLUMNS if fmt == "table" else None)

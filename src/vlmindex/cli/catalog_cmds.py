@@ -101,12 +101,12 @@ def synth(ctx, name, seed, lesions_per_class, views, size, replace, sheet):
                               progress=sys.stderr.isatty(), **kwargs)
     click.echo(report.summary())
     if sheet:
+        from vlmindex.catalog.datasets import images
         from vlmindex.synth import SynthImage, contact_sheet_for
 
         out_dir = ctx.workspace.images_dir(name)
-        with ctx.workspace.read() as con:
-            rows = con.execute("SELECT path, label, split, group_id, modality FROM images "
-                               "WHERE dataset = ? ORDER BY path", [name]).fetchall()
+        with ctx.workspace.read(views=False) as con:
+            rows = images(con, name, columns=("path", "label", "split", "group_id", "modality"), order="path")
         manifest = [SynthImage(str(Path(p).relative_to(out_dir)), *rest) for p, *rest in rows]
         img = contact_sheet_for(manifest, out_dir)
         sheet.parent.mkdir(parents=True, exist_ok=True)
@@ -122,9 +122,9 @@ def datasets(ctx, fmt):
 
     JSON and CSV also give the image count of every class per modality and the images per group.
     """
-    from vlmindex.catalog import dataset_summaries
+    from vlmindex.catalog.datasets import dataset_summaries
 
-    with ctx.workspace.read() as con:
+    with ctx.workspace.require().read(views=False) as con:
         rows = dataset_summaries(con)
     if fmt == "table":
         for r in rows:
@@ -132,19 +132,6 @@ def datasets(ctx, fmt):
             for key in ("source", "modalities", "images_per_group"):
                 r.pop(key)
     echo_rows(rows, fmt)
-
-
-def _shipped_queries() -> dict[str, Path]:
-    from vlmindex.workspace import sql_dir
-
-    return {p.stem: p for p in sorted(sql_dir().glob("*.sql")) if p.stem != "schema"}
-
-
-def _description(path: Path) -> str:
-    for line in path.read_text().splitlines():
-        if line.startswith("--"):
-            return line.lstrip("- ").strip()
-    return ""
 
 
 @cli.command()
@@ -158,8 +145,11 @@ def _description(path: Path) -> str:
 def sql(ctx, query, list_, write, params, fmt):
     """Run SQL over the catalog, or a shipped analysis by NAME (see --list).
 
-    Tables: images, datasets, skipped, conditions, runs, query_metrics, summaries, ...
-    Views over Parquet: embeddings, neighbors. Read-only unless --write.
+    Tables: images, datasets, skipped, conditions, runs, query_metrics, summaries, overlay_effects,
+    zeroshot_results, text_detections. Views: embeddings and neighbors (over the Parquet files),
+    image_pixels, latest_summaries. The SQL runs in a sandbox: no file outside the catalog can be
+    read or written, no database attached, no extension installed or loaded. Read-only unless
+    --write, which may change catalog tables (never files).
 
     \b
     Examples:
@@ -167,27 +157,31 @@ def sql(ctx, query, list_, write, params, fmt):
       vlmindex sql leaderboard --format csv
       vlmindex sql --list
     """
-    shipped = _shipped_queries()
+    from vlmindex.catalog import sandbox, shipped
+
     if list_:
-        echo_rows([{"name": k, "description": _description(p)} for k, p in shipped.items()], fmt)
+        echo_rows([{"name": k, "description": shipped.description(p)} for k, p in shipped.queries().items()], fmt)
         return
     if not query:
         raise click.UsageError("give a SQL query or the name of a shipped analysis (see --list)")
-    text = shipped[query].read_text() if query in shipped else query
+    text = shipped.text(query) if query in shipped.queries() else query
     bound = {}
     for p in params:
         key, sep, value = p.partition("=")
         if not sep:
             raise VlmindexError(f"parameter {p!r} is not NAME=VALUE")
         bound[key] = _parse_value(value)
-    opener = ctx.workspace.write(wait=10) if write else ctx.workspace.read()
-    with opener as con:
+    if not write:
+        ctx.workspace.require()
+    with sandbox.connect(ctx.workspace, write=write) as con:
         try:
             cur = con.execute(text, bound) if bound else con.execute(text)
         except duckdb.Error as exc:
             msg = " ".join(str(exc).split())
             if not write and "read-only" in msg.lower():
                 msg += " (pass --write to change the catalog)"
+            if "disabled by configuration" in msg or "lock" in msg.lower() and "configuration" in msg.lower():
+                msg += " (vlmindex sql reads and writes only the workspace's catalog)"
             raise VlmindexError(f"SQL error: {msg}") from None
         if cur.description is None:
             click.echo("ok")

@@ -1,4 +1,4 @@
-"""Commands that make embeddings: embed, embeddings import/export."""
+"""Commands that make embeddings: embed, embeddings import/export/remove."""
 
 from __future__ import annotations
 
@@ -8,17 +8,12 @@ from pathlib import Path
 import click
 
 from vlmindex.cli import cli, pass_ctx
-
-
-def condition_option(func):
-    return click.option("--condition", "-c", default="clean", show_default=True,
-                        help="Overlay condition (see `vlmindex overlay list`); clean = no overlay.")(func)
+from vlmindex.cli.options import condition_option, dataset_option, load_options, models_option
 
 
 @cli.command()
-@click.option("--model", "-m", "models", required=True,
-              help="Model name(s), comma-separated (see `vlmindex models`).")
-@click.option("--dataset", "-d", required=True, help="Dataset name (see `vlmindex datasets`).")
+@models_option()
+@dataset_option
 @condition_option
 @click.option("--split", help="Embed only this split.")
 @click.option("--shard", metavar="i/n", help="Embed only the i-th of n disjoint shards (0-based).")
@@ -27,47 +22,43 @@ def condition_option(func):
               help="Decoding processes (default: one per core; 0 decodes in the main process).")
 @click.option("--dtype", type=click.Choice(["float32", "float16"]), default="float32", show_default=True,
               help="Storage precision of the embeddings.")
-@click.option("--device", help="cpu, cuda, cuda:1, ... (default: cuda when present).")
-@click.option("--checkpoint", type=click.Path(exists=True, file_okay=False),
-              help="Load the model's weights from this local directory.")
-@click.option("--trust-remote-code", is_flag=True,
-              help="Allow models that run code shipped with their checkpoint (LLM2CLIP).")
+@load_options
 @click.option("--part-size", type=click.IntRange(min=1), default=512, show_default=True,
               help="Images per Parquet part: a killed run loses at most this many.")
 @pass_ctx
-def embed(ctx, models, dataset, condition, split, shard, batch_size, workers, dtype, device,
-          checkpoint, trust_remote_code, part_size):
+def embed(ctx, models, dataset, condition, split, shard, batch_size, workers, dtype, load, part_size):
     """Embed a dataset's images with one or more models.
 
-    Cached and resumable: images that already have an embedding are skipped, so a re-run of a
-    finished model does nothing and a killed run continues where it stopped.
+    Cached and resumable: images that already have an embedding of their current pixels are
+    skipped, so a re-run of a finished model does nothing and a killed run continues where it
+    stopped. Two runs of one model at once never store an image twice.
 
     \b
     Examples:
-      vlmindex embed --model hog,colour-hist --dataset demo
+      vlmindex embed --model hog,color-hist --dataset demo
       vlmindex embed -m biomedclip -d ham --condition label-br --shard 0/4
     """
     from vlmindex.embed import EmbedOptions, parse_shard
     from vlmindex.embed import embed as run_embed
 
     opts = EmbedOptions(batch_size=batch_size, num_workers=workers, dtype=dtype, shard=parse_shard(shard),
-                        split=split, device=device, checkpoint=checkpoint,
-                        trust_remote_code=trust_remote_code, part_size=part_size,
+                        split=split, device=load.device, checkpoint=load.checkpoint,
+                        trust_remote_code=load.trust_remote_code, part_size=part_size,
                         progress=sys.stderr.isatty())
-    for model in [m.strip() for m in models.split(",") if m.strip()]:
+    for model in models:
         report = run_embed(ctx.workspace, model, dataset, condition, opts)
         click.echo(report.summary())
 
 
 @cli.group()
 def embeddings():
-    """Import embeddings computed elsewhere, or export ours."""
+    """Import embeddings computed elsewhere, export ours, or remove a run."""
 
 
 @embeddings.command("import")
 @click.argument("file", type=click.Path(path_type=Path))
 @click.option("--model", "-m", required=True, help="Name to store them under (any name).")
-@click.option("--dataset", "-d", required=True)
+@dataset_option
 @condition_option
 @click.option("--ids", "ids_file", type=click.Path(path_type=Path),
               help="With an NPY matrix: a file of image_ids or paths, one per line (or an NPY).")
@@ -90,12 +81,33 @@ def embeddings_import(ctx, file, model, dataset, condition, ids_file, dtype):
 @embeddings.command("export")
 @click.argument("out", type=click.Path(path_type=Path))
 @click.option("--model", "-m", required=True)
-@click.option("--dataset", "-d", required=True)
+@dataset_option
 @condition_option
 @pass_ctx
 def embeddings_export(ctx, out, model, dataset, condition):
-    """Write a run's embeddings to OUT (.parquet, or .npy plus OUT.ids.txt)."""
+    """Write a run's current embeddings to OUT (.parquet, or .npy plus OUT.ids.txt)."""
     from vlmindex.transfer import export_embeddings
 
-    n = export_embeddings(ctx.workspace, model, dataset, out, condition=condition)
+    n = export_embeddings(ctx.workspace.require(), model, dataset, out, condition=condition)
     click.echo(f"exported {n} embeddings to {out}")
+
+
+@embeddings.command("remove")
+@models_option()
+@dataset_option
+@condition_option
+@pass_ctx
+def embeddings_remove(ctx, models, dataset, condition):
+    """Delete a run's embeddings with its index and everything computed from it.
+
+    \b
+    Example:
+      vlmindex embeddings remove -m hog -d demo -c wrong
+    """
+    from vlmindex.catalog import RunKey
+    from vlmindex.catalog.embeddings import remove_run
+
+    ctx.workspace.require()
+    for model in models:
+        n = remove_run(ctx.workspace, RunKey(model, dataset, condition))
+        click.echo(f"removed {n} part(s) of {model} on {dataset}/{condition} and the results computed from them")

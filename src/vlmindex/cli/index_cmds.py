@@ -8,7 +8,7 @@ from pathlib import Path
 import click
 
 from vlmindex.cli import cli, pass_ctx
-from vlmindex.cli.embed_cmds import condition_option
+from vlmindex.cli.options import condition_option, dataset_option, load_options, models_option
 from vlmindex.cli.output import echo_rows, format_option
 
 
@@ -18,8 +18,8 @@ def index():
 
 
 @index.command("build")
-@click.option("--model", "-m", required=True)
-@click.option("--dataset", "-d", required=True)
+@models_option()
+@dataset_option
 @condition_option
 @click.option("--kind", type=click.Choice(["auto", "flat", "ivf", "hnsw", "ivfpq"]), default="auto",
               show_default=True, help="auto: exact flat up to 200,000 vectors, HNSW above.")
@@ -28,8 +28,8 @@ def index():
 @click.option("--force", is_flag=True, help="Rebuild even when the index is up to date.")
 @format_option()
 @pass_ctx
-def index_build(ctx, model, dataset, condition, kind, params, force, fmt):
-    """Build the index of a (model, dataset, condition) run; a stale one is rebuilt.
+def index_build(ctx, models, dataset, condition, kind, params, force, fmt):
+    """Build the index of a (model, dataset, condition) run; a stale or damaged one is rebuilt.
 
     Approximate kinds report recall@10 against exact search on a sample, overall and per class.
 
@@ -49,43 +49,47 @@ def index_build(ctx, model, dataset, condition, kind, params, force, fmt):
             sep = ""
         if not sep or not isinstance(parsed.get(key), int | float):
             raise VlmindexError(f"--param {p!r} is not NAME=NUMBER (e.g. --param nprobe=32)")
-    info, built = build_index(ctx.workspace, model, dataset, condition, kind=kind, params=parsed or None,
-                              force=force)
-    row = {"model": info.model, "dataset": info.dataset, "condition": info.condition, "kind": info.kind,
-           "count": info.count, "dim": info.dim, "build_seconds": round(info.build_seconds, 3),
-           "status": "built" if built else "up to date"}
-    if info.recall:
-        row[f"recall@{info.recall['k']}"] = round(info.recall["recall"], 4)
-        if fmt != "table":
-            row["recall_per_class"] = info.recall.get("per_class")
-    echo_rows([row], fmt)
+    rows = []
+    for model in models:
+        info, built = build_index(ctx.workspace, model, dataset, condition, kind=kind, params=parsed or None,
+                                  force=force)
+        row = {"model": info.model, "dataset": info.dataset, "condition": info.condition, "kind": info.kind,
+               "count": info.count, "dim": info.dim, "build_seconds": round(info.build_seconds, 3),
+               "status": "built" if built else "up to date"}
+        if info.recall:
+            row[f"recall@{info.recall['k']}"] = round(info.recall["recall"], 4)
+            if fmt != "table":
+                row["recall_per_class"] = info.recall.get("per_class")
+        rows.append(row)
+    echo_rows(rows, fmt)
 
 
 @cli.command()
 @click.argument("images", nargs=-1, required=True, type=click.Path(path_type=Path))
-@click.option("--model", "-m", required=True)
-@click.option("--dataset", "-d", required=True)
+@models_option()
+@dataset_option
 @condition_option
 @click.option("-k", default=10, show_default=True, help="Neighbours per query image.")
-@click.option("--checkpoint", type=click.Path(exists=True, file_okay=False))
-@click.option("--trust-remote-code", is_flag=True)
-@click.option("--device")
+@load_options
 @format_option()
 @pass_ctx
-def query(ctx, images, model, dataset, condition, k, checkpoint, trust_remote_code, device, fmt):
+def query(ctx, images, models, dataset, condition, k, load, fmt):
     """Print the nearest indexed neighbours of IMAGE files (inside or outside the catalog).
 
     Query images are embedded with the model's own preprocessing, the one the index was built with.
+    With several models, each model's neighbours follow one another (column `model`).
 
     \b
     Example:
-      vlmindex query lesion.png --model hog --dataset demo -k 5
+      vlmindex query lesion.png --model hog,color-hist --dataset demo -k 5
     """
     from vlmindex.query import query as run_query
 
-    rows = run_query(ctx.workspace, list(images), model, dataset, condition, k=k, checkpoint=checkpoint,
-                     trust_remote_code=trust_remote_code, device=device)
-    echo_rows(rows, fmt, ["query", "rank", "image_id", "path", "label", "score"])
+    ctx.workspace.require()
+    rows = [r for model in models
+            for r in run_query(ctx.workspace, list(images), model, dataset, condition, k=k, load=load)]
+    columns = ["query", "rank", "image_id", "path", "label", "score"]
+    echo_rows(rows, fmt, columns if len(models) == 1 else ["query", "model", *columns[1:]])
 
 
 HEADLINE = ["model", "dataset", "condition", "k", "n_queries", "map_micro", "map_macro", "map_at_r_micro",
@@ -94,8 +98,8 @@ HEADLINE = ["model", "dataset", "condition", "k", "n_queries", "map_micro", "map
 
 
 @cli.command()
-@click.option("--model", "-m", "models", required=True, help="Model name(s), comma-separated.")
-@click.option("--dataset", "-d", required=True)
+@models_option()
+@dataset_option
 @condition_option
 @click.option("-k", default=10, show_default=True, help="Neighbours for purity@k and the kNN vote.")
 @click.option("--exclude-group", is_flag=True,
@@ -104,10 +108,12 @@ HEADLINE = ["model", "dataset", "condition", "k", "n_queries", "map_micro", "map
 @click.option("--gallery-split", help="Gallery from this split only (e.g. train).")
 @click.option("--modality", help="Only images of this modality.")
 @click.option("--no-probe", is_flag=True, help="Skip the linear-probe balanced accuracy (slow on big sets).")
+@click.option("--allow-partial", is_flag=True,
+              help="Score the images that have an embedding even when some have none (the scope says so).")
 @format_option()
 @pass_ctx
 def analyze(ctx, models, dataset, condition, k, exclude_group, query_split, gallery_split, modality,
-            no_probe, fmt):
+            no_probe, allow_partial, fmt):
     """Neighbours and discriminability metrics of embedded runs.
 
     Per query: purity@k, AP over the full ranking, MAP@R, R-precision, P@1, kNN vote (rows in
@@ -122,9 +128,9 @@ def analyze(ctx, models, dataset, condition, k, exclude_group, query_split, gall
     from vlmindex.analyze import analyze as run_analyze
 
     opts = AnalyzeOptions(k=k, exclude_group=exclude_group, query_split=query_split,
-                          gallery_split=gallery_split, modality=modality, probe=not no_probe)
-    rows = [run_analyze(ctx.workspace, m.strip(), dataset, condition, opts)
-            for m in models.split(",") if m.strip()]
+                          gallery_split=gallery_split, modality=modality, probe=not no_probe,
+                          allow_partial=allow_partial)
+    rows = [run_analyze(ctx.workspace, m, dataset, condition, opts) for m in models]
     if fmt == "table":
         echo_rows(rows, fmt, HEADLINE)
     else:

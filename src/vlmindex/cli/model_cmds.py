@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from typing import Any
 
 import click
@@ -51,21 +51,6 @@ def model_rows(names: Iterable[str] = (), only_available: bool = False) -> list[
             continue
         rows.append(row)
     return rows
-
-
-def checkpoint_options(func: Callable[..., Any]) -> Callable[..., Any]:
-    """``--checkpoint DIR`` and ``--trust-remote-code`` for commands that load a model (for load_model)."""
-    func = click.option(
-        "--trust-remote-code",
-        is_flag=True,
-        help="Allow models whose weights come with their own Python code (LLM2CLIP) to run it.",
-    )(func)
-    return click.option(
-        "--checkpoint",
-        type=click.Path(exists=True),
-        default=None,
-        help="Load weights from this folder (the model's own layout) instead of the cache or a download.",
-    )(func)
 
 
 @cli.command("models")

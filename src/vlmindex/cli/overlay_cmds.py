@@ -77,7 +77,7 @@ def overlay_list(ctx, dataset, fmt):
     """
     from vlmindex.overlay import list_conditions
 
-    with ctx.workspace.read() as con:
+    with ctx.workspace.require().read(views=False) as con:
         rows = list_conditions(con, dataset)
     columns = ["dataset", "name", "text", "position", "size", "color", "opacity", "box", "seed",
                "created_at"]
@@ -93,7 +93,7 @@ def overlay_list(ctx, dataset, fmt):
 def overlay_remove(ctx, dataset, name):
     """Delete condition NAME of DATASET and its detect-text results.
 
-    Embeddings and indexes already computed for it stay on disk.
+    Its embeddings, indexes, analyses and overlay figures are removed with it.
 
     \b
     Example:
@@ -120,14 +120,14 @@ def overlay_preview(ctx, dataset, name, n, out, tile_size):
     Example:
       vlmindex overlay preview derma wrong -n 16 --out sheet.png
     """
+    from vlmindex.catalog import slug
     from vlmindex.imageio import save_png
     from vlmindex.overlay import preview_tiles
     from vlmindex.sheet import contact_sheet
-    from vlmindex.workspace import slug
 
     if tile_size < 32:
         raise VlmindexError(f"--tile-size {tile_size} is too small; use 32 or more")
-    tiles = preview_tiles(ctx.workspace, dataset, name, n=n)
+    tiles = preview_tiles(ctx.workspace.require(), dataset, name, n=n)
     out = out or Path(f"{slug(dataset)}-{slug(name)}-preview.png")
     save_png(contact_sheet(tiles, columns=min(8, len(tiles)), tile_size=tile_size), out)
     click.echo(f"Wrote {out} ({len(tiles) // 2} images, clean | {name}).")

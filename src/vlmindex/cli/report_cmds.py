@@ -40,7 +40,7 @@ def report(ctx, out, dataset, max_points, projection, n_boot, alpha, seed):
 
     opts = ReportOptions(dataset=dataset, max_points=max_points, projection=projection, n_boot=n_boot,
                          alpha=alpha, seed=seed)
-    res = write_report(ctx.workspace, out, opts)
+    res = write_report(ctx.workspace.require(), out, opts)
     for note in res.notes:
         click.echo(f"note: {note}", err=True)
     click.echo(f"wrote {res.path} ({res.bytes / 1024:.0f} KiB; {res.n_analyses} analyses of "

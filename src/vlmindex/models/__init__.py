@@ -10,7 +10,7 @@ Importing this package is cheap (no torch); :class:`Extractor` and the loaders i
 
 from typing import TYPE_CHECKING, Any
 
-from vlmindex.models.loader import is_available, load_model
+from vlmindex.models.loader import LoadOptions, auto_device, is_available, load_model
 from vlmindex.models.registry import CATEGORIES, FAMILIES, GENERIC_FORMS, ModelSpec, get_spec, list_specs
 
 if TYPE_CHECKING:
@@ -21,7 +21,9 @@ __all__ = [
     "FAMILIES",
     "GENERIC_FORMS",
     "Extractor",
+    "LoadOptions",
     "ModelSpec",
+    "auto_device",
     "get_spec",
     "is_available",
     "list_specs",

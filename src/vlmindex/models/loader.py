@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -13,7 +14,30 @@ from vlmindex.models.registry import get_spec
 if TYPE_CHECKING:
     from vlmindex.models.extractor import Extractor
 
-__all__ = ["is_available", "load_model"]
+__all__ = ["LoadOptions", "auto_device", "is_available", "load_model"]
+
+
+def auto_device(device: str | None) -> str:
+    """``device``, else ``cuda`` when a GPU is present, else ``cpu``."""
+    if device:
+        return device
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+@dataclass(frozen=True)
+class LoadOptions:
+    """How a model is loaded, with one meaning in every command that loads one
+    (``--checkpoint``, ``--trust-remote-code``, ``--device``)."""
+
+    checkpoint: str | None = None      # a local folder (or open_clip weights file) instead of the cache
+    trust_remote_code: bool = False    # allow code shipped with the weights to run (LLM2CLIP)
+    device: str | None = None          # None: cuda when present, else cpu
+
+    def load(self, name: str) -> Extractor:
+        return load_model(name, checkpoint=self.checkpoint, trust_remote_code=self.trust_remote_code,
+                          device=auto_device(self.device))
 
 
 def load_model(

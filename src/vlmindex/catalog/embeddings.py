@@ -1,0 +1,371 @@
+"""Embedding runs in the workspace: what is current, what is pending, and how a part is committed.
+
+The one reader (:func:`read_run`) returns each image's current embedding (newest part whose pixel
+fingerprint is the image's current one, see ``catalog.views``) together with the fingerprint of
+everything it read. Writers never rename a part into a run directory without
+:func:`commit_part`, which holds the workspace lock and keeps only rows whose pixels are still
+the catalog's and whose image no other process has embedded in the meantime: two ``embed`` runs
+of one model, or an ``embed`` during ``ingest --replace``, end with one current row per image.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+import duckdb
+import numpy as np
+
+from vlmindex.catalog import parts
+from vlmindex.catalog.keys import RunKey
+from vlmindex.catalog.views import RunRelation, current_rows_sql, register_run
+from vlmindex.catalog.workspace import CONNECT_WAIT, Workspace, hold_flock, slug, transaction
+from vlmindex.errors import VlmindexError
+
+_NO_ROWS = "SELECT NULL::BIGINT AS image_id, NULL::VARCHAR AS part WHERE false"
+COMMIT_WAIT = 120.0  # seconds a finished part waits for the workspace lock
+
+
+@dataclass
+class RunEmbeddings:
+    """A run's current embeddings, sorted by image id, and the fingerprint of what was read."""
+
+    ids: np.ndarray
+    vectors: np.ndarray
+    zero_ids: np.ndarray  # current rows whose vector is all zeros or not finite: left out of ``ids``
+    fingerprint: str      # of the run's catalog rows and current parts (``run_fingerprint``)
+
+    @property
+    def dim(self) -> int:
+        return int(self.vectors.shape[1]) if self.vectors.ndim == 2 else 0
+
+
+@dataclass(frozen=True)
+class PendingImage:
+    image_id: int
+    path: str
+    label: str | None
+    modality: str | None
+    sha256: str
+    pixels: str
+
+
+def _current(run: RunRelation | None) -> str:
+    return current_rows_sql(run) if run is not None else _NO_ROWS
+
+
+@contextlib.contextmanager
+def _reading(ws: Workspace, con: duckdb.DuckDBPyConnection | None) -> Iterator[duckdb.DuckDBPyConnection]:
+    """``con`` when the caller holds one, else a short read-only connection without views."""
+    if con is not None:
+        yield con
+        return
+    with ws.read(views=False) as own:
+        yield own
+
+
+def run_fingerprint(con: duckdb.DuckDBPyConnection, ws: Workspace, key: RunKey,
+                    run: RunRelation | None = None, *, registered: bool = False) -> str:
+    """sha256 over every image of the run's dataset: its pixels under the condition, label, group,
+    split, modality, and the part holding its current embedding (``-`` for none).
+
+    Any change that could change a number computed from the run changes it: new, removed or
+    replaced pixels, relabelled images, a part committed or deleted. Parts are immutable and
+    uniquely named, so a part's name stands for its vectors.
+    """
+    if run is None and not registered:
+        run = register_run(con, ws.embeddings_dir(key.model, key.dataset, key.condition))
+    row = con.execute(
+        f"""
+        WITH cur AS ({_current(run)})
+        SELECT sha256(coalesce(string_agg(concat_ws(chr(31), i.image_id::VARCHAR, x.pixels, coalesce(c.part, '-'),
+                                                    coalesce(i.label, chr(0)), coalesce(i.group_id, chr(0)),
+                                                    coalesce(i.split, chr(0)), coalesce(i.modality, chr(0))),
+                                          chr(30) ORDER BY i.image_id), ''))
+        FROM images i JOIN image_pixels x ON x.image_id = i.image_id AND x.dataset = i.dataset
+        LEFT JOIN cur c ON c.image_id = i.image_id
+        WHERE i.dataset = ? AND x.condition = ?
+        """, [key.dataset, key.condition]).fetchall()
+    return str(row[0][0])
+
+
+def read_run(ws: Workspace, key: RunKey, *, ids: np.ndarray | None = None,
+             con: duckdb.DuckDBPyConnection | None = None) -> RunEmbeddings:
+    """The current embeddings of ``key`` (only ``ids`` when given) and the run's fingerprint.
+
+    Vectors that are all zeros or not finite (a uniform image through HOG, a broken model) are
+    returned in ``zero_ids``, never in ``ids``: no metric is defined on them.
+    """
+    with _reading(ws, con) as c:
+        run = register_run(c, ws.embeddings_dir(key.model, key.dataset, key.condition))
+        fingerprint = run_fingerprint(c, ws, key, run, registered=True)
+        if run is None:
+            return RunEmbeddings(np.empty(0, np.int64), np.empty((0, 0), np.float32), np.empty(0, np.int64),
+                                 fingerprint)
+        where, params = "", []
+        if ids is not None:
+            where, params = "WHERE p.image_id IN (SELECT unnest(?))", [np.asarray(ids, dtype=np.int64).tolist()]
+        try:
+            table = c.sql(
+                f"SELECT p.image_id, p.embedding FROM {run.name} p "
+                f"JOIN ({current_rows_sql(run)}) cur ON cur.image_id = p.image_id AND cur.part = p.part::VARCHAR "
+                f"{where} ORDER BY p.image_id", params=params).to_arrow_table()
+        except (duckdb.Error, OSError) as exc:
+            raise VlmindexError(
+                f"cannot read the embeddings of {key} ({' '.join(str(exc).split())[:300]}); "
+                f"remove the damaged part or re-embed with `vlmindex embed {key.cli_args()}`"
+            ) from None
+    all_ids = table["image_id"].to_numpy()
+    vectors = parts.vectors_of(table["embedding"])
+    bad = ~np.isfinite(vectors).all(axis=1) | ~vectors.any(axis=1) if len(vectors) else np.zeros(0, bool)
+    return RunEmbeddings(all_ids[~bad], np.ascontiguousarray(vectors[~bad]), all_ids[bad], fingerprint)
+
+
+def pending(ws: Workspace, key: RunKey, *, split: str | None = None,
+            shard: tuple[int, int] | None = None) -> tuple[list[PendingImage], int]:
+    """Images of the selection (split, shard) without a current embedding, and the selection's size."""
+    where, params = "", [key.dataset, key.condition]
+    if split:
+        where += " AND i.split = ?"
+        params.append(split)
+    if shard:
+        where += " AND i.image_id % ? = ?"
+        params += [shard[1], shard[0]]
+    with ws.read(views=False) as con:
+        run = register_run(con, ws.embeddings_dir(key.model, key.dataset, key.condition))
+        rows = con.execute(
+            f"""
+            WITH cur AS ({_current(run)})
+            SELECT i.image_id, i.path, i.label, i.modality, i.sha256, x.pixels, c.image_id IS NOT NULL AS done
+            FROM images i JOIN image_pixels x ON x.image_id = i.image_id AND x.dataset = i.dataset
+            LEFT JOIN cur c ON c.image_id = i.image_id
+            WHERE i.dataset = ? AND x.condition = ? {where}
+            ORDER BY i.image_id
+            """, params).fetchall()
+    todo = [PendingImage(*r[:6]) for r in rows if not r[6]]
+    return todo, len(rows)
+
+
+def current_count(ws: Workspace, key: RunKey, *, split: str | None = None,
+                  shard: tuple[int, int] | None = None) -> int:
+    """How many images of the selection have a current embedding."""
+    todo, total = pending(ws, key, split=split, shard=shard)
+    return total - len(todo)
+
+
+@dataclass
+class Commit:
+    path: str | None   # the part written, None when no row was left to commit
+    written: int
+    changed: int       # rows whose pixels changed (or whose image left the catalog) while embedding
+    duplicates: int    # rows another process had committed first
+
+
+def commit_part(ws: Workspace, key: RunKey, *, image_ids: np.ndarray, pixels: list[str], vectors: np.ndarray,
+                dtype: str = "float32", tag: str = "", run: dict[str, Any] | None = None) -> Commit:
+    """Check a finished batch against the catalog and rename it into the run directory.
+
+    Under the workspace lock: rows whose pixel fingerprint is no longer the image's are dropped
+    (the image is embedded again next time), as are rows of images that already have a current
+    embedding (another process got there first), and the weights must be those of the run's
+    newest part. Adding a part needs only a read-only connection: readers list a run's parts
+    once per connection, so a part that appears meanwhile is simply not theirs yet.
+    """
+    directory = ws.embeddings_dir(key.model, key.dataset, key.condition)
+    image_ids = np.asarray(image_ids, dtype=np.int64)
+    with ws.lock(wait=COMMIT_WAIT):
+        con = ws.connect(read_only=True, wait=CONNECT_WAIT)
+        try:
+            cur_pixels = dict(con.execute(
+                "SELECT image_id, pixels FROM image_pixels WHERE dataset = ? AND condition = ? "
+                "AND image_id IN (SELECT unnest(?))", [key.dataset, key.condition, image_ids.tolist()]).fetchall())
+            existing = parts.part_paths(directory)
+            have: set[int] = set()
+            if existing:
+                run_rel = register_run(con, directory, existing)
+                have = {r[0] for r in con.execute(f"SELECT image_id FROM ({current_rows_sql(run_rel)})").fetchall()}
+                _check_weights(parts.run_metadata(existing[-1]), run, key)
+            ok_pixels = np.array([cur_pixels.get(int(i)) == p for i, p in zip(image_ids, pixels, strict=True)],
+                                 dtype=bool)
+            fresh = np.array([int(i) not in have for i in image_ids], dtype=bool)
+            keep = ok_pixels & fresh
+            commit = Commit(None, int(keep.sum()), int((~ok_pixels).sum()), int((ok_pixels & ~fresh).sum()))
+            if keep.any():
+                meta = dict(run or {}, committed_at=datetime.now().isoformat(timespec="seconds"))
+                path = parts.write_part(directory, model=key.model, dataset=key.dataset, condition=key.condition,
+                                        image_ids=image_ids[keep], embeddings=vectors[keep], dtype=dtype, tag=tag,
+                                        pixels=[p for p, k in zip(pixels, keep, strict=True) if k], run=meta)
+                commit.path = str(path)
+            return commit
+        finally:
+            con.close()
+
+
+def import_run(ws: Workspace, key: RunKey, *, image_ids: np.ndarray, vectors: np.ndarray, dtype: str,
+               source: str) -> None:
+    """Replace a run's embeddings with vectors computed elsewhere (taken as made from the current
+    pixels), and record the import in ``runs``; one read-write connection, so no reader sees the gap."""
+    directory = ws.embeddings_dir(key.model, key.dataset, key.condition)
+    image_ids = np.asarray(image_ids, dtype=np.int64)
+    now = datetime.now()
+    with ws.write(wait=COMMIT_WAIT) as con:
+        cur_pixels = dict(con.execute(
+            "SELECT image_id, pixels FROM image_pixels WHERE dataset = ? AND condition = ? "
+            "AND image_id IN (SELECT unnest(?))", [key.dataset, key.condition, image_ids.tolist()]).fetchall())
+        old = parts.part_paths(directory)
+        run_id = uuid.uuid4().hex
+        parts.write_part(directory, model=key.model, dataset=key.dataset, condition=key.condition,
+                         image_ids=image_ids, embeddings=vectors, dtype=dtype, tag="import-",
+                         pixels=[cur_pixels.get(int(i)) for i in image_ids],
+                         run={"run_id": run_id, "device": "import", "dtype": dtype, "dim": int(vectors.shape[1]),
+                              "preprocessing": {"imported_from": source}, "committed_at": now.isoformat()})
+        for p in old:
+            p.unlink()
+        insert_run(con, {"run_id": run_id, "model": key.model, "dataset": key.dataset, "condition": key.condition,
+                         "n": len(image_ids), "total": len(image_ids), "dim": int(vectors.shape[1]), "dtype": dtype,
+                         "device": "import", "preprocessing": {"imported_from": source}, "started_at": now,
+                         "finished_at": now, "recorded_from": "import"})
+
+
+def _check_weights(recorded: dict[str, Any], run: dict[str, Any] | None, key: RunKey) -> None:
+    """One run holds one model's embeddings: refuse vectors of other weights (imports and
+    hand-written parts record none and are not compared)."""
+    ours = (run or {}).get("weights_sha256")
+    theirs = recorded.get("weights_sha256")
+    if theirs and ours != theirs:
+        raise VlmindexError(
+            f"{key} was embedded with other weights (sha256 {str(theirs)[:12]}…, now {str(ours)[:12]}…); "
+            f"embed under another --model name, or `vlmindex embeddings remove {key.cli_args()}` to start over"
+        )
+
+
+def newest_weights(ws: Workspace, key: RunKey) -> str | None:
+    """The weights checksum recorded by the run's newest part (None for imports and legacy parts)."""
+    existing = parts.part_paths(ws.embeddings_dir(key.model, key.dataset, key.condition))
+    return parts.run_metadata(existing[-1]).get("weights_sha256") if existing else None
+
+
+def check_resumable(ws: Workspace, key: RunKey, weights_sha256: str | None) -> None:
+    """Refuse, before any work, to add embeddings of other weights to a run: those recorded by its
+    newest ``runs`` row that is not an import, else by its newest part."""
+    existing = parts.part_paths(ws.embeddings_dir(key.model, key.dataset, key.condition))
+    if not existing:
+        return
+    with ws.read(views=False) as con:
+        rows = con.execute("SELECT weights_sha256 FROM runs WHERE model = ? AND dataset = ? AND condition = ? "
+                           "AND device IS DISTINCT FROM 'import' ORDER BY finished_at DESC NULLS LAST LIMIT 1",
+                           [key.model, key.dataset, key.condition]).fetchall()
+    recorded = {"weights_sha256": rows[0][0]} if rows and rows[0][0] else parts.run_metadata(existing[-1])
+    _check_weights(recorded, {"weights_sha256": weights_sha256}, key)
+
+
+@contextlib.contextmanager
+def embedding_lock(ws: Workspace, key: RunKey, shard: tuple[int, int] | None) -> Iterator[int]:
+    """One ``embed`` per run and shard at a time; a second one says who is embedding it. Yields the
+    lock's file descriptor, which forked workers close (see ``hold_flock``).
+
+    Overlapping selections (a sharded and an unsharded run) may still run together: their
+    commits keep the first row of each image.
+    """
+    name = "-".join(slug(x) for x in (key.model, key.dataset, key.condition))
+    if shard:
+        name += f"-{shard[0]}of{shard[1]}"
+    with hold_flock(ws.root / ".locks" / f"embed-{name}.lock", wait=0.0,
+                    busy=lambda holder: f"{key} is already being embedded by {holder}; wait for it to finish") as fd:
+        yield fd
+
+
+def record_missing_runs(ws: Workspace, key: RunKey) -> int:
+    """Add the ``runs`` rows that a failed final catalog write never recorded, from the parts' own
+    provenance; returns how many were added."""
+    existing = parts.part_paths(ws.embeddings_dir(key.model, key.dataset, key.condition))
+    by_run: dict[str, dict[str, Any]] = {}
+    for path in existing:
+        meta = parts.run_metadata(path)
+        run_id = meta.get("run_id")
+        if not run_id:
+            continue
+        entry = by_run.setdefault(run_id, {**meta, "n": 0})
+        entry["n"] += parts.row_count(path)
+        entry.update({k: meta[k] for k in ("committed_at", "seconds") if k in meta})
+    if not by_run:
+        return 0
+    with ws.read(views=False) as con:
+        known = {r[0] for r in con.execute("SELECT run_id FROM runs WHERE run_id IN (SELECT unnest(?))",
+                                           [list(by_run)]).fetchall()}
+    missing = {k: v for k, v in by_run.items() if k not in known}
+    if not missing:
+        return 0
+    total = current_count(ws, key)
+    with ws.write(wait=CONNECT_WAIT) as con:
+        for run_id, m in missing.items():
+            insert_run(con, {
+                "run_id": run_id, "model": key.model, "dataset": key.dataset, "condition": key.condition,
+                "split": m.get("split"), "shard": m.get("shard"), "n": m["n"], "total": total, "dim": m.get("dim"),
+                "dtype": m.get("dtype"), "seconds": m.get("seconds"),
+                "images_per_s": (m["n"] / m["seconds"]) if m.get("seconds") else None,
+                "device": m.get("device"), "batch_size": m.get("batch_size"), "num_workers": m.get("num_workers"),
+                "preprocessing": m.get("preprocessing"), "versions": m.get("versions"),
+                "weights_sha256": m.get("weights_sha256"), "started_at": m.get("started_at"),
+                "finished_at": m.get("committed_at"), "recorded_from": "parts",
+            })
+    return len(missing)
+
+
+RUN_COLUMNS = ("run_id", "model", "dataset", "condition", "split", "shard", "n", "total", "dim", "dtype", "seconds",
+               "images_per_s", "device", "batch_size", "num_workers", "preprocessing", "versions", "weights_sha256",
+               "started_at", "finished_at", "recorded_from")
+
+
+def insert_run(con: duckdb.DuckDBPyConnection, row: dict[str, Any]) -> None:
+    """One ``runs`` row (JSON columns given as objects or JSON text)."""
+    import json
+
+    values = [json.dumps(row.get(c), default=str) if c in ("preprocessing", "versions") and
+              not isinstance(row.get(c), str | None) else row.get(c) for c in RUN_COLUMNS]
+    con.execute(f"INSERT OR REPLACE INTO runs ({', '.join(RUN_COLUMNS)}) VALUES ({', '.join('?' * len(RUN_COLUMNS))})",
+                values)
+
+
+def last_run(ws: Workspace, key: RunKey) -> dict[str, Any] | None:
+    """The newest ``runs`` row of a run, or None."""
+    with ws.read(views=False) as con:
+        cur = con.execute("SELECT * FROM runs WHERE model = ? AND dataset = ? AND condition = ? "
+                          "ORDER BY finished_at DESC NULLS LAST LIMIT 1", [key.model, key.dataset, key.condition])
+        cols = [d[0] for d in cur.description]
+        rows = cur.fetchall()
+    return dict(zip(cols, rows[0], strict=True)) if rows else None
+
+
+def record_run(ws: Workspace, key: RunKey, row: dict[str, Any] | None, failures: list[tuple[str, str]], *,
+               wait: float = COMMIT_WAIT) -> None:
+    """The final write of an embedding run: its ``runs`` row (None when it stored nothing) and the
+    images it could not use, replacing what an earlier run of the same model recorded for them."""
+    from vlmindex.catalog import datasets
+
+    with ws.write(wait=wait) as con, transaction(con):
+        if row is not None:
+            insert_run(con, row)
+        if failures:
+            con.execute("DELETE FROM skipped WHERE dataset = ? AND stage = 'embed' AND model = ? AND condition = ? "
+                        "AND path IN (SELECT unnest(?))",
+                        [key.dataset, key.model, key.condition, [p for p, _ in failures]])
+            datasets.record_skips(con, key.dataset, failures, stage="embed", model=key.model,
+                                  condition=key.condition)
+
+
+def remove_run(ws: Workspace, key: RunKey) -> int:
+    """Delete a run's embeddings and everything computed from them; returns the parts removed."""
+    from vlmindex.catalog import dependencies
+
+    directory = ws.embeddings_dir(key.model, key.dataset, key.condition)
+    n = len(parts.part_paths(directory))
+    with ws.write(wait=CONNECT_WAIT) as con:
+        with transaction(con):
+            stale = dependencies.drop_rows(con, ws, key.dataset, key.condition, model=key.model, change="embeddings")
+        dependencies.remove_files([*stale, directory])
+    return n
