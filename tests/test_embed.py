@@ -21,6 +21,15 @@ from vlmindex.errors import VlmindexError
 OFFLINE = ["raw-pixels", "color-hist", "hog", "untrained-vit-tiny"]
 
 
+def almost_flat(size: tuple[int, int], colour: tuple[int, int, int]):
+    """A flat colour with one odd pixel: ingest skips wholly uniform images as blank."""
+    from PIL import Image
+
+    img = Image.new("RGB", size, colour)
+    img.putpixel((0, 0), tuple(255 - c for c in colour))
+    return img
+
+
 def catalog_ids(ws: Workspace, dataset: str = "demo") -> np.ndarray:
     with ws.read() as con:
         return np.array(sorted(r[0] for r in con.execute(
@@ -175,17 +184,16 @@ def test_replacing_or_removing_a_condition_drops_what_was_computed_from_it(vlm, 
 
 
 def test_changed_files_need_replace_which_drops_old_embeddings(vlm, tmp_path):
-    from PIL import Image
 
     src = tmp_path / "src"
     for cls in ("a", "b"):
         (src / cls).mkdir(parents=True)
         for i in range(3):
-            Image.new("RGB", (16, 16), (40 * i, 100 if cls == "a" else 200, 0)).save(src / cls / f"{i}.png")
+            almost_flat((16, 16), (40 * i, 100 if cls == "a" else 200, 0)).save(src / cls / f"{i}.png")
     ws_dir = tmp_path / "ws"
     vlm(ws_dir, "ingest", "f", src, "--format", "imagefolder")
     vlm(ws_dir, "embed", "-m", "raw-pixels", "-d", "f", "--workers", "0")
-    Image.new("RGB", (16, 16), (255, 255, 255)).save(src / "a" / "0.png")
+    almost_flat((16, 16), (255, 255, 255)).save(src / "a" / "0.png")
     res = vlm(ws_dir, "ingest", "f", src, "--format", "imagefolder", expect=1)
     assert "changed since it was ingested" in res.err and "--replace" in res.err
     other = tmp_path / "other"
@@ -206,12 +214,11 @@ def test_newest_copy_of_an_image_wins(tmp_path):
 
 
 def test_import_by_bare_file_name_refuses_ambiguous_names(vlm, tmp_path):
-    from PIL import Image
 
     src = tmp_path / "src"
     for cls in ("a", "b"):
         (src / cls).mkdir(parents=True)
-        Image.new("RGB", (8, 8), (100, 0, 0) if cls == "a" else (0, 100, 0)).save(src / cls / "0.png")
+        almost_flat((8, 8), (100, 0, 0) if cls == "a" else (0, 100, 0)).save(src / cls / "0.png")
     ws_dir = tmp_path / "ws"
     vlm(ws_dir, "ingest", "f", src, "--format", "imagefolder")
     feats = tmp_path / "f.parquet"

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import csv
+import io
 import json
 import shutil
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -129,9 +131,52 @@ def test_imagefolder_follows_symlinked_folders_once(ws: Workspace, tmp_path: Pat
     write_image(root / "benign" / "b1.png", SEED + 1)
     (root / "malignant").symlink_to(elsewhere, target_is_directory=True)
     (root / "benign" / "loop").symlink_to(root, target_is_directory=True)   # must not recurse forever
-    ingest(ws, "s", root, "imagefolder", progress=False)
+    # disk2 lies outside SOURCE: followed only on request since folder links out of SOURCE are skipped.
+    ingest(ws, "s", root, "imagefolder", IngestOptions(follow_symlinks=True), progress=False)
     rows = images(ws, "s")
     assert {n: r["label"] for n, r in rows.items()} == {"b1.png": "benign", "m1.png": "malignant"}
+
+
+def test_imagefolder_does_not_follow_symlinks_out_of_source_unless_asked(
+        ws: Workspace, tmp_path: Path, vlm) -> None:
+    elsewhere = tmp_path / "home" / "photos"
+    write_image(elsewhere / "cat.png", SEED)
+    root = tmp_path / "set"
+    write_image(root / "benign" / "b1.png", SEED + 1)
+    write_image(root / "shared" / "s1.png", SEED + 2)
+    (root / "benign" / "more").symlink_to(root / "shared", target_is_directory=True)   # stays inside
+    (root / "malignant").symlink_to(elsewhere, target_is_directory=True)                # leaves SOURCE
+    report = ingest(ws, "s", root, "imagefolder", progress=False)
+    assert sorted(images(ws, "s")) == ["b1.png", "s1.png"]
+    assert report.skipped == 1
+    reason = skipped(ws, "s")["malignant"]
+    assert reason == (f"directory symlink to {elsewhere.resolve()} leaves SOURCE; not followed "
+                      "(pass --follow-symlinks)")
+
+    ingest(ws, "s2", root, "imagefolder", IngestOptions(follow_symlinks=True), progress=False)
+    rows = images(ws, "s2")
+    assert sorted(rows) == ["b1.png", "cat.png", "s1.png"] and rows["cat.png"]["label"] == "malignant"
+    assert skipped(ws, "s2") == {}
+
+    res = vlm(tmp_path / "cli-ws", "ingest", "s3", root, "--format", "imagefolder", "--follow-symlinks")
+    assert "ingested 3 images" in res.out and "skipped 0" in res.out
+
+
+def test_blank_images_are_skipped(ws: Workspace, tmp_path: Path) -> None:
+    root = tmp_path / "flat"
+    write_image(root / "a" / "noise.png", SEED)
+    Image.new("L", (32, 32), 0).save(root / "a" / "black.png")
+    Image.new("RGB", (32, 32), (200, 30, 30)).save(root / "a" / "red.png")
+    Image.fromarray(np.full((32, 32), 4000, np.uint16)).save(root / "a" / "flat16.png")
+    Image.new("RGBA", (32, 32), (90, 10, 10, 0)).save(root / "a" / "transparent.png")  # black once composited
+    near = Image.new("RGB", (32, 32), (200, 30, 30))
+    near.putpixel((5, 5), (200, 30, 31))                       # one pixel off in one channel: not blank
+    near.save(root / "a" / "near.png")
+    report = ingest(ws, "flat", root, "imagefolder", progress=False)
+    assert sorted(images(ws, "flat")) == ["near.png", "noise.png"]
+    assert report.skipped == 4
+    assert skipped(ws, "flat") == {n: "blank image: every pixel has the same value"
+                                   for n in ("black.png", "red.png", "flat16.png", "transparent.png")}
 
 
 def test_reingest_is_idempotent_and_replace_drops_missing(ws: Workspace, kermany: Path) -> None:
@@ -320,6 +365,46 @@ def test_csv_isic_one_hot_layout(ws: Workspace, tmp_path: Path) -> None:
     assert sorted(images(ws, "isic-png")) == sorted(f"{k}.png" for k in hot)
 
 
+def test_csv_two_spellings_of_one_file_are_one_image(ws: Workspace, tmp_path: Path) -> None:
+    root = tmp_path / "data"
+    a = write_image(root / "x" / "a.png", SEED)
+    write_image(root / "x" / "b.png", SEED + 1)
+    (root / "alias").symlink_to(root / "x", target_is_directory=True)
+    manifest = write_csv(root / "lists" / "m.csv", ["path", "label"], [
+        ["x/b.png", "benign"],
+        ["lists/../x/a.png", "benign"],
+        [str(a), "malignant"],                 # absolute spelling of the same file, other label
+        ["alias/b.png", "benign"],             # through a folder symlink, same label
+    ])
+    report = ingest(ws, "two", manifest, "csv", IngestOptions(image_root=root), progress=False)
+    assert (report.ingested, report.skipped, report.total) == (2, 2, 2)
+    rows = images(ws, "two")
+    assert rows["a.png"]["image_id"] == image_id_for("two", "x/a.png") and rows["a.png"]["label"] == "benign"
+    assert rows["b.png"]["image_id"] == image_id_for("two", "x/b.png")
+    with ws.read() as con:
+        reasons = [r for (r,) in con.execute("SELECT reason FROM skipped").fetchall()]
+    assert all(r.startswith("duplicate entry") for r in reasons)
+    assert sum("listed twice, as 'benign' and 'malignant'; keep one row" in r for r in reasons) == 1
+
+
+def test_csv_keys_outside_the_root_are_absolute_and_bare_ids_keep_theirs(ws: Workspace, tmp_path: Path) -> None:
+    root = tmp_path / "ham"
+    write_image(root / "part_1" / "ISIC_1.jpg", SEED, fmt="JPEG")
+    c = write_image(tmp_path / "elsewhere" / "c.png", SEED + 1)
+    manifest = write_csv(root / "m.csv", ["image_id", "dx"], [
+        ["ISIC_1", "nv"],                      # a bare id, found one subfolder down
+        ["part_1/ISIC_1.jpg", "mel"],          # the same file by its path
+        ["../elsewhere/c.png", "nv"],          # outside the image root
+    ])
+    report = ingest(ws, "h", manifest, "csv", progress=False)
+    assert (report.ingested, report.skipped) == (2, 1)
+    rows = images(ws, "h")
+    assert rows["ISIC_1.jpg"]["image_id"] == image_id_for("h", "ISIC_1")
+    assert rows["ISIC_1.jpg"]["label"] == "nv"
+    assert rows["c.png"]["image_id"] == image_id_for("h", str(c.resolve()))
+    assert "as 'nv' and 'mel'" in skipped(ws, "h")["ISIC_1.jpg"]
+
+
 def test_csv_errors_name_the_columns(ws: Workspace, tmp_path: Path) -> None:
     manifest = write_csv(tmp_path / "m.csv", ["a", "b"], [["1", "2"]])
     with pytest.raises(VlmindexError, match="--path-col"):
@@ -423,7 +508,8 @@ def test_medmnist_flavour_flag_unknown_flavour_and_bad_labels(ws: Workspace, tmp
     assert "cannot tell the MedMNIST flavour from the name 'mystery.npz'" in opts["extra"]["note"]
 
     bad = tmp_path / "pneumoniamnist.npz"
-    np.savez(bad, train_images=np.zeros((3, 28, 28), np.uint8), train_labels=np.array([[0], [1], [5]]))
+    np.savez(bad, train_images=np.random.default_rng(SEED).integers(0, 256, (3, 28, 28), dtype=np.uint8),
+             train_labels=np.array([[0], [1], [5]]))
     report = ingest(ws, "pn", bad, "medmnist", progress=False)
     assert (report.ingested, report.skipped) == (2, 1)
     assert "label 5 is not a pneumoniamnist class" in skipped(ws, "pn")["pneumoniamnist.npz#train[2]"]
@@ -453,6 +539,90 @@ def test_medmnist_multilabel_is_refused_and_catalog_untouched(ws: Workspace, tmp
     np.savez(vol, train_images=np.zeros((2, 28, 28, 28), np.uint8), train_labels=np.zeros((2, 1)))
     with pytest.raises(VlmindexError, match="3-D"):
         ingest(ws, "v", vol, "medmnist", progress=False)
+
+
+def _npz(path: Path, **members: np.ndarray | bytes) -> Path:
+    """An .npz written member by member, so a test can put a damaged array in it."""
+    with zipfile.ZipFile(path, "w") as zf:
+        for name, value in members.items():
+            if isinstance(value, bytes):
+                zf.writestr(f"{name}.npy", value)
+            else:
+                buf = io.BytesIO()
+                np.save(buf, value)
+                zf.writestr(f"{name}.npy", buf.getvalue())
+    return path
+
+
+def _pngs(ws: Workspace, dataset: str) -> list[str]:
+    out = ws.images_dir(dataset)
+    return sorted(p.relative_to(out).as_posix() for p in out.rglob("*.png"))
+
+
+def test_medmnist_inconsistent_split_is_skipped_whole_and_the_rest_ingested(ws: Workspace, tmp_path: Path) -> None:
+    rng = np.random.default_rng(SEED)
+    src = _npz(tmp_path / "breastmnist.npz",
+               train_images=rng.integers(0, 256, (4, 28, 28), dtype=np.uint8),
+               train_labels=np.array([[0], [1], [1], [0]], np.uint8),
+               val_images=rng.integers(0, 256, (5, 28, 28), dtype=np.uint8),
+               val_labels=np.array([[0], [1], [0]], np.uint8),                 # 3 labels, 5 images
+               test_images=rng.integers(0, 256, (3, 28), dtype=np.uint8),      # no image axes
+               test_labels=np.zeros((3, 1), np.uint8))
+    report = ingest(ws, "b", src, "medmnist", progress=False)
+    assert (report.ingested, report.skipped, report.total) == (4, 2, 4)
+    reasons = skipped(ws, "b")
+    assert set(reasons) == {"breastmnist.npz#val", "breastmnist.npz#test"}
+    assert "3 labels for 5 images" in reasons["breastmnist.npz#val"]
+    assert "shape (3, 28)" in reasons["breastmnist.npz#test"]
+    assert _pngs(ws, "b") == [f"train/{i}.png" for i in range(4)]   # nothing of the skipped splits
+
+
+def test_medmnist_unreadable_or_unpaired_member_skips_its_split(ws: Workspace, tmp_path: Path) -> None:
+    rng = np.random.default_rng(SEED)
+    src = _npz(tmp_path / "pneumoniamnist_28.npz",
+               train_images=rng.integers(0, 256, (3, 28, 28), dtype=np.uint8),
+               train_labels=np.array([0, 1, 1], np.uint8),
+               val_images=rng.integers(0, 256, (2, 28, 28), dtype=np.uint8),
+               val_labels=b"this is not a .npy array",
+               test_images=rng.integers(0, 256, (2, 28, 28), dtype=np.uint8))    # no test_labels
+    report = ingest(ws, "p", src, "medmnist", progress=False)
+    assert (report.ingested, report.skipped) == (3, 2)
+    reasons = skipped(ws, "p")
+    assert set(reasons) == {"pneumoniamnist_28.npz#val", "pneumoniamnist_28.npz#test"}
+    assert "val_labels.npy" in reasons["pneumoniamnist_28.npz#val"]
+    assert "test_labels.npy" in reasons["pneumoniamnist_28.npz#test"]
+    assert _pngs(ws, "p") == ["train/0.png", "train/1.png", "train/2.png"]
+
+
+def test_medmnist_bad_label_skips_only_its_row(ws: Workspace, tmp_path: Path) -> None:
+    rng = np.random.default_rng(SEED)
+    src = _npz(tmp_path / "breastmnist_64.npz",
+               train_images=rng.integers(0, 256, (2, 28, 28), dtype=np.uint8),
+               train_labels=np.array([[1], [0]], np.int64),
+               val_images=rng.integers(0, 256, (5, 28, 28, 3), dtype=np.uint8),
+               val_labels=np.array([[0.0], [1.0], [np.nan], [0.5], [7.0]]),
+               test_images=rng.integers(0, 256, (2, 28, 28), dtype=np.uint8),
+               test_labels=np.array([[-1], [1]], np.int8))
+    report = ingest(ws, "b", src, "medmnist", progress=False)
+    assert (report.ingested, report.skipped) == (5, 4)
+    reasons = skipped(ws, "b")
+    assert set(reasons) == {"breastmnist_64.npz#val[2]", "breastmnist_64.npz#val[3]",
+                            "breastmnist_64.npz#val[4]", "breastmnist_64.npz#test[0]"}
+    assert "NaN" in reasons["breastmnist_64.npz#val[2]"]
+    assert "not an integer" in reasons["breastmnist_64.npz#val[3]"]
+    assert "label 7 is not a breastmnist class" in reasons["breastmnist_64.npz#val[4]"]
+    assert "label -1 is not a breastmnist class" in reasons["breastmnist_64.npz#test[0]"]
+    assert _pngs(ws, "b") == ["test/1.png", "train/0.png", "train/1.png", "val/0.png", "val/1.png"]
+    with ws.read() as con:
+        labels = dict(con.execute("SELECT source_path, label FROM images").fetchall())
+    assert labels[f"{src.resolve()}#val[1]"] == "normal, benign"
+
+    # Without class names a label must still be a whole number of 0 or more.
+    odd = _npz(tmp_path / "mystery.npz", train_images=rng.integers(0, 256, (3, 28, 28), dtype=np.uint8),
+               train_labels=np.array([2.0, np.nan, -3.0]))
+    report = ingest(ws, "odd", odd, "medmnist", progress=False)
+    assert (report.ingested, report.skipped) == (1, 2)
+    assert set(skipped(ws, "odd")) == {"mystery.npz#train[1]", "mystery.npz#train[2]"}
 
 
 # -- dicom ---------------------------------------------------------------------------------------
@@ -590,6 +760,21 @@ def test_dicom_labels_csv_and_reingest(ws: Workspace, dicom_dir: Path, tmp_path:
     bad = write_csv(tmp_path / "bad.csv", ["file", "class"], [["x", "y"]])
     with pytest.raises(VlmindexError, match="path and label columns"):
         ingest(ws, "dl2", dicom_dir, "dicom", IngestOptions(labels_csv=bad), progress=False)
+
+
+def test_dicom_does_not_follow_symlinks_out_of_source(ws: Workspace, tmp_path: Path) -> None:
+    outside = tmp_path / "scanner_export"
+    outside.mkdir()
+    shutil.copy(dicom_sample("CT_small.dcm"), outside / "ct.dcm")
+    root = tmp_path / "d"
+    (root / "benign").mkdir(parents=True)
+    shutil.copy(dicom_sample("MR_small.dcm"), root / "benign" / "mr.dcm")
+    (root / "malignant").symlink_to(outside, target_is_directory=True)
+    report = ingest(ws, "d", root, "dicom", progress=False)
+    assert sorted(images(ws, "d")) == ["mr.dcm.png"] and report.skipped == 1
+    assert "leaves SOURCE; not followed (pass --follow-symlinks)" in skipped(ws, "d")["malignant"]
+    ingest(ws, "d2", root, "dicom", IngestOptions(follow_symlinks=True), progress=False)
+    assert sorted(images(ws, "d2")) == ["ct.dcm.png", "mr.dcm.png"]
 
 
 # -- concurrency ---------------------------------------------------------------------------------

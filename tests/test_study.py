@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+import re
 import textwrap
+from pathlib import Path
 
 import pytest
 
@@ -89,3 +91,126 @@ def test_shipped_studies_parse_and_the_demo_needs_no_download():
     categories = {get_spec(m).category for m in paper.models}
     assert {"medical", "general", "llm-enhanced", "baseline"} <= categories
     assert {"llm2clip-b16", "llm2clip-l14-336"} <= paper.trust_remote_code
+
+
+def _study_text(*, study: str = "", dataset: str = "synth = {}", condition: str = "",
+                models: str = 'names = ["hog"]', analysis: str = "", embed: str = "") -> str:
+    """A valid study with one piece swapped out by the caller."""
+    return "\n".join([
+        "[study]", study,
+        "[[datasets]]", 'name = "x"', dataset,
+        "[[conditions]]", 'name = "lbl"', 'text = "label"', condition,
+        "[models]", models,
+        "[analysis]", analysis,
+        "[embed]", embed, "",
+    ])
+
+
+@pytest.mark.parametrize(("piece", "message"), [
+    ({"models": 'names = "hog"'}, "[models] names must be a list of model names (strings), got 'hog'"),
+    ({"models": "names = [1]"}, "[models] names must be a list of model names (strings), got [1]"),
+    ({"models": 'names = ["hog"]\ncheckpoints = "x"'},
+     "[models] checkpoints must be a table of model = checkpoint (strings), got 'x'"),
+    ({"models": 'names = ["hog"]\ncheckpoints = { hog = 3 }'},
+     "[models] checkpoints must be a table of model = checkpoint (strings), got {'hog': 3}"),
+    ({"models": 'names = ["hog"]\ntrust_remote_code = true'},
+     "[models] trust_remote_code must be a list of model names (strings), got True"),
+    ({"analysis": 'k = "ten"'}, "[analysis] k must be an integer >= 1, got 'ten'"),
+    ({"analysis": "k = 0"}, "[analysis] k must be an integer >= 1, got 0"),
+    ({"analysis": "k = true"}, "[analysis] k must be an integer >= 1, got True"),
+    ({"analysis": 'exclude_group = "yes"'}, "[analysis] exclude_group must be true or false, got 'yes'"),
+    ({"analysis": "query_split = 1"}, "[analysis] query_split must be a string, got 1"),
+    ({"analysis": "gallery_split = []"}, "[analysis] gallery_split must be a string, got []"),
+    ({"analysis": "modality = false"}, "[analysis] modality must be a string, got False"),
+    ({"analysis": "probe = 1"}, "[analysis] probe must be true or false, got 1"),
+    ({"analysis": "seed = 1.5"}, "[analysis] seed must be an integer, got 1.5"),
+    ({"embed": 'batch_size = "32"'}, "[embed] batch_size must be an integer >= 1, got '32'"),
+    ({"embed": "num_workers = -1"}, "[embed] num_workers must be an integer >= 0, got -1"),
+    ({"embed": "dtype = 16"}, "[embed] dtype must be one of float32, float16, got 16"),
+    ({"embed": "device = 0"}, "[embed] device must be a string, got 0"),
+    ({"embed": "part_size = 0"}, "[embed] part_size must be an integer >= 1, got 0"),
+    ({"study": "name = 3"}, "[study] name must be a string, got 3"),
+    ({"study": "description = []"}, "[study] description must be a string, got []"),
+    ({"study": "report = true"}, "[study] report must be a string, got True"),
+    ({"study": 'overlay_effects = "no"'}, "[study] overlay_effects must be true or false, got 'no'"),
+    ({"study": "zeroshot = 1"}, "[study] zeroshot must be true or false, got 1"),
+    ({"dataset": "synth = true"}, "[datasets.x] synth must be a table of synth settings, got True"),
+    ({"dataset": 'synth = { seed = "a" }'}, "[datasets.x] synth.seed must be an integer, got 'a'"),
+    ({"dataset": "synth = { sed = 1 }"}, "unknown key(s) sed in [datasets.x.synth]"),
+    ({"dataset": 'source = 3\nformat = "csv"'}, "[datasets.x] source must be a string, got 3"),
+    ({"dataset": 'source = "a"\nformat = "tiff"'},
+     "[datasets.x] format must be one of imagefolder, csv, medmnist, dicom, got 'tiff'"),
+    ({"dataset": 'source = "a"\nformat = "imagefolder"\nexclude = "*_mask*"'},
+     "[datasets.x] exclude must be a list of glob patterns (strings), got '*_mask*'"),
+    ({"dataset": 'source = "a"\nformat = "imagefolder"\ngroup_regex = "("'},
+     "[datasets.x] group_regex must be a regular expression"),
+    ({"dataset": 'source = "a"\nformat = "imagefolder"\nfollow_symlinks = "yes"'},
+     "[datasets.x] follow_symlinks must be true or false, got 'yes'"),
+    ({"dataset": 'source = "a"\nformat = "csv"\nimage_root = 3'}, "[datasets.x] image_root must be a string, got 3"),
+    ({"dataset": 'source = "a"\nformat = "csv"\npath_col = 1'}, "[datasets.x] path_col must be a string, got 1"),
+    ({"condition": "size = \"big\""}, "[conditions.lbl] size must be a number, got 'big'"),
+    ({"condition": "box = \"yes\""}, "[conditions.lbl] box must be true or false, got 'yes'"),
+    ({"condition": "seed = 1.5"}, "[conditions.lbl] seed must be an integer, got 1.5"),
+    ({"condition": 'datasets = "x"'}, "[conditions.lbl] datasets must be a list of dataset names (strings), got 'x'"),
+    ({"condition": 'datasets = ["y"]'}, "[conditions.lbl] datasets names 'y', which is not a [[datasets]] name"),
+    ({"condition": 'position = "middle"'}, "[conditions.lbl] unknown overlay position 'middle'"),
+])
+def test_study_field_types_are_checked_before_anything_runs(tmp_path, piece, message):
+    study = tmp_path / "study.toml"
+    study.write_text(_study_text(**piece))
+    with pytest.raises(VlmindexError) as err:
+        load_study(study)
+    text = str(err.value)
+    assert text.startswith(f"{study}: ") and message in text and "\n" not in text
+
+
+def test_study_sections_of_the_wrong_kind_are_one_line_errors(tmp_path):
+    study = tmp_path / "study.toml"
+    for text, message in [
+        ('datasets = "x"\n[models]\nnames = ["hog"]\n', "[[datasets]] must be an array of tables"),
+        ('models = ["hog"]\n[[datasets]]\nname = "x"\nsynth = {}\n', "[models] must be a table"),
+        ('[[datasets]]\nname = 3\nsynth = {}\n[models]\nnames = ["hog"]\n',
+         "[[datasets]] #1 name must be 1-64 letters, digits"),
+        ('[[datasets]]\nname = "x"\nsynth = {}\n[[datasets]]\nname = "x"\nsynth = {}\n[models]\nnames = ["hog"]\n',
+         "[[datasets]] name 'x' is given twice"),
+    ]:
+        study.write_text(text)
+        with pytest.raises(VlmindexError, match=re.escape(message)):
+            load_study(study)
+
+
+def test_bad_study_types_stop_the_cli_before_anything_runs(tmp_path, vlm):
+    bad = tmp_path / "bad.toml"
+    bad.write_text(_study_text(analysis='k = "ten"'))
+    ws = tmp_path / "ws"
+    res = vlm(ws, "run", bad, expect=1)
+    assert res.err.strip() == f"Error: {bad}: [analysis] k must be an integer >= 1, got 'ten'"
+    assert res.out == "" and not (ws / "catalog.duckdb").exists()
+    bad.write_text(_study_text(models='names = "hog"'))
+    res = vlm(ws, "run", bad, expect=1)
+    assert res.err.strip() == f"Error: {bad}: [models] names must be a list of model names (strings), got 'hog'"
+
+
+def test_study_paths_are_relative_to_the_study_file(tmp_path):
+    study = tmp_path / "studies" / "s.toml"
+    study.parent.mkdir()
+    study.write_text(_study_text(dataset='source = "../data/m.csv"\nformat = "csv"\nimage_root = "../data/img"\n'
+                                         'labels_csv = "~/labels.csv"'))
+    d = load_study(study).datasets[0]
+    assert d["source"] == str((tmp_path / "data" / "m.csv").resolve())
+    assert d["image_root"] == (tmp_path / "data" / "img").resolve()
+    assert d["labels_csv"] == Path("~/labels.csv").expanduser()
+
+
+def test_every_option_the_runner_passes_on_has_a_type_check():
+    import inspect
+    from dataclasses import fields
+
+    from vlmindex import study, synth
+    from vlmindex.analyze import AnalyzeOptions
+    from vlmindex.overlay import OverlayRecipe
+
+    assert set(study._INGEST_TYPES) == study._INGEST_KEYS
+    assert set(study._ANALYSIS_TYPES) == {f.name for f in fields(AnalyzeOptions)}
+    assert set(study._RECIPE_TYPES) == {f.name for f in fields(OverlayRecipe)}
+    assert set(study._SYNTH_TYPES) <= set(inspect.signature(synth.generate).parameters)

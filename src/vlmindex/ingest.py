@@ -73,7 +73,13 @@ def _inspect(cand: Candidate) -> tuple[Candidate, int, int, str] | Skip:
         with Image.open(path) as img:
             img.load()
             width, height = img.size
-            to_rgb(img)  # proves the mode converts (CMYK, palette, 16-bit)
+            rgb = to_rgb(img)  # also proves the mode converts (CMYK, palette, 16-bit)
+            # A uniform image has no gradients: HOG embeds it as a zero vector, which no cosine
+            # similarity survives. getextrema is one C pass per band; it runs inside the `with`
+            # because to_rgb of an RGB file is the opened image itself.
+            blank = all(lo == hi for lo, hi in rgb.getextrema())
+        if blank:
+            return Skip(str(path), "blank image: every pixel has the same value")
         return cand, width, height, file_sha256(path)
     except UnidentifiedImageError:
         return Skip(str(path), "not an image file PIL can read")
@@ -158,7 +164,7 @@ def _ingest_rows(con: Any, name: str, source: Path, options: IngestOptions, scan
     ingested = 0
     rows: list[dict] = []
     skips: list[tuple[str, str]] = []
-    seen: dict[int, str] = {}
+    seen: dict[int, str | None] = {}   # image_id -> label of the row that claimed it
     bar = tqdm(desc=f"ingest {name}", unit="img", disable=not progress, leave=False)
     with ThreadPoolExecutor(max_workers=os.cpu_count() or 2) as pool:
         for result in pool.map(_inspect_or_pass, scan(source, options, out_dir)):
@@ -168,10 +174,16 @@ def _ingest_rows(con: Any, name: str, source: Path, options: IngestOptions, scan
                 image_id = image_id_for(name, cand.key)
                 if image_id in seen:
                     # Two rows for one key (a manifest listing a file twice) would fight over one
-                    # image_id; keep the first and say so.
-                    result = Skip(str(cand.path), f"duplicate entry: {cand.key!r} was already listed")
+                    # image_id; keep the first and say so, and whether they disagree on the class.
+                    first = seen[image_id]
+                    if first == cand.label:
+                        why = f"duplicate entry: {cand.key!r} was already listed"
+                    else:
+                        a, b = (repr(x) if x is not None else "no label" for x in (first, cand.label))
+                        why = f"duplicate entry: {cand.key!r} is listed twice, as {a} and {b}; keep one row"
+                    result = Skip(str(cand.path), why)
                 else:
-                    seen[image_id] = cand.key
+                    seen[image_id] = cand.label
             if isinstance(result, Skip):
                 skips.append((result.path, result.reason))
                 continue

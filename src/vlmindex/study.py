@@ -10,6 +10,7 @@ everything else goes on.
 
 from __future__ import annotations
 
+import re
 import time
 import tomllib
 from collections.abc import Callable
@@ -20,13 +21,85 @@ from typing import Any
 
 from vlmindex.analyze import AnalyzeOptions
 from vlmindex.catalog import CLEAN, RunKey, Workspace
-from vlmindex.datasets import IngestOptions
+from vlmindex.datasets import FORMATS, IngestOptions
 from vlmindex.errors import VlmindexError
+from vlmindex.ingest import NAME_RE
 
+
+@dataclass(frozen=True)
+class _Type:
+    """What one key of a study section must hold: a test, and the words an error uses for it."""
+
+    ok: Callable[[Any], bool]
+    expect: str
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)   # bool is an int subclass: k = true is no count
+
+
+def _int(minimum: int | None = None) -> _Type:
+    return _Type(lambda v: _is_int(v) and (minimum is None or v >= minimum),
+                 "an integer" if minimum is None else f"an integer >= {minimum}")
+
+
+def _str_list(what: str) -> _Type:
+    # A bare string is refused, not iterated: names = "hog" would otherwise run models h, o, g.
+    return _Type(lambda v: isinstance(v, list) and all(isinstance(x, str) for x in v), f"a list of {what} (strings)")
+
+
+def _one_of(*choices: str) -> _Type:
+    return _Type(lambda v: isinstance(v, str) and v in choices, f"one of {', '.join(choices)}")
+
+
+def _compiles(v: Any) -> bool:
+    if not isinstance(v, str):
+        return False
+    try:
+        re.compile(v)
+    except re.error:
+        return False
+    return True
+
+
+_STR = _Type(lambda v: isinstance(v, str), "a string")
+_BOOL = _Type(lambda v: isinstance(v, bool), "true or false")
+_NUMBER = _Type(lambda v: isinstance(v, int | float) and not isinstance(v, bool), "a number")
+_NAME = _Type(lambda v: isinstance(v, str) and bool(NAME_RE.fullmatch(v)),
+              "1-64 letters, digits, '.', '_' or '-', starting with a letter or digit")
+_SYNTH_TABLE = _Type(lambda v: isinstance(v, dict), "a table of synth settings")
+_STR_TABLE = _Type(lambda v: isinstance(v, dict) and all(isinstance(x, str) for x in v.values()),
+                   "a table of model = checkpoint (strings)")
+
+# Every key the loader accepts, with its type: the unknown-key check and the type check both read
+# these, so a key cannot be allowed without being checked. run_study relies on what passes here.
+_STUDY_TYPES = {"name": _STR, "description": _STR, "report": _STR, "overlay_effects": _BOOL, "zeroshot": _BOOL}
+_INGEST_TYPES = {
+    "exclude": _str_list("glob patterns"), "group_regex": _Type(_compiles, "a regular expression"),
+    "modality": _STR, "follow_symlinks": _BOOL, "path_col": _STR, "label_col": _STR, "split_col": _STR,
+    "group_col": _STR, "modality_col": _STR, "image_root": _STR, "extension": _STR, "flavour": _STR,
+    "labels_csv": _STR,
+}
+_DATASET_TYPES = {"name": _NAME, "synth": _SYNTH_TABLE, "source": _STR, "format": _one_of(*FORMATS), **_INGEST_TYPES}
+_SYNTH_TYPES = {"seed": _int(), "lesions_per_class": _int(1), "views_per_lesion": _int(1), "size": _int(1),
+                "modalities": _str_list("modality names"), "test_fraction": _NUMBER}
+_RECIPE_TYPES = {"text": _STR, "position": _STR, "size": _NUMBER, "color": _STR, "opacity": _NUMBER,
+                 "seed": _int(), "box": _BOOL}
+_CONDITION_TYPES = {
+    "name": _Type(lambda v: _NAME.ok(v) and v != CLEAN, _NAME.expect + f" (not {CLEAN!r})"),
+    "datasets": _str_list("dataset names"), **_RECIPE_TYPES,
+}
+_MODELS_TYPES = {"names": _str_list("model names"), "checkpoints": _STR_TABLE,
+                 "trust_remote_code": _str_list("model names")}
+_ANALYSIS_TYPES = {"k": _int(1), "exclude_group": _BOOL, "query_split": _STR, "gallery_split": _STR,
+                   "modality": _STR, "probe": _BOOL, "seed": _int(), "allow_partial": _BOOL}
+_EMBED_TYPES = {"batch_size": _int(1), "num_workers": _int(0), "dtype": _one_of("float32", "float16"),
+                "device": _STR, "part_size": _int(1)}
 _INGEST_KEYS = {f for f in IngestOptions.__dataclass_fields__ if f != "extra"}
-_RECIPE_KEYS = {"text", "position", "size", "color", "opacity", "seed", "box"}
-_ANALYSIS_KEYS = {"k", "exclude_group", "query_split", "gallery_split", "modality", "probe", "seed"}
-_EMBED_KEYS = {"batch_size", "num_workers", "dtype", "device", "part_size"}
+_RECIPE_KEYS = set(_RECIPE_TYPES)
+_ANALYSIS_KEYS = set(_ANALYSIS_TYPES)
+_EMBED_KEYS = set(_EMBED_TYPES)
+_PATH_KEYS = ("image_root", "labels_csv")   # ingest options naming files: relative to the study
 
 
 def examples_dir() -> Path:
@@ -64,12 +137,90 @@ class StudyResult:
 def _unknown(section: str, given: dict[str, Any], allowed: set[str], path: Path) -> None:
     extra = sorted(set(given) - allowed)
     if extra:
-        raise VlmindexError(f"{path}: unknown key(s) {', '.join(extra)} in [{section}]; "
+        raise VlmindexError(f"{path}: unknown key(s) {', '.join(extra)} in {section}; "
                             f"allowed: {', '.join(sorted(allowed))}")
 
 
+def _shown(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
+def _check(path: Path, section: str, given: dict[str, Any], types: dict[str, _Type], prefix: str = "") -> None:
+    """Unknown keys, then the type of every key given; ``section`` is how the error names it."""
+    _unknown(section, given, set(types), path)
+    for key, value in given.items():
+        if not types[key].ok(value):
+            raise VlmindexError(f"{path}: {section} {prefix}{key} must be {types[key].expect}, got {_shown(value)}")
+
+
+def _table(path: Path, data: dict[str, Any], key: str) -> dict[str, Any]:
+    value = data.get(key, {})
+    if not isinstance(value, dict):
+        raise VlmindexError(f"{path}: [{key}] must be a table, got {_shown(value)}")
+    return value
+
+
+def _entries(path: Path, data: dict[str, Any], key: str) -> list[dict[str, Any]]:
+    value = data.get(key, [])
+    if not isinstance(value, list) or not all(isinstance(e, dict) for e in value):
+        raise VlmindexError(f"{path}: [[{key}]] must be an array of tables (one [[{key}]] block each), "
+                            f"got {_shown(value)}")
+    return value
+
+
+def _entry_section(kind: str, i: int, entry: dict[str, Any]) -> str:
+    name = entry.get("name")
+    return f"[{kind}.{name}]" if isinstance(name, str) else f"[[{kind}]] #{i}"
+
+
+def _names_once(path: Path, kind: str, entries: list[dict[str, Any]]) -> None:
+    seen: set[str] = set()
+    for e in entries:
+        if e["name"] in seen:
+            raise VlmindexError(f"{path}: [[{kind}]] name {e['name']!r} is given twice; names must be unique")
+        seen.add(e["name"])
+
+
+def _check_datasets(path: Path, datasets: list[dict[str, Any]]) -> None:
+    for i, d in enumerate(datasets, start=1):
+        if "name" not in d:
+            raise VlmindexError(f"{path}: a [[datasets]] entry has no name")
+        section = _entry_section("datasets", i, d)
+        _check(path, section, d, _DATASET_TYPES)
+        if "synth" not in d and not {"source", "format"} <= set(d):
+            raise VlmindexError(
+                f"{path}: dataset {d['name']!r} needs `synth = {{...}}` or `source` and `format`")
+        if "synth" in d:
+            _unknown(f"{section[:-1]}.synth]", d["synth"], set(_SYNTH_TYPES), path)
+            _check(path, section, d["synth"], _SYNTH_TYPES, prefix="synth.")
+    _names_once(path, "datasets", datasets)
+
+
+def _check_conditions(path: Path, conditions: list[dict[str, Any]], datasets: set[str]) -> None:
+    from vlmindex.overlay import OverlayRecipe
+
+    for i, c in enumerate(conditions, start=1):
+        if "name" not in c or "text" not in c:
+            raise VlmindexError(f"{path}: every [[conditions]] entry needs a name and a text source")
+        section = _entry_section("conditions", i, c)
+        _check(path, section, c, _CONDITION_TYPES)
+        for d in c.get("datasets", []):
+            if d not in datasets:
+                raise VlmindexError(f"{path}: {section} datasets names {d!r}, which is not a [[datasets]] name")
+        try:
+            OverlayRecipe(**{k: v for k, v in c.items() if k in _RECIPE_KEYS}).validate()
+        except VlmindexError as exc:
+            raise VlmindexError(f"{path}: {section} {exc}") from None
+    _names_once(path, "conditions", conditions)
+
+
 def load_study(path: str | Path) -> Study:
-    """Parse and check a study file; every mistake is a one-line error naming the file and key."""
+    """Parse and check a study file; every mistake is a one-line error naming the file and key.
+
+    Everything is checked before anything runs: a wrong type found half-way through a study would
+    otherwise surface as a skipped model, or as a model list read letter by letter.
+    """
     path = Path(path)
     try:
         data = tomllib.loads(path.read_text())
@@ -77,45 +228,41 @@ def load_study(path: str | Path) -> Study:
         raise VlmindexError(f"study file {path} does not exist") from None
     except tomllib.TOMLDecodeError as exc:
         raise VlmindexError(f"{path} is not valid TOML: {exc}") from None
-    _unknown("top level", data, {"study", "datasets", "conditions", "models", "analysis", "embed"}, path)
-    meta = data.get("study", {})
-    _unknown("study", meta, {"name", "description", "report", "overlay_effects", "zeroshot"}, path)
-    datasets = data.get("datasets", [])
+    _unknown("[top level]", data, {"study", "datasets", "conditions", "models", "analysis", "embed"}, path)
+    meta = _table(path, data, "study")
+    _check(path, "[study]", meta, _STUDY_TYPES)
+    datasets = _entries(path, data, "datasets")
     if not datasets:
         raise VlmindexError(f"{path}: no [[datasets]]; name at least one (synth = {{}} or source + format)")
-    for d in datasets:
-        if "name" not in d:
-            raise VlmindexError(f"{path}: a [[datasets]] entry has no name")
-        if "synth" not in d and not {"source", "format"} <= set(d):
-            raise VlmindexError(
-                f"{path}: dataset {d['name']!r} needs `synth = {{...}}` or `source` and `format`")
-        _unknown(f"datasets.{d['name']}", d, {"name", "synth", "source", "format"} | _INGEST_KEYS, path)
-    conditions = data.get("conditions", [])
-    for c in conditions:
-        if "name" not in c or "text" not in c:
-            raise VlmindexError(f"{path}: every [[conditions]] entry needs a name and a text source")
-        _unknown(f"conditions.{c['name']}", c, {"name", "datasets"} | _RECIPE_KEYS, path)
-    models = data.get("models", {})
-    _unknown("models", models, {"names", "checkpoints", "trust_remote_code"}, path)
+    _check_datasets(path, datasets)
+    conditions = _entries(path, data, "conditions")
+    _check_conditions(path, conditions, {d["name"] for d in datasets})
+    models = _table(path, data, "models")
+    _check(path, "[models]", models, _MODELS_TYPES)
     names = models.get("names", [])
     if not names:
         raise VlmindexError(
             f"{path}: [models] names is empty; list the models to compare (see `vlmindex models`)")
-    analysis = data.get("analysis", {})
-    _unknown("analysis", analysis, _ANALYSIS_KEYS, path)
-    embed = data.get("embed", {})
-    _unknown("embed", embed, _EMBED_KEYS, path)
+    analysis = _table(path, data, "analysis")
+    _check(path, "[analysis]", analysis, _ANALYSIS_TYPES)
+    embed = _table(path, data, "embed")
+    _check(path, "[embed]", embed, _EMBED_TYPES)
     base = path.parent
     for d in datasets:
         if "source" in d and not Path(d["source"]).expanduser().is_absolute():
             d["source"] = str((base / d["source"]).resolve())
+        for key in _PATH_KEYS:
+            if key in d:
+                # IngestOptions holds Paths; relative ones mean the study's folder, like source.
+                p = Path(d[key]).expanduser()
+                d[key] = p if p.is_absolute() else (base / p).resolve()
     return Study(
         path=path, name=meta.get("name", path.stem), datasets=datasets, conditions=conditions,
         models=list(names), checkpoints=dict(models.get("checkpoints", {})),
         trust_remote_code=set(models.get("trust_remote_code", [])),
         analysis=AnalyzeOptions(**analysis), embed=embed,
-        overlay_effects=bool(meta.get("overlay_effects", True)),
-        zeroshot=bool(meta.get("zeroshot", True)),
+        overlay_effects=meta.get("overlay_effects", True),
+        zeroshot=meta.get("zeroshot", True),
         report=meta.get("report"),
     )
 

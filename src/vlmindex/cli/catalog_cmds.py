@@ -26,6 +26,9 @@ from vlmindex.errors import VlmindexError
               help=r"Derive group ids (patient/lesion) from file names: first capture group, "
               r"e.g. '^(person\d+)_'.")
 @click.option("--modality", help="Modality of every image (dermoscopy, xray, ultrasound, ...).")
+@click.option("--follow-symlinks", is_flag=True,
+              help="imagefolder, dicom: also follow folder symlinks that lead out of SOURCE "
+              "(by default they are recorded as skipped).")
 @click.option("--path-col", help="csv: column with image paths or ids.")
 @click.option("--label-col", help="csv: column with class labels.")
 @click.option("--split-col", help="csv: column with train/val/test.")
@@ -41,8 +44,8 @@ from vlmindex.errors import VlmindexError
 @click.option("--replace", is_flag=True, help="Drop the dataset's images first and ingest anew.")
 @click.option("--strict", is_flag=True, help="Exit non-zero when any file was skipped.")
 @pass_ctx
-def ingest(ctx, name, source, fmt, exclude, group_regex, modality, path_col, label_col, split_col,
-           group_col, modality_col, image_root, extension, flavour, labels_csv, replace, strict):
+def ingest(ctx, name, source, fmt, exclude, group_regex, modality, follow_symlinks, path_col, label_col,
+           split_col, group_col, modality_col, image_root, extension, flavour, labels_csv, replace, strict):
     """Add the images in SOURCE to the workspace as dataset NAME.
 
     Unreadable files are skipped and recorded with the reason (table `skipped`); re-ingesting a
@@ -59,7 +62,8 @@ def ingest(ctx, name, source, fmt, exclude, group_regex, modality, path_col, lab
     from vlmindex.ingest import ingest as run_ingest
 
     options = IngestOptions(
-        exclude=tuple(exclude), group_regex=group_regex, modality=modality, path_col=path_col,
+        exclude=tuple(exclude), group_regex=group_regex, modality=modality,
+        follow_symlinks=follow_symlinks, path_col=path_col,
         label_col=label_col, split_col=split_col, group_col=group_col, modality_col=modality_col,
         image_root=image_root, extension=extension, flavour=flavour, labels_csv=labels_csv,
     )

@@ -49,6 +49,7 @@ class IngestOptions:
     exclude: tuple[str, ...] = ()          # glob patterns over the relative path or file name
     group_regex: str | None = None         # first capture group of a match on the file name
     modality: str | None = None            # one modality for the whole dataset
+    follow_symlinks: bool = False          # folder symlinks leaving SOURCE (imagefolder, dicom)
     # csv manifests
     path_col: str | None = None
     label_col: str | None = None

@@ -9,7 +9,8 @@ Layouts recognised when neither ``--path-col`` nor ``--label-col`` is given:
 - Otherwise columns named path/filepath/filename/file/image/image_path/image_id (path) and
   label/class/diagnosis/dx/target (label); ``split`` and ``group_id``/``patient_id`` when present.
 
-Paths are relative to ``--image-root`` (default: the CSV's folder). A file missing there is also
+Paths are relative to ``--image-root`` (default: the CSV's folder) and are resolved before they
+become an image's key, so two spellings of one file are one image. A file missing there is also
 looked for, by name, in the root's immediate subfolders, since HAM10000 ships its images in
 ``HAM10000_images_part_1/`` and ``..._part_2/`` and ISIC in ``ISIC2018_Task3_Training_Input/``.
 """
@@ -183,6 +184,10 @@ def scan(source: Path, options: IngestOptions, out_dir: Path) -> Iterator[Candid
 
     layout = detect_layout(header, rows[:SNIFF_ROWS], options)
     resolver = _Resolver(root, layout.extension)
+    real_root = root.resolve()
+    # Rows reaching one file by spellings _key cannot unify (a bare id and the file's path) share
+    # the first row's key, so the driver sees a duplicate rather than a second image.
+    key_of_file: dict[str, str] = {}
     for n, row in enumerate(rows, start=2):  # row 1 is the header, as a spreadsheet shows it
         where = f"{source}:{n}"
         value = (row.get(layout.path_col) or "").strip().replace("\\", "/")  # Windows-made manifests
@@ -202,15 +207,34 @@ def scan(source: Path, options: IngestOptions, out_dir: Path) -> Iterator[Candid
                 continue
         else:
             label = _cell(row, layout.label_col)
+        key = key_of_file.setdefault(os.path.realpath(path), _key(value, path, root, real_root))
         yield Candidate(
             path=path,
-            key=PurePosixPath(value).as_posix(),
+            key=key,
             label=label,
             split=normalise_split(_cell(row, layout.split_col)),
             group_id=_cell(row, layout.group_col) or options.group_of(path.name),
             modality=_cell(row, layout.modality_col) or options.modality or layout.modality,
             source_path=None,
         )
+
+
+def _key(value: str, found: Path, root: Path, real_root: Path) -> str:
+    """The image's identity: what ``value`` names, resolved, relative to the root when inside it.
+
+    ``../x/a.png``, ``/abs/x/a.png`` and a path through a folder symlink give one key. A value the
+    resolver had to complete (an id without extension, a file found one subfolder down) keeps its
+    name as written and only its folder is resolved, so HAM10000's ``ISIC_0024306`` stays the key.
+    """
+    named = Path(value) if Path(value).is_absolute() else root / value
+    completed = found != named
+    real = Path(os.path.realpath(named.parent if completed else found))
+    if completed:
+        real /= named.name
+    try:
+        return real.relative_to(real_root).as_posix()
+    except ValueError:
+        return real.as_posix()
 
 
 def _cell(row: dict[str, str], col: str | None) -> str | None:

@@ -202,13 +202,17 @@ def _read_labels(csv_path: Path, source: Path,
 def scan(source: Path, options: IngestOptions, out_dir: Path) -> Iterator[Candidate | Skip]:
     """Convert every DICOM file under ``source`` (a folder, or one file) to PNG and yield it."""
     if source.is_file():
-        files: Iterator[tuple[Path, str]] = iter([(source, source.name)])
+        files: Iterator[tuple[Path, str] | Skip] = iter([(source, source.name)])
         base = source.parent
     else:
         files = walk_files(source, options)
         base = source
     labels = _read_labels(options.labels_csv, base, options) if options.labels_csv else None
-    for path, rel in files:
+    for item in files:
+        if isinstance(item, Skip):
+            yield item
+            continue
+        path, rel = item
         try:
             ds = read_dicom(path)
             img = to_image(ds)

@@ -30,18 +30,33 @@ def excluded(rel: str, options: IngestOptions) -> bool:
     return any(fnmatch.fnmatch(rel, pat) or fnmatch.fnmatch(name, pat) for pat in options.exclude)
 
 
-def walk_files(source: Path, options: IngestOptions) -> Iterator[tuple[Path, str]]:
-    """Every non-hidden, non-excluded file under ``source`` as (path, relative posix path), sorted."""
+def walk_files(source: Path, options: IngestOptions) -> Iterator[tuple[Path, str] | Skip]:
+    """Every non-hidden, non-excluded file under ``source`` as (path, relative posix path), sorted.
+
+    A folder symlink whose target lies outside ``source`` is a Skip unless ``--follow-symlinks``:
+    one stray link (to a home folder, a whole disk) would otherwise pull in unrelated files.
+    """
+    root = os.path.realpath(source)
     seen: set[str] = set()
-    # Follow symlinked folders (a split linked in from another disk), but each real folder once,
-    # so a link back up the tree cannot loop.
+    # Symlinked folders are followed (a split linked in from elsewhere in SOURCE), but each real
+    # folder once, so a link back up the tree cannot loop.
     for dirpath, dirnames, filenames in os.walk(source, followlinks=True):
         real = os.path.realpath(dirpath)
         if real in seen:
             dirnames[:] = []
             continue
         seen.add(real)
-        dirnames[:] = sorted(d for d in dirnames if not d.startswith(".") and d not in IGNORED_DIRS)
+        keep = []
+        for d in sorted(d for d in dirnames if not d.startswith(".") and d not in IGNORED_DIRS):
+            link = os.path.join(dirpath, d)
+            if not options.follow_symlinks and os.path.islink(link):
+                target = os.path.realpath(link)
+                if os.path.commonpath([root, target]) != root:
+                    yield Skip(link, f"directory symlink to {target} leaves SOURCE; not followed "
+                                     "(pass --follow-symlinks)")
+                    continue
+            keep.append(d)
+        dirnames[:] = keep
         for fname in sorted(filenames):
             if fname.startswith("."):
                 continue
@@ -70,7 +85,11 @@ def scan(source: Path, options: IngestOptions, out_dir: Path) -> Iterator[Candid
             f"{source} is not a folder; --format imagefolder expects class folders "
             "(SOURCE/<class>/<image> or SOURCE/<split>/<class>/<image>)"
         )
-    for path, rel in walk_files(source, options):
+    for item in walk_files(source, options):
+        if isinstance(item, Skip):
+            yield item
+            continue
+        path, rel = item
         label, split = folder_label_split(rel)
         yield Candidate(
             path=path,
