@@ -87,7 +87,7 @@ CREATE TABLE IF NOT EXISTS runs (
     finished_at TIMESTAMP
 );
 
--- One row per query image and analysis (vlmindex analyze). Metric definitions: DESIGN.md.
+-- One row per query image and analysis (vlmindex analyze). Metric definitions: module vlmindex.metrics.retrieval.
 CREATE TABLE IF NOT EXISTS query_metrics (
     analysis_id VARCHAR NOT NULL,
     model VARCHAR NOT NULL,

@@ -1,7 +1,8 @@
 """Analysis: exact neighbours and discriminability metrics of one (model, dataset, condition) run.
 
-Neighbours are computed exactly by ``vlmindex.metrics`` (brute-force cosine with the tie rule of
-DESIGN.md), never by an approximate index, so the numbers are the same whatever index was built.
+Neighbours are computed exactly by ``vlmindex.metrics`` (brute-force cosine with the tie rule stated
+in ``vlmindex.metrics.retrieval``), never by an approximate index, so the numbers are the same
+whatever index was built.
 Per-query rows go to ``query_metrics``, neighbours to Parquet (the ``neighbors`` view), and one
 summary row with the provenance of every number to ``summaries``.
 """
@@ -183,15 +184,8 @@ def analyze(ws: Workspace, model: str, dataset: str, condition: str = "clean",
         "gallery_split": opts.gallery_split, "modality": opts.modality, "n_queries": summary["n_queries"],
         "n_skipped_queries": summary["n_skipped"], "n_gallery": summary["n_gallery"],
         "n_classes": summary["n_classes"], "dim": int(run.vectors.shape[1]),
-        "purity_micro": summary["purity_at_k_micro"], "purity_macro": summary["purity_at_k_macro"],
-        "map_micro": summary["ap_micro"], "map_macro": summary["ap_macro"],
-        "map_at_r_micro": summary["map_at_r_micro"], "map_at_r_macro": summary["map_at_r_macro"],
-        "r_precision_micro": summary["r_precision_micro"], "r_precision_macro": summary["r_precision_macro"],
-        "p_at_1_micro": summary["p_at_1_micro"], "p_at_1_macro": summary["p_at_1_macro"],
-        "knn_acc_micro": summary["knn_accuracy_micro"], "knn_acc_macro": summary["knn_accuracy_macro"],
-        "silhouette": dist["silhouette_cosine"], "davies_bouldin": dist["davies_bouldin"],
-        "calinski_harabasz": dist["calinski_harabasz"], "fisher_ratio": dist["fisher_ratio"],
-        "probe_balanced_accuracy": dist.get("linear_probe_balanced_accuracy"),
+        # summary() and distribution_figures() keys -> summaries columns: vlmindex.metrics.registry
+        **metrics.summary_columns(summary), **metrics.distribution_columns(dist),
         "probe_protocol": None if not opts.probe else ("train→test/val split" if train_mask is not None
                                                          else "stratified 5-fold CV"),
         "seconds": seconds, "provenance": json.dumps(prov, default=str), "created_at": datetime.now(),

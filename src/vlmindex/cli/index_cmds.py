@@ -10,6 +10,7 @@ import click
 from vlmindex.cli import cli, pass_ctx
 from vlmindex.cli.embed_cmds import condition_option
 from vlmindex.cli.output import echo_rows, format_option
+from vlmindex.metrics import registry
 
 
 @cli.group()
@@ -88,9 +89,8 @@ def query(ctx, images, model, dataset, condition, k, checkpoint, trust_remote_co
     echo_rows(rows, fmt, ["query", "rank", "image_id", "path", "label", "score"])
 
 
-HEADLINE = ["model", "dataset", "condition", "k", "n_queries", "map_micro", "map_macro", "map_at_r_micro",
-            "p_at_1_micro", "purity_micro", "purity_macro", "knn_acc_macro", "silhouette", "fisher_ratio",
-            "probe_balanced_accuracy"]
+# Run identity, then the headline metrics of vlmindex.metrics.registry (summaries column names).
+HEADLINE = ["model", "dataset", "condition", "k", "n_queries", *registry.headline_columns()]
 
 
 @cli.command()
