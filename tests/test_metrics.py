@@ -40,7 +40,7 @@ def make_data(n: int = 300, d: int = 24, sizes: tuple[float, ...] = (0.45, 0.25,
 
 
 # ------------------------------------------------------------------------------------------------
-# A slow, loop-by-loop reference written straight from DESIGN.md "Metric definitions".
+# A slow, loop-by-loop reference written straight from the definitions in vlmindex.metrics.retrieval.
 
 
 def reference(x, labels, *, ids=None, groups=None, k=10, exclude_group=False, query_mask=None,
@@ -440,3 +440,38 @@ def test_project_2d():
     assert coords.shape == (30, 2) and len(set(rows.tolist())) == 30
     with pytest.raises(VlmindexError, match="pca"):
         project_2d(x, method="umap")
+
+
+# ------------------------------------------------------------------------------------------------
+# Statistics: one bootstrap engine behind the per-query and the per-group intervals
+
+
+def test_per_query_bootstrap_is_the_group_bootstrap_with_singleton_groups():
+    from vlmindex.metrics.statistics import bootstrap_ci, bootstrap_mean_ci
+
+    v = np.random.default_rng(4).random(77)
+    per_query = bootstrap_ci(lambda idx: v[idx].mean(axis=1), len(v), n_boot=500, seed=9)
+    assert bootstrap_mean_ci(v, None, n_boot=500, seed=9) == per_query
+    # Groups are units in sorted order; zero-padded names keep that the query order.
+    assert bootstrap_mean_ci(v, [f"q{i:03d}" for i in range(len(v))], n_boot=500, seed=9) == per_query
+
+
+def test_bootstrap_draws_do_not_depend_on_the_block_size(monkeypatch):
+    from vlmindex.metrics import statistics
+
+    v = np.random.default_rng(5).random(60)
+    groups = np.arange(60) // 4
+    whole = statistics.bootstrap_mean_ci(v, groups, n_boot=700, seed=2)
+    ragged = statistics.bootstrap_ci(lambda idx: v[idx].mean(axis=1), 60, n_boot=700, seed=2)
+    monkeypatch.setattr(statistics, "_BOOT_CELLS", 7 * 60)  # blocks of 7 replicates, a ragged last one
+    assert statistics.bootstrap_mean_ci(v, groups, n_boot=700, seed=2) == whole
+    assert statistics.bootstrap_ci(lambda idx: v[idx].mean(axis=1), 60, n_boot=700, seed=2) == ragged
+
+
+def test_old_homes_of_the_statistics_still_export_them():
+    from vlmindex import bias, report
+    from vlmindex.metrics import statistics
+
+    assert bias.bootstrap_ci is statistics.bootstrap_ci
+    for name in ("bootstrap_mean_ci", "holm", "paired_comparison", "wilcoxon_p", "PairedResult"):
+        assert getattr(report, name) is getattr(statistics, name)

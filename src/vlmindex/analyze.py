@@ -218,15 +218,8 @@ def compute(run: RunData, key: RunKey, opts: AnalyzeOptions
         "n_skipped_queries": summary["n_skipped"], "n_gallery": summary["n_gallery"],
         "n_classes": summary["n_classes"], "dim": int(run.vectors.shape[1]),
         "n_missing": run.missing,
-        "purity_micro": summary["purity_at_k_micro"], "purity_macro": summary["purity_at_k_macro"],
-        "map_micro": summary["ap_micro"], "map_macro": summary["ap_macro"],
-        "map_at_r_micro": summary["map_at_r_micro"], "map_at_r_macro": summary["map_at_r_macro"],
-        "r_precision_micro": summary["r_precision_micro"], "r_precision_macro": summary["r_precision_macro"],
-        "p_at_1_micro": summary["p_at_1_micro"], "p_at_1_macro": summary["p_at_1_macro"],
-        "knn_acc_micro": summary["knn_accuracy_micro"], "knn_acc_macro": summary["knn_accuracy_macro"],
-        "silhouette": dist["silhouette_cosine"], "davies_bouldin": dist["davies_bouldin"],
-        "calinski_harabasz": dist["calinski_harabasz"], "fisher_ratio": dist["fisher_ratio"],
-        "probe_balanced_accuracy": dist.get("linear_probe_balanced_accuracy"),
+        # summary() and distribution_figures() keys -> summaries columns: vlmindex.metrics.registry
+        **metrics.summary_columns(summary), **metrics.distribution_columns(dist),
         "probe_protocol": None if not opts.probe else ("train→test/val split" if train_mask is not None
                                                          else "stratified 5-fold CV"),
     }

@@ -1,14 +1,16 @@
 r"""Overlay bias figures: how far burned-in text moves a model's features, against the clean images.
 
 For one (model, dataset, overlay condition) the clean and the overlaid embeddings of the same images
-are compared, query by query (DESIGN.md "Overlay conditions"). Every figure is a mean over queries
-with a seeded percentile bootstrap 95% confidence interval (queries resampled with replacement).
+are compared, query by query (conditions: :mod:`vlmindex.overlay`). Every figure is a mean over
+queries with a seeded percentile bootstrap 95% confidence interval, queries resampled with
+replacement (:func:`vlmindex.metrics.statistics.bootstrap_ci`, every query its own unit).
 
 Figures (``figure`` column of table ``overlay_effects``; ``baseline`` says what to read it against):
 
 * ``delta_<metric>`` and ``delta_<metric>_macro`` for purity@k, mAP (``map``), MAP@R, R-precision,
   P@1 and kNN accuracy (``knn_acc``): paired per image, :math:`\Delta_q = m_q^{overlay} - m_q^{clean}`,
-  both runs scored by :func:`vlmindex.metrics.retrieval_metrics` with the same k and group rule;
+  both runs scored by :func:`vlmindex.metrics.retrieval_metrics` with the same k and group rule
+  (definitions: :mod:`vlmindex.metrics.retrieval`; stems: :mod:`vlmindex.metrics.registry`);
   micro = mean over queries, macro = mean over classes of the class means. Baseline: the clean
   value. Queries with R = 0 are left out, as in ``analyze``.
 * ``shift_cosine_mean`` / ``shift_cosine_std``: mean and standard deviation over images of
@@ -48,51 +50,16 @@ from vlmindex.analyze import RunData, load
 from vlmindex.catalog import CLEAN, RunKey, Workspace, fingerprints, results
 from vlmindex.catalog.datasets import class_pools, require_dataset
 from vlmindex.errors import VlmindexError
+from vlmindex.metrics import registry
+from vlmindex.metrics.statistics import bootstrap_ci
 from vlmindex.overlay import OverlayRecipe, get_condition, overlay_text_for
 
 # (figure stem, RetrievalResult attribute)
-DELTA_METRICS = (
-    ("purity_at_k", "purity_at_k"),
-    ("map", "ap"),
-    ("map_at_r", "map_at_r"),
-    ("r_precision", "r_precision"),
-    ("p_at_1", "p_at_1"),
-    ("knn_acc", "knn_correct"),
-)
-# Resample cells (queries x resamples) drawn per block: bounds bootstrap memory to ~32 MB of indices.
-_BOOT_CELLS = 4_000_000
+DELTA_METRICS = registry.delta_metrics()
 
 
 # --------------------------------------------------------------------------------------------------
-# Bootstrap
-
-
-def bootstrap_ci(stat: Callable[[np.ndarray], np.ndarray], n: int, *, n_boot: int = 1000, seed: int = 0,
-                 level: float = 0.95) -> tuple[float | None, float | None]:
-    """Percentile bootstrap interval of a statistic over ``n`` queries resampled with replacement.
-
-    ``stat`` maps a ``[b, n]`` block of resampled row indices to the ``b`` statistics. The draws
-    depend only on ``(n, n_boot, seed)``, so every figure over the same queries sees the same
-    resamples and a rerun gives the same interval. Resamples where the statistic is undefined
-    (NaN) are dropped. ``(None, None)`` when ``n_boot < 1`` or there are no queries.
-    """
-    if n_boot < 1 or n < 1:
-        return None, None
-    rng = np.random.default_rng(seed)
-    per_block = max(1, min(n_boot, _BOOT_CELLS // n))
-    values = []
-    done = 0
-    while done < n_boot:
-        b = min(per_block, n_boot - done)
-        values.append(np.asarray(stat(rng.integers(0, n, size=(b, n))), dtype=np.float64))
-        done += b
-    v = np.concatenate(values)
-    v = v[np.isfinite(v)]
-    if len(v) == 0:
-        return None, None
-    tail = (1.0 - level) / 2 * 100
-    lo, hi = np.percentile(v, [tail, 100 - tail])
-    return float(lo), float(hi)
+# Statistics of one resample block (rows of query indices) for vlmindex.metrics.statistics.bootstrap_ci
 
 
 def _mean_stat(v: np.ndarray) -> Callable[[np.ndarray], np.ndarray]:

@@ -8,7 +8,8 @@ and a Content-Security-Policy forbids any fetch, so the file opens offline and c
 
 The numbers come from the catalog as stored: the latest analysis per (model, dataset, condition),
 exactly as ``sql/leaderboard.sql`` picks it. The statistics added here (bootstrap intervals,
-Wilcoxon tests, Holm correction) are seeded, so the same workspace gives the same report.
+Wilcoxon tests, Holm correction; :mod:`vlmindex.metrics.statistics`) are seeded, so the same
+workspace gives the same report.
 
 Statistical unit. Views of one lesion or images of one patient are not independent queries, so
 intervals and tests work on *groups* (``images.group_id``; an image without a group is its own
@@ -22,8 +23,6 @@ import json
 import math
 import platform
 import time
-import warnings
-from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
@@ -36,6 +35,9 @@ from vlmindex.catalog import RunKey, Workspace, results
 from vlmindex.catalog.embeddings import read_run
 from vlmindex.catalog.workspace import atomic_write_bytes
 from vlmindex.errors import VlmindexError
+from vlmindex.metrics import registry
+from vlmindex.metrics.statistics import PairedResult, bootstrap_mean_ci, holm, paired_comparison
+from vlmindex.metrics.statistics import wilcoxon_p as wilcoxon_p  # not used here; kept importable from here
 from vlmindex.report_plots import Bar, Point, bar_chart, esc, heatmap, scatter
 
 SECTIONS: tuple[tuple[str, str], ...] = (
@@ -49,18 +51,7 @@ SECTIONS: tuple[tuple[str, str], ...] = (
 )
 
 # (summaries column, header, higher is better, definition shown as a tooltip)
-LEADERBOARD_COLUMNS: tuple[tuple[str, str, bool, str], ...] = (
-    ("map_micro", "mAP", True, "mean over queries of AP over the full ranking"),
-    ("map_macro", "mAP macro", True, "mean over classes of the class mean AP"),
-    ("map_at_r_micro", "MAP@R", True, "mean MAP@R (pytorch-metric-learning definition)"),
-    ("p_at_1_micro", "P@1", True, "share of queries whose nearest neighbour has their class"),
-    ("purity_micro", "purity@k", True, "mean share of the k nearest neighbours with the query's class"),
-    ("purity_macro", "purity@k macro", True, "mean over classes of the class mean purity@k"),
-    ("knn_acc_macro", "kNN acc macro", True, "balanced accuracy of the k-nearest-neighbour vote"),
-    ("silhouette", "silhouette", True, "cosine silhouette of the classes, in [-1, 1]"),
-    ("fisher_ratio", "Fisher ratio", True, "trace of between-class over within-class scatter"),
-    ("probe_balanced_accuracy", "probe bal. acc", True, "linear-probe balanced accuracy"),
-)
+LEADERBOARD_COLUMNS: tuple[tuple[str, str, bool, str], ...] = registry.headline()
 
 # overlay_effects columns that identify one figure; the newest row of each key is shown.
 _EFFECT_KEYS = ("model", "dataset", "condition", "figure", "k", "exclude_group", "metric")
@@ -86,129 +77,6 @@ class ReportResult:
     bytes: int
     seconds: float
     notes: list[str] = field(default_factory=list)
-
-
-# ------------------------------------------------------------------------------------------------
-# Statistics (pure NumPy/SciPy, no I/O)
-# ------------------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class PairedResult:
-    """A paired difference ``a - b`` over the same queries."""
-
-    n_queries: int
-    n_units: int  # independent groups the interval and the test are computed over
-    mean_a: float
-    mean_b: float
-    mean_diff: float  # = mean_a - mean_b, mean over queries
-    ci_low: float
-    ci_high: float
-    p_value: float  # two-sided Wilcoxon signed-rank on per-group mean differences
-
-
-def _group_codes(n: int, groups: Sequence[Any] | np.ndarray | None) -> np.ndarray:
-    if groups is None:
-        return np.arange(n)
-    g = np.asarray([str(x) for x in groups], dtype=object)
-    if len(g) != n:
-        raise ValueError(f"groups has {len(g)} entries for {n} values")
-    return np.unique(g, return_inverse=True)[1].reshape(-1)
-
-
-def bootstrap_mean_ci(values: np.ndarray, groups: Sequence[Any] | np.ndarray | None = None, *,
-                      n_boot: int = 2000, seed: int = 0, confidence: float = 0.95) -> tuple[float, float]:
-    """Percentile bootstrap interval of the mean of ``values``, resampling whole groups.
-
-    With group sums :math:`S_g` and sizes :math:`C_g`, one replicate draws :math:`G` groups with
-    replacement, :math:`g_1..g_G`, and takes :math:`\\sum_i S_{g_i} / \\sum_i C_{g_i}`, the mean over
-    the queries of the drawn groups. The interval is the ``(1 ± confidence) / 2`` quantiles of
-    ``n_boot`` replicates. Returns ``(nan, nan)`` for no values, the value twice for one group.
-    """
-    v = np.asarray(values, dtype=float)
-    if v.size == 0:
-        return math.nan, math.nan
-    codes = _group_codes(len(v), groups)
-    sums = np.bincount(codes, weights=v)
-    counts = np.bincount(codes).astype(float)
-    n_groups = len(sums)
-    if n_groups == 1:
-        return float(v.mean()), float(v.mean())
-    rng = np.random.default_rng(seed)
-    stats = np.empty(n_boot)
-    chunk = max(1, 2_000_000 // n_groups)  # bounds the index matrix to ~16 MB
-    for start in range(0, n_boot, chunk):
-        stop = min(n_boot, start + chunk)
-        idx = rng.integers(0, n_groups, size=(stop - start, n_groups))
-        stats[start:stop] = sums[idx].sum(axis=1) / counts[idx].sum(axis=1)
-    tail = (1 - confidence) / 2
-    lo, hi = np.quantile(stats, [tail, 1 - tail])
-    return float(lo), float(hi)
-
-
-def wilcoxon_p(diffs: np.ndarray) -> float:
-    """Two-sided Wilcoxon signed-rank p-value of ``diffs`` (zeros dropped, as Wilcoxon did).
-
-    All-zero differences give 1.0 (no evidence of any difference); SciPy picks the exact
-    distribution for small samples without ties and the normal approximation otherwise.
-    """
-    from scipy.stats import wilcoxon
-
-    d = np.asarray(diffs, dtype=float)
-    d = d[np.isfinite(d)]
-    if np.count_nonzero(d) == 0:
-        return 1.0
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # "sample size too small for normal approximation"
-        return float(wilcoxon(d, zero_method="wilcox", alternative="two-sided").pvalue)
-
-
-def paired_comparison(a: np.ndarray, b: np.ndarray, groups: Sequence[Any] | np.ndarray | None = None,
-                      *, n_boot: int = 2000, seed: int = 0, confidence: float = 0.95) -> PairedResult:
-    """Compare two metrics measured on the same queries: ``d_q = a_q - b_q``.
-
-    mean_diff = (1/n) Σ_q d_q; its interval is :func:`bootstrap_mean_ci` over groups; the p-value
-    is :func:`wilcoxon_p` of the per-group means :math:`\\bar d_g` (queries of one group are not
-    independent, so they count once). Pairs where either value is NaN are dropped first.
-    """
-    a = np.asarray(a, dtype=float)
-    b = np.asarray(b, dtype=float)
-    if a.shape != b.shape:
-        raise ValueError(f"a and b differ in shape: {a.shape} vs {b.shape}")
-    ok = np.isfinite(a) & np.isfinite(b)
-    g = None if groups is None else np.asarray([str(x) for x in groups], dtype=object)[ok]
-    a, b = a[ok], b[ok]
-    d = a - b
-    if d.size == 0:
-        return PairedResult(0, 0, math.nan, math.nan, math.nan, math.nan, math.nan, math.nan)
-    codes = _group_codes(len(d), g)
-    unit_means = np.bincount(codes, weights=d) / np.bincount(codes)
-    lo, hi = bootstrap_mean_ci(d, g, n_boot=n_boot, seed=seed, confidence=confidence)
-    return PairedResult(n_queries=int(d.size), n_units=int(len(unit_means)), mean_a=float(a.mean()),
-                        mean_b=float(b.mean()), mean_diff=float(d.mean()), ci_low=lo, ci_high=hi,
-                        p_value=wilcoxon_p(unit_means))
-
-
-def holm(pvalues: Sequence[float] | np.ndarray) -> np.ndarray:
-    """Holm–Bonferroni adjusted p-values (NaN stays NaN and is not counted in the family).
-
-    Sorted ascending, :math:`p_{(1)} \\le … \\le p_{(m)}`:
-    :math:`\\tilde p_{(i)} = \\min(1, \\max_{j \\le i} (m - j + 1)\\, p_{(j)})`. Rejecting where
-    :math:`\\tilde p < α` controls the family-wise error rate at α.
-
-    >>> holm([0.01, 0.04, 0.03]).round(3).tolist()
-    [0.03, 0.06, 0.06]
-    """
-    p = np.asarray(pvalues, dtype=float)
-    out = np.full(p.shape, math.nan)
-    ok = np.flatnonzero(np.isfinite(p))
-    m = len(ok)
-    if m == 0:
-        return out
-    order = ok[np.argsort(p[ok], kind="stable")]
-    adj = np.maximum.accumulate((m - np.arange(m)) * p[order])
-    out[order] = np.minimum(adj, 1.0)
-    return out
 
 
 # ------------------------------------------------------------------------------------------------

@@ -10,6 +10,7 @@ import click
 from vlmindex.cli import cli, pass_ctx
 from vlmindex.cli.options import condition_option, dataset_option, load_options, models_option
 from vlmindex.cli.output import echo_rows, format_option
+from vlmindex.metrics import registry
 
 
 @cli.group()
@@ -92,9 +93,8 @@ def query(ctx, images, models, dataset, condition, k, load, fmt):
     echo_rows(rows, fmt, columns if len(models) == 1 else ["query", "model", *columns[1:]])
 
 
-HEADLINE = ["model", "dataset", "condition", "k", "n_queries", "map_micro", "map_macro", "map_at_r_micro",
-            "p_at_1_micro", "purity_micro", "purity_macro", "knn_acc_macro", "silhouette", "fisher_ratio",
-            "probe_balanced_accuracy"]
+# Run identity, then the headline metrics of vlmindex.metrics.registry (summaries column names).
+HEADLINE = ["model", "dataset", "condition", "k", "n_queries", *registry.headline_columns()]
 
 
 @cli.command()

@@ -1,0 +1,297 @@
+r"""Distribution figures: how well the classes of an embedding set separate as point clouds.
+
+Pure NumPy (and scikit-learn for the probe), no I/O. Each figure is one number for the whole set,
+computed on L2-normalised embeddings by default, the geometry the retrieval metrics use, so models
+whose features differ in scale stay comparable. Each function's docstring gives its formula:
+
+* :func:`silhouette_cosine`: mean silhouette with cosine distance, in [-1, 1] (higher is better);
+* :func:`davies_bouldin`: mean over classes of the worst spread-to-separation ratio (lower is better);
+* :func:`calinski_harabasz`: between- over within-class scatter, scaled by degrees of freedom;
+* :func:`fisher_ratio`: :math:`\operatorname{tr}(S_B) / \operatorname{tr}(S_W)`;
+* :func:`linear_probe_balanced_accuracy`: balanced accuracy of a logistic-regression probe.
+
+:func:`distribution_figures` computes them all at once; :func:`project_2d` gives 2-D coordinates for
+plots. A figure that is undefined for the data (one class, every image its own class, ...) is NaN
+with a ``RuntimeWarning`` that says why.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+
+from vlmindex.errors import VlmindexError
+from vlmindex.metrics.inputs import as_embeddings, as_mask, factorize
+from vlmindex.metrics.ranking import l2_normalize
+
+__all__ = [
+    "calinski_harabasz",
+    "davies_bouldin",
+    "distribution_figures",
+    "fisher_ratio",
+    "linear_probe_balanced_accuracy",
+    "project_2d",
+    "silhouette_cosine",
+]
+
+
+def _class_codes(labels: Sequence[Any] | np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray]:
+    arr = np.asarray(labels)
+    if arr.shape != (n,):
+        raise VlmindexError(f"labels must have one entry per embedding row ({n}), got shape {arr.shape}")
+    return factorize(arr, "label", allow_missing=False)
+
+
+def _degenerate(name: str, reason: str) -> float:
+    warnings.warn(f"{name} is undefined: {reason}; returning NaN", RuntimeWarning, stacklevel=3)
+    return float("nan")
+
+
+def _prepare(embeddings: np.ndarray, labels: Any, normalize: bool) -> tuple[np.ndarray, np.ndarray, int]:
+    x = as_embeddings(embeddings)
+    _, codes = _class_codes(labels, x.shape[0])
+    x = l2_normalize(x) if normalize else np.asarray(x, dtype=np.float64)
+    return x, codes, int(codes.max()) + 1
+
+
+def _class_sums(x: np.ndarray, codes: np.ndarray, n_classes: int) -> np.ndarray:
+    """Row sums per class code (every code in 0..n_classes-1 occurs, as factorize guarantees)."""
+    order = np.argsort(codes, kind="stable")
+    starts = np.searchsorted(codes[order], np.arange(n_classes))
+    return np.add.reduceat(x[order], starts, axis=0)
+
+
+def _scatter_traces(x: np.ndarray, codes: np.ndarray, n_classes: int) -> tuple[float, float, np.ndarray]:
+    """Traces of the between-class and within-class scatter matrices, and the class centroids."""
+    counts = np.bincount(codes, minlength=n_classes).astype(np.float64)
+    sums = _class_sums(x, codes, n_classes)
+    centroids = sums / counts[:, None]
+    mean = x.mean(axis=0)
+    between = float(np.sum(counts * np.sum((centroids - mean) ** 2, axis=1)))
+    within = float(np.sum((x - centroids[codes]) ** 2))
+    return between, within, centroids
+
+
+def silhouette_cosine(embeddings: np.ndarray, labels: Any) -> float:
+    r"""Mean silhouette coefficient with cosine distance :math:`d(i,j) = 1 - \hat x_i \cdot \hat x_j`.
+
+    :math:`s_i = (b_i - a_i) / \max(a_i, b_i)` with :math:`a_i` the mean distance to the other
+    members of i's class and :math:`b_i` the smallest mean distance to another class;
+    :math:`s_i = 0` for a class of one (as scikit-learn). Because cosine distance is linear in the
+    unit vectors, :math:`\sum_{j \in c} d(i,j) = n_c - \hat x_i \cdot \sum_{j \in c} \hat x_j`, so the
+    exact value over *all* samples costs O(n·C·d) time and O(C·d) extra memory: no pairwise
+    matrix and no subsampling, whatever n is.
+    """
+    x, codes, n_classes = _prepare(embeddings, labels, normalize=True)
+    n = len(codes)
+    if n_classes < 2:
+        return _degenerate("silhouette", "only one class")
+    if n_classes >= n:
+        return _degenerate("silhouette", "every image is its own class")
+    counts = np.bincount(codes, minlength=n_classes).astype(np.float64)
+    sums = _class_sums(x, codes, n_classes)
+    dist_sum = counts[None, :] - x @ sums.T  # [n, C]: Σ_{j∈c} d(i, j), self included (d(i,i) = 0)
+    dist_sum = np.maximum(dist_sum, 0.0)
+    own = codes
+    own_n = counts[own]
+    a = np.where(own_n > 1, dist_sum[np.arange(n), own] / np.maximum(own_n - 1, 1), 0.0)
+    mean_other = dist_sum / counts[None, :]
+    mean_other[np.arange(n), own] = np.inf
+    b = mean_other.min(axis=1)
+    denom = np.maximum(a, b)
+    s = np.where((own_n > 1) & (denom > 0), (b - a) / np.where(denom > 0, denom, 1.0), 0.0)
+    return float(s.mean())
+
+
+def davies_bouldin(embeddings: np.ndarray, labels: Any, *, normalize: bool = True) -> float:
+    r"""Davies–Bouldin index (lower is better), Euclidean, on unit vectors by default.
+
+    :math:`DB = \frac{1}{C}\sum_i \max_{j \ne i} \frac{s_i + s_j}{\lVert \mu_i - \mu_j \rVert}` with
+    :math:`s_i` the mean distance of class i's members to its centroid :math:`\mu_i`. Two classes
+    with the same centroid give +inf (with a warning) rather than scikit-learn's silent 0.
+    """
+    x, codes, n_classes = _prepare(embeddings, labels, normalize)
+    if n_classes < 2:
+        return _degenerate("Davies-Bouldin", "only one class")
+    _, _, centroids = _scatter_traces(x, codes, n_classes)
+    spread = np.bincount(codes, weights=np.linalg.norm(x - centroids[codes], axis=1), minlength=n_classes)
+    spread /= np.bincount(codes, minlength=n_classes)
+    sq = np.sum(centroids**2, axis=1)
+    centre_dist = np.sqrt(np.maximum(sq[:, None] + sq[None, :] - 2 * centroids @ centroids.T, 0.0))
+    np.fill_diagonal(centre_dist, np.inf)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        ratio = (spread[:, None] + spread[None, :]) / centre_dist
+    if (centre_dist == 0).any():
+        warnings.warn("Davies-Bouldin: two classes share a centroid; the index is +inf", RuntimeWarning,
+                      stacklevel=2)
+        ratio = np.where(centre_dist == 0, np.inf, ratio)
+    return float(np.mean(np.max(ratio, axis=1)))
+
+
+def calinski_harabasz(embeddings: np.ndarray, labels: Any, *, normalize: bool = True) -> float:
+    r"""Calinski–Harabasz index (higher is better) on unit vectors by default.
+
+    :math:`CH = \frac{\operatorname{tr}(S_B)/(C-1)}{\operatorname{tr}(S_W)/(n-C)}`, scatter matrices
+    as in :func:`fisher_ratio`. Undefined (NaN with a warning) for one class or C = n; +inf with a
+    warning when every class is a single point.
+    """
+    x, codes, n_classes = _prepare(embeddings, labels, normalize)
+    n = len(codes)
+    if n_classes < 2:
+        return _degenerate("Calinski-Harabasz", "only one class")
+    if n_classes >= n:
+        return _degenerate("Calinski-Harabasz", "every image is its own class")
+    between, within, _ = _scatter_traces(x, codes, n_classes)
+    if within == 0:
+        warnings.warn("Calinski-Harabasz: no within-class spread; the index is +inf", RuntimeWarning,
+                      stacklevel=2)
+        return float("inf")
+    return float(between * (n - n_classes) / (within * (n_classes - 1)))
+
+
+def fisher_ratio(embeddings: np.ndarray, labels: Any, *, normalize: bool = True) -> float:
+    r"""Fisher ratio :math:`\operatorname{tr}(S_B) / \operatorname{tr}(S_W)` (higher is better).
+
+    :math:`S_B = \sum_c n_c (\mu_c - \mu)(\mu_c - \mu)^\top`,
+    :math:`S_W = \sum_c \sum_{i \in c} (x_i - \mu_c)(x_i - \mu_c)^\top`, on unit vectors by default;
+    the traces are computed directly as sums of squared norms, never forming d×d matrices. Equals
+    Calinski–Harabasz × (C − 1)/(n − C).
+    """
+    x, codes, n_classes = _prepare(embeddings, labels, normalize)
+    if n_classes < 2:
+        return _degenerate("Fisher ratio", "only one class")
+    between, within, _ = _scatter_traces(x, codes, n_classes)
+    if within == 0:
+        warnings.warn("Fisher ratio: no within-class spread; the ratio is +inf", RuntimeWarning, stacklevel=2)
+        return float("inf")
+    return float(between / within)
+
+
+def linear_probe_balanced_accuracy(
+    embeddings: np.ndarray,
+    labels: Any,
+    *,
+    train_mask: np.ndarray | None = None,
+    cv: int = 5,
+    seed: int = 0,
+    normalize: bool = True,
+    c: float = 1.0,
+    max_iter: int = 1000,
+) -> float:
+    """Balanced accuracy of a multinomial logistic-regression probe on the (unit) embeddings.
+
+    With ``train_mask``: fit on those rows, score the others (a held-out split). Otherwise
+    stratified ``cv``-fold cross-validation (shuffled with ``seed``): every image is predicted once
+    by a probe that did not see it, and balanced accuracy (mean per-class recall) is computed over
+    those pooled out-of-fold predictions. Features are standardised inside each fit. When the
+    smallest class has fewer than ``cv`` images the folds drop to that count (warning); a class
+    of one image, or a single class, makes the figure undefined (NaN with a warning).
+    """
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.metrics import balanced_accuracy_score
+    from sklearn.model_selection import StratifiedKFold
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    x, codes, n_classes = _prepare(embeddings, labels, normalize)
+
+    def probe() -> Any:
+        return make_pipeline(StandardScaler(), LogisticRegression(C=c, max_iter=max_iter))
+
+    if train_mask is not None:
+        train = as_mask(train_mask, len(codes), "train_mask")
+        test = ~train
+        if not test.any():
+            return _degenerate("linear probe", "the held-out split is empty")
+        if len(np.unique(codes[train])) < 2:
+            return _degenerate("linear probe", "the training split has fewer than two classes")
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", category=UserWarning)  # held-out class unseen in training
+            model = probe().fit(x[train], codes[train])
+            return float(balanced_accuracy_score(codes[test], model.predict(x[test])))
+
+    if n_classes < 2:
+        return _degenerate("linear probe", "only one class")
+    smallest = int(np.bincount(codes).min())
+    if smallest < 2:
+        return _degenerate("linear probe", "a class has a single image, so it cannot be cross-validated")
+    folds = int(cv)
+    if smallest < folds:
+        warnings.warn(f"linear probe: smallest class has {smallest} images; using {smallest}-fold CV "
+                      f"instead of {folds}", RuntimeWarning, stacklevel=2)
+        folds = smallest
+    pred = np.empty_like(codes)
+    splitter = StratifiedKFold(n_splits=folds, shuffle=True, random_state=seed)
+    for train_idx, test_idx in splitter.split(x, codes):
+        pred[test_idx] = probe().fit(x[train_idx], codes[train_idx]).predict(x[test_idx])
+    return float(balanced_accuracy_score(codes, pred))
+
+
+def distribution_figures(
+    embeddings: np.ndarray,
+    labels: Any,
+    *,
+    train_mask: np.ndarray | None = None,
+    cv: int = 5,
+    seed: int = 0,
+    probe: bool = True,
+) -> dict[str, Any]:
+    """All distribution figures of one embedding set, as a flat dict (NaN where undefined).
+
+    Keys: ``n``, ``n_classes``, ``silhouette_cosine``, ``davies_bouldin``, ``calinski_harabasz``,
+    ``fisher_ratio`` and, unless ``probe=False``, ``linear_probe_balanced_accuracy``. Everything is
+    computed on L2-normalised embeddings, the geometry the retrieval metrics use, so models whose
+    features differ in scale stay comparable.
+    """
+    x = as_embeddings(embeddings)
+    _, codes = _class_codes(labels, x.shape[0])
+    unit = l2_normalize(x)
+    out: dict[str, Any] = {
+        "n": int(len(codes)),
+        "n_classes": int(codes.max()) + 1,
+        "silhouette_cosine": silhouette_cosine(unit, codes),
+        "davies_bouldin": davies_bouldin(unit, codes, normalize=False),
+        "calinski_harabasz": calinski_harabasz(unit, codes, normalize=False),
+        "fisher_ratio": fisher_ratio(unit, codes, normalize=False),
+    }
+    if probe:
+        out["linear_probe_balanced_accuracy"] = linear_probe_balanced_accuracy(
+            unit, codes, train_mask=train_mask, cv=cv, seed=seed, normalize=False
+        )
+    return out
+
+
+def project_2d(
+    embeddings: np.ndarray,
+    *,
+    method: str = "pca",
+    seed: int = 0,
+    max_samples: int = 5000,
+    max_iter: int = 1000,
+) -> tuple[np.ndarray, np.ndarray]:
+    """2-D projection of the unit embeddings for plots: ``(rows, coords)``.
+
+    ``method`` is ``"pca"`` (all rows) or ``"tsne"`` (cosine t-SNE, ``max_iter`` iterations, on at
+    most ``max_samples`` rows chosen uniformly at random with ``seed``, because t-SNE is
+    quadratic-ish). ``rows`` says which input rows ``coords`` (shape [len(rows), 2]) belong to.
+    """
+    x = l2_normalize(as_embeddings(embeddings))
+    n = x.shape[0]
+    if method == "pca":
+        from sklearn.decomposition import PCA
+
+        return np.arange(n), PCA(n_components=2, random_state=seed).fit_transform(x)
+    if method == "tsne":
+        from sklearn.manifold import TSNE
+
+        rows = np.arange(n)
+        if n > max_samples:
+            rows = np.sort(np.random.default_rng(seed).choice(n, size=max_samples, replace=False))
+        perplexity = float(min(30.0, max(2.0, (len(rows) - 1) / 3)))
+        tsne = TSNE(n_components=2, metric="cosine", init="pca", random_state=seed, perplexity=perplexity,
+                    max_iter=max_iter)
+        return rows, tsne.fit_transform(x[rows])
+    raise VlmindexError(f"unknown projection method {method!r}; choose 'pca' or 'tsne'")
