@@ -18,8 +18,8 @@ import time
 from pathlib import Path
 
 import torch
-from vlmindex.catalog import Workspace
 
+from vlmindex.catalog import Workspace
 from vlmindex.embed import EmbedOptions, embed, select_images
 from vlmindex.imageio import load_image
 from vlmindex.ingest import ingest_synthetic
