@@ -49,7 +49,10 @@ def test_query_metrics_columns_are_the_registry(catalog):
 
 
 def test_leaderboard_sql_matches_the_registry(catalog):
-    text = (SQL / "leaderboard.sql").read_text()
+    from vlmindex.catalog import shipped
+
+    assert "{{leaderboard_metrics}}" in (SQL / "leaderboard.sql").read_text()
+    text = shipped.text("leaderboard")
     # Each metric of the leaderboard is `round(<summaries column>, 4) AS <leaderboard column>`.
     pairs = tuple(re.findall(r"round\((\w+),\s*\d+\)\s+AS\s+(\w+)", text))
     assert pairs == registry.leaderboard_columns()

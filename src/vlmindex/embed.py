@@ -234,6 +234,7 @@ def _embed_pending(ws: Workspace, key: RunKey, opts: EmbedOptions, todo: list[st
     buf_vecs: list[np.ndarray] = []
     failures: list[tuple[int, str]] = []
     counts = {"embedded": 0, "changed": 0, "duplicates": 0}
+    embedded_ids: list[int] = []
     zero: list[int] = []
 
     def flush() -> None:
@@ -248,6 +249,7 @@ def _embed_pending(ws: Workspace, key: RunKey, opts: EmbedOptions, todo: list[st
                 tag=f"s{opts.shard[0]}of{opts.shard[1]}-" if opts.shard else "",
                 run=dict(run_meta, seconds=round(time.perf_counter() - t0, 3)))
             counts["embedded"] += commit.written
+            embedded_ids.extend(commit.ids.tolist())
             counts["changed"] += commit.changed
             counts["duplicates"] += commit.duplicates
 
@@ -279,12 +281,12 @@ def _embed_pending(ws: Workspace, key: RunKey, opts: EmbedOptions, todo: list[st
            "n": report.embedded, "total": report.total, "seconds": report.seconds,
            "images_per_s": report.images_per_s, "started_at": started, "finished_at": datetime.now(),
            "recorded_from": "embed"}
-    skips = [(paths.get(i, str(i)), f"embed {key.model}: {err}") for i, err in failures]
-    skips += [(paths.get(i, str(i)), f"embed {key.model}: the embedding is all zeros or not finite "
-               "(a uniform image?); left out of analyses") for i in zero]
+    skips = [store.Failure(i, paths[i], f"embed {key.model}: {err}", pixels_of[i]) for i, err in failures]
+    skips += [store.Failure(i, paths[i], f"embed {key.model}: the embedding is all zeros or not finite "
+                            "(a uniform image?); left out of analyses", pixels_of[i]) for i in zero]
     if report.embedded or skips:
         try:
-            store.record_run(ws, key, row if report.embedded else None, skips)
+            store.record_run(ws, key, row if report.embedded else None, skips, [paths[i] for i in embedded_ids])
         except (WorkspaceBusy, duckdb.Error, OSError) as exc:
             # The embeddings are safe in their parts, which carry this provenance too: the next
             # embed of this run records the missing row from them.

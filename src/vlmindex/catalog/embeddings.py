@@ -160,6 +160,7 @@ def current_count(ws: Workspace, key: RunKey, *, split: str | None = None,
 @dataclass
 class Commit:
     path: str | None   # the part written, None when no row was left to commit
+    ids: np.ndarray    # the images it holds
     written: int
     changed: int       # rows whose pixels changed (or whose image left the catalog) while embedding
     duplicates: int    # rows another process had committed first
@@ -193,7 +194,8 @@ def commit_part(ws: Workspace, key: RunKey, *, image_ids: np.ndarray, pixels: li
                                  dtype=bool)
             fresh = np.array([int(i) not in have for i in image_ids], dtype=bool)
             keep = ok_pixels & fresh
-            commit = Commit(None, int(keep.sum()), int((~ok_pixels).sum()), int((ok_pixels & ~fresh).sum()))
+            commit = Commit(None, image_ids[keep], int(keep.sum()), int((~ok_pixels).sum()),
+                            int((ok_pixels & ~fresh).sum()))
             if keep.any():
                 meta = dict(run or {}, committed_at=datetime.now().isoformat(timespec="seconds"))
                 path = parts.write_part(directory, model=key.model, dataset=key.dataset, condition=key.condition,
@@ -341,21 +343,37 @@ def last_run(ws: Workspace, key: RunKey) -> dict[str, Any] | None:
     return dict(zip(cols, rows[0], strict=True)) if rows else None
 
 
-def record_run(ws: Workspace, key: RunKey, row: dict[str, Any] | None, failures: list[tuple[str, str]], *,
-               wait: float = COMMIT_WAIT) -> None:
+@dataclass(frozen=True)
+class Failure:
+    """An image an embedding run could not use, with the pixels it was selected with."""
+
+    image_id: int
+    path: str
+    reason: str
+    pixels: str
+
+
+def record_run(ws: Workspace, key: RunKey, row: dict[str, Any] | None, failures: list[Failure],
+               embedded_paths: list[str], *, wait: float = COMMIT_WAIT) -> None:
     """The final write of an embedding run: its ``runs`` row (None when it stored nothing) and the
-    images it could not use, replacing what an earlier run of the same model recorded for them."""
+    images it could not use. An earlier run's ``skipped`` rows of this model and condition are
+    replaced for the images this run embedded or failed on, and a failure of an image whose pixels
+    changed meanwhile (``ingest --replace`` during the run) is not recorded at all."""
     from vlmindex.catalog import datasets
 
     with ws.write(wait=wait) as con, transaction(con):
         if row is not None:
             insert_run(con, row)
+        con.execute("DELETE FROM skipped WHERE dataset = ? AND stage = 'embed' AND model = ? AND condition = ? "
+                    "AND path IN (SELECT unnest(?))",
+                    [key.dataset, key.model, key.condition, [f.path for f in failures] + embedded_paths])
         if failures:
-            con.execute("DELETE FROM skipped WHERE dataset = ? AND stage = 'embed' AND model = ? AND condition = ? "
-                        "AND path IN (SELECT unnest(?))",
-                        [key.dataset, key.model, key.condition, [p for p, _ in failures]])
-            datasets.record_skips(con, key.dataset, failures, stage="embed", model=key.model,
-                                  condition=key.condition)
+            now = dict(con.execute(
+                "SELECT image_id, pixels FROM image_pixels WHERE dataset = ? AND condition = ? "
+                "AND image_id IN (SELECT unnest(?))", [key.dataset, key.condition, [f.image_id for f in failures]]
+            ).fetchall())
+            still = [(f.path, f.reason) for f in failures if now.get(f.image_id) == f.pixels]
+            datasets.record_skips(con, key.dataset, still, stage="embed", model=key.model, condition=key.condition)
 
 
 def remove_run(ws: Workspace, key: RunKey) -> int:

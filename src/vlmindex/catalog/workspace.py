@@ -25,7 +25,6 @@ import json
 import os
 import re
 import sys
-import tempfile
 import time
 from collections.abc import Callable, Iterator
 from importlib import resources
@@ -190,23 +189,36 @@ class Workspace:
     def _duckdb_path(self) -> str:
         """The catalog's path as DuckDB is given it.
 
-        DuckDB reads everything after a ``?`` in a database path as URL parameters (its WAL file
-        would be ``ws.wal?rest``), and offers no escape, so a workspace whose path holds a ``?``
-        is opened through a symbolic link with a plain name in the temporary directory.
+        DuckDB reads everything after the first ``?`` of a database path as URL parameters (its
+        WAL would be ``ws.wal?rest``), resolves symbolic links first, and offers no escape. So a
+        workspace whose path holds a ``?`` opens its catalog through a hard link (same file) in a
+        hidden folder of the nearest ancestor whose path has none, on the same filesystem, where
+        DuckDB then keeps the catalog's WAL too.
         """
-        path = str(self.catalog_path)
-        if "?" not in path:
-            return path
-        alias_dir = Path(tempfile.gettempdir()) / f"vlmindex-{os.getuid()}"
-        alias_dir.mkdir(mode=0o700, exist_ok=True)
-        link = alias_dir / hashlib.sha1(str(self.root).encode()).hexdigest()[:20]
-        if not (link.is_symlink() and os.readlink(link) == str(self.root)):
-            tmp = link.with_name(f"{link.name}.{os.getpid()}")
-            with contextlib.suppress(FileNotFoundError):
-                tmp.unlink()
-            os.symlink(self.root, tmp)
-            os.replace(tmp, link)
-        return str(link / self.catalog_path.name)
+        path = self.catalog_path
+        if "?" not in str(path):
+            return str(path)
+        parent = next((p for p in path.parents if "?" not in str(p)), None)
+        if parent is None:
+            raise VlmindexError(f"cannot open a catalog under {self.root}: every folder of its path holds a '?'")
+        alias_dir = parent / f".vlmindex-catalog-{hashlib.sha1(str(self.root).encode()).hexdigest()[:16]}"
+        alias = alias_dir / path.name
+        try:
+            alias_dir.mkdir(exist_ok=True)
+            if path.exists():
+                if not (alias.exists() and os.path.samefile(alias, path)):
+                    tmp = alias_dir / f".{path.name}.{os.getpid()}"
+                    with contextlib.suppress(FileNotFoundError):
+                        tmp.unlink()
+                    os.link(path, tmp)
+                    os.replace(tmp, alias)
+            else:
+                duckdb.connect(str(alias)).close()  # create it, then give it its place in the workspace
+                os.link(alias, path)
+        except OSError as exc:
+            raise VlmindexError(f"cannot open a catalog under {self.root}, whose path holds a '?' ({exc}); "
+                                "use a workspace path without '?'") from None
+        return str(alias)
 
     def _ensure_schema(self, con: duckdb.DuckDBPyConnection) -> None:
         version = _stored_version(con)

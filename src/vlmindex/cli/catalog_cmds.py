@@ -141,12 +141,13 @@ def datasets(ctx, fmt):
 @cli.command()
 @click.argument("query", required=False)
 @click.option("--list", "list_", is_flag=True, help="List the shipped analyses.")
+@click.option("--show", is_flag=True, help="Print the SQL of shipped analysis QUERY instead of running it.")
 @click.option("--write", is_flag=True, help="Allow statements that change the catalog.")
 @click.option("-p", "--param", "params", multiple=True, metavar="NAME=VALUE",
               help="Value for a $NAME parameter of the query (repeatable).")
 @format_option()
 @pass_ctx
-def sql(ctx, query, list_, write, params, fmt):
+def sql(ctx, query, list_, show, write, params, fmt):
     """Run SQL over the catalog, or a shipped analysis by NAME (see --list).
 
     Tables: images, datasets, skipped, conditions, runs, query_metrics, summaries, overlay_effects,
@@ -160,6 +161,7 @@ def sql(ctx, query, list_, write, params, fmt):
       vlmindex sql "SELECT dataset, label, count(*) FROM images GROUP BY ALL"
       vlmindex sql leaderboard --format csv
       vlmindex sql --list
+      vlmindex sql --show leaderboard
     """
     from vlmindex.catalog import sandbox, shipped
 
@@ -169,6 +171,11 @@ def sql(ctx, query, list_, write, params, fmt):
     if not query:
         raise click.UsageError("give a SQL query or the name of a shipped analysis (see --list)")
     text = shipped.text(query) if query in shipped.queries() else query
+    if show:
+        if query not in shipped.queries():
+            raise VlmindexError(f"--show takes the name of a shipped analysis (see --list), not {query!r}")
+        click.echo(text.rstrip())
+        return
     bound = {}
     for p in params:
         key, sep, value = p.partition("=")
