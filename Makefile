@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 # The CPU/CUDA wheels pip finds for these pins; keep torch within the range pyproject allows.
 TORCH  ?= torch==2.14.1 torchvision==0.29.1
 
-.PHONY: demo test install lint bench clean
+.PHONY: demo test browser install lint bench clean
 
 $(BIN)/vlmindex: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -19,7 +19,11 @@ install: $(BIN)/vlmindex
 demo: install
 	$(BIN)/vlmindex demo
 
-test: install
+# The browser tests need Debian's chromium: installed when possible, else a one-line stop, before anything else.
+browser:
+	@./scripts/ensure-chromium
+
+test: browser install
 	$(BIN)/pip install --quiet --no-deps --force-reinstall .
 	$(BIN)/python -m pytest -q
 

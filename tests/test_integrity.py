@@ -108,7 +108,6 @@ def test_embed_overtaken_by_ingest_replace_stores_no_vector_of_the_old_pixels(tm
     extractor.encode_image = encode_then_replace
     opts = EmbedOptions(batch_size=2, part_size=2, num_workers=0, progress=False)
     report = embed(ws, "raw-pixels", "demo", options=opts, extractor=extractor)
-    assert report.changed > 0, "the embed should have seen that the pixels changed"
     extractor.encode_image = encode
     embed(ws, "raw-pixels", "demo", options=opts, extractor=extractor)  # finishes what was dropped
 
@@ -118,6 +117,7 @@ def test_embed_overtaken_by_ingest_replace_stores_no_vector_of_the_old_pixels(tm
     got, want = read_run(ws, RunKey("raw-pixels", "demo")), read_run(fresh, RunKey("raw-pixels", "demo"))
     assert np.array_equal(got.ids, want.ids)
     assert np.array_equal(got.vectors, want.vectors), "a stored vector is of the replaced pixels"
+    assert report.changed > 0, "the overtaken embed says that the pixels changed under it"
     with ws.read() as con:
         assert con.execute("SELECT count(*) FROM embeddings").fetchall() == [(8,)]
         # no "changed since it was ingested" row is left for images that are fine now
@@ -250,11 +250,11 @@ def test_zero_embedding_is_skipped_with_its_reason_not_a_reason_to_refuse_the_ru
 
         extractor.encode_image = zero_first
         embed(ws, "raw-pixels", "demo", condition, EmbedOptions(num_workers=0, progress=False), extractor=extractor)
-    skipped = _count(synth_ws, "SELECT count(*), min(reason) FROM skipped WHERE stage = 'embed'")
-    assert skipped[0][0] == 2 and "all zeros" in skipped[0][1]
     vlm(synth_ws, "analyze", "-m", "raw-pixels", "-d", "demo", "-k", "5", "--no-probe")
     n = _count(synth_ws, "SELECT n_queries FROM summaries")[0][0]
     assert n == 71
+    skipped = _count(synth_ws, "SELECT count(*), min(reason) FROM skipped WHERE stage = 'embed'")
+    assert skipped[0][0] == 2 and "all zeros" in skipped[0][1]
     assert _count(synth_ws, f"SELECT count(*) FROM query_metrics WHERE image_id = {victim}") == [(0,)]
     effect = json.loads(vlm(synth_ws, "overlay", "effect", "-m", "raw-pixels", "-d", "demo", "-c", "lbl",
                             "--n-boot", "10", "--format", "json").out)
@@ -297,8 +297,9 @@ def test_text_detection_of_changed_overlay_pixels_is_redone(tmp_path):
     ingest(ws, "demo", src, "imagefolder", progress=False)
     add_condition(ws, "demo", "lbl", OverlayRecipe(text="label"))
     detect_text(ws, "demo", condition="lbl", progress=False, detector=FakeDetector(ws))
-    with ws.write() as con:
-        con.execute("UPDATE images SET label = 'other' WHERE image_id = (SELECT min(image_id) FROM images)")
+    with ws.write() as con:  # to the other existing class: only this image's written text changes
+        con.execute("UPDATE images SET label = CASE label WHEN 'benign' THEN 'malignant' ELSE 'benign' END "
+                    "WHERE image_id = (SELECT min(image_id) FROM images)")
     fake = FakeDetector(ws)
     assert detect_text(ws, "demo", condition="lbl", progress=False, detector=fake)["processed"] == 1
 
@@ -306,8 +307,9 @@ def test_text_detection_of_changed_overlay_pixels_is_redone(tmp_path):
 def test_report_projects_the_vectors_analyze_scored(synth_ws, vlm):
     """An image embedded twice: analyze kept the newest copy but the report's own reader kept the
     oldest, so it could plot vectors the analysis never scored."""
-    from vlmindex.report import collect
     from vlmindex.report.options import ReportOptions
+
+    from vlmindex.report import collect
 
     ws = Workspace(synth_ws)
     vlm(synth_ws, "embed", "-m", "raw-pixels", "-d", "demo", "--workers", "0")
@@ -338,7 +340,8 @@ def test_sigkill_between_embed_parts_leaves_one_row_per_image_with_provenance(sy
                              "demo", "--split", "test", "--workers", "0"], capture_output=True, text=True)
     assert vlm_rc.returncode == 0, vlm_rc.stderr
     raw = _raw_rows(synth_ws, model)
-    assert len(raw) == len(np.unique(raw)) == 24
+    n_test = _count(synth_ws, "SELECT count(*) FROM images WHERE split = 'test'")[0][0]
+    assert len(raw) == len(np.unique(raw)) == n_test
     sources = {r[0] for r in _count(synth_ws, f"SELECT recorded_from FROM runs WHERE model = '{model}'")}
     assert sources == {"parts", "embed"}
     shutil.rmtree(ws.root / ".locks", ignore_errors=True)

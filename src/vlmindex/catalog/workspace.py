@@ -126,14 +126,12 @@ class Workspace:
 
     @contextlib.contextmanager
     def write(self, *, wait: float = 0.0) -> Iterator[duckdb.DuckDBPyConnection]:
-        """A read-write catalog connection under the write lock, schema created or migrated."""
-        from vlmindex.catalog import views
-
+        """A read-write catalog connection under the write lock, schema created or migrated (no
+        Parquet views: writers read runs through ``catalog.embeddings``)."""
         with self.lock(wait=wait):
             con = self._connect(read_only=False, wait=max(wait, CONNECT_WAIT))
             try:
                 self._ensure_schema(con)
-                views.register(con, self)
                 yield con
             finally:
                 con.close()
