@@ -15,16 +15,22 @@ import numpy as np
 import pytest
 from scipy.stats import wilcoxon
 
+from vlmindex.analyze import is_current
+from vlmindex.catalog import RunKey
+from vlmindex.catalog.embeddings import read_run
 from vlmindex.catalog.workspace import Workspace
+from vlmindex.metrics import project_2d
 from vlmindex.report import (
     SECTIONS,
     ReportOptions,
     bootstrap_mean_ci,
     build_report,
+    collect,
     holm,
     paired_comparison,
     wilcoxon_p,
 )
+from vlmindex.report.data import analysis_options
 
 SECTION_IDS = [sid for sid, _ in SECTIONS]
 MODELS = ("raw-pixels", "color-hist")
@@ -294,6 +300,111 @@ def test_report_cli_writes_file_and_prints_path(vlm, report_ws, tmp_path):
     res = vlm(root, "report", "--out", out, "--dataset", "demo", "--projection", "pca", "--max-points", "40")
     assert f"wrote {out.resolve()}" in res.out and out.exists()
     assert "20 images × 2 condition(s), pca" in out.read_text(encoding="utf-8")
+
+
+# -- the data step: typed ReportData, checked against the catalog ------------------------------------
+
+
+def test_report_data_intervals_and_tables_match_the_stored_per_query_rows(report_ws):
+    """Leaderboard intervals are the group bootstrap of the stored per-query AP; per-class purity
+    is the stored mean per label; comparison p-values are Holm over the raw ones."""
+    root, _ = report_ws
+    ws = Workspace(root)
+    opts = ReportOptions(max_points=0, n_boot=300, seed=3)
+    data = collect(ws, opts)
+    assert [(b.dataset, b.condition) for b in data.leaderboard] == [("demo", "clean"), ("demo", "lbl")]
+    with ws.read() as con:
+        for block in data.leaderboard:
+            assert block.ks == [5] and {r.summary["model"] for r in block.rows} == set(MODELS)
+            for row in block.rows:
+                aid = row.summary["analysis_id"]
+                ap, unit = zip(*con.execute(
+                    "SELECT q.ap, coalesce(i.group_id, 'image:' || q.image_id::VARCHAR) FROM query_metrics q "
+                    "LEFT JOIN images i USING (image_id) WHERE q.analysis_id = ? AND q.ap IS NOT NULL "
+                    "ORDER BY q.image_id", [aid]).fetchall(), strict=True)
+                ap = np.array(ap)
+                q = data.per_query[aid]
+                np.testing.assert_array_equal(q.ap[np.isfinite(q.ap)], ap)
+                expected = bootstrap_mean_ci(ap, np.array(unit, dtype=object), n_boot=300, seed=3,
+                                             confidence=0.95)
+                assert row.map_ci == expected
+                assert expected[0] <= row.summary["map_micro"] <= expected[1]
+        for table in data.per_class:
+            for model, values in zip(table.models, table.values, strict=True):
+                stored = dict(con.execute(
+                    "SELECT label, avg(purity_at_k) FROM query_metrics WHERE model = ? AND dataset = ? "
+                    "AND condition = ? GROUP BY label", [model, table.dataset, table.condition]).fetchall())
+                assert table.labels == sorted(stored)
+                assert values == pytest.approx([stored[lab] for lab in table.labels])
+    assert len(data.comparisons) == 2
+    raw = [c.result.p_value for c in data.comparisons]
+    assert [c.holm_p for c in data.comparisons] == pytest.approx(list(holm(raw)))
+    for c in data.comparisons:
+        assert c.a["map_micro"] >= c.b["map_micro"] and c.result.n_queries == 72
+    assert data.overlay_effects == [] and data.has_overlay_runs
+    assert sorted((d.overlay["model"], d.overlay["condition"]) for d in data.ap_deltas) == sorted(
+        (m, "lbl") for m in MODELS)
+
+
+def test_report_data_projection_panels_hold_the_current_embeddings(report_ws):
+    """Each point of a panel carries the image, its condition, its label and the exact vector the
+    catalog's reader returns for it now; the coordinates are the projection of those vectors."""
+    root, _ = report_ws
+    ws = Workspace(root)
+    data = collect(ws, ReportOptions(projection="pca", max_points=40, n_boot=100))
+    assert sorted((p.dataset, p.model) for p in data.projections) == sorted(("demo", m) for m in MODELS)
+    with ws.read() as con:
+        label_of = dict(con.execute("SELECT image_id, label FROM images").fetchall())
+    for p in data.projections:
+        n = len(p.image_ids)
+        assert p.method == "pca" and p.run_conditions == ["clean", "lbl"] and n == 2 * p.n_images == 40
+        assert p.vectors.dtype == np.float32 and p.vectors.shape[0] == n and p.coords.shape == (n, 2)
+        assert len(p.conditions) == len(p.labels) == n
+        assert p.labels == [label_of[int(i)] for i in p.image_ids]
+        for cond in p.run_conditions:
+            mask = np.array(p.conditions) == cond
+            assert mask.sum() == p.n_images
+            run = read_run(ws, RunKey(p.model, "demo", cond), ids=p.image_ids[mask])
+            np.testing.assert_array_equal(run.ids, p.image_ids[mask])
+            np.testing.assert_array_equal(p.vectors[mask], run.vectors)
+        _, coords = project_2d(p.vectors, method="pca", seed=0, max_samples=n)
+        np.testing.assert_allclose(p.coords, coords, atol=1e-6)
+
+
+def test_stale_analyses_are_listed_after_their_embeddings_change(report_ws, tmp_path, vlm):
+    """Other vectors imported for raw-pixels on demo/clean: that analysis, and only it, is stale (the
+    verdict of analyze's own currency rule) and the overview says how to rerun it."""
+    root, _ = report_ws
+    copy = tmp_path / "ws"
+    shutil.copytree(root, copy)
+    ws = Workspace(copy)
+    opts = ReportOptions(max_points=0, n_boot=100)
+    data = collect(ws, opts)
+    assert data.stale == [] and data.unchecked == []
+    assert all(is_current(ws, s["model"], s["dataset"], s["condition"], analysis_options(s)) for s in data.summaries)
+    assert "id='stale'" not in build_report(ws, opts)[0]
+
+    vlm(copy, "embeddings", "export", "-m", "raw-pixels", "-d", "demo", tmp_path / "e.npy")
+    vecs = np.load(tmp_path / "e.npy")
+    np.save(tmp_path / "other.npy", np.ascontiguousarray(vecs[::-1]))  # every image gets another's vector
+    vlm(copy, "embeddings", "import", tmp_path / "other.npy", "--ids", tmp_path / "e.npy.ids.txt",
+        "-m", "raw-pixels", "-d", "demo")
+    data = collect(ws, opts)
+    (stale,) = data.stale
+    assert (stale.model, stale.dataset, stale.condition) == ("raw-pixels", "demo", "clean")
+    assert stale.stored_fingerprint != stale.current_fingerprint
+    for s in data.summaries:
+        current = is_current(ws, s["model"], s["dataset"], s["condition"], analysis_options(s))
+        assert current == (s["analysis_id"] != stale.analysis_id)
+    html, _ = build_report(ws, opts)
+    overview = html[html.index("id='overview'"):html.index("id='leaderboard'")]
+    note = re.search(r"<p class='note' id='stale'>.*?</p>", overview).group(0)
+    assert "raw-pixels on demo/clean" in note
+    assert "vlmindex analyze -m raw-pixels -d demo -c clean -k 5 --exclude-group" in note
+    assert "lbl" not in note and "color-hist" not in note
+
+    vlm(copy, *stale.rerun_command().split()[1:])  # the command the note names makes it current again
+    assert collect(ws, opts).stale == []
 
 
 # -- statistics, against hand-computed values and SciPy --------------------------------------------
