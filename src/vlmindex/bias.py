@@ -40,6 +40,7 @@ Figures (``figure`` column of table ``overlay_effects``; ``baseline`` says what 
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import asdict, dataclass
 from datetime import datetime
 from typing import Any, cast
 
@@ -276,8 +277,18 @@ def overlay_figures(
 STAGE = "overlay_effect"
 
 
+@dataclass(frozen=True)
+class EffectOptions:
+    """The options that change the overlay figures: they enter the stored rows and their fingerprint."""
+
+    k: int = 10
+    exclude_group: bool = False
+    n_boot: int = 1000
+    seed: int = 0
+
+
 def _options(k: int, exclude_group: bool, n_boot: int, seed: int) -> dict[str, Any]:
-    return {"k": k, "exclude_group": bool(exclude_group), "n_boot": n_boot, "seed": seed}
+    return asdict(EffectOptions(k, bool(exclude_group), n_boot, seed))
 
 
 def is_current(ws: Workspace, model: str, dataset: str, condition: str, *, k: int = 10, exclude_group: bool = False,

@@ -14,7 +14,7 @@ import re
 import time
 import tomllib
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -342,7 +342,7 @@ def _stages() -> tuple[StudyStage, ...]:
     from vlmindex import analyze, bias, embed, index, zeroshot
 
     a = lambda ctx: ctx.study.analysis  # noqa: E731 - the study's analysis options, read when a stage runs
-    effect = lambda ctx: {"k": a(ctx).k, "exclude_group": a(ctx).exclude_group}  # noqa: E731
+    effect = lambda ctx: asdict(bias.EffectOptions(k=a(ctx).k, exclude_group=a(ctx).exclude_group))  # noqa: E731
     return (
         StudyStage("embed", _runs,
                    lambda ctx, k: embed.pending_count(ctx.ws, k.model, k.dataset, k.condition, ctx.embed_options) == 0,
