@@ -115,3 +115,42 @@ def test_reader_waits_for_a_short_write_in_another_process(tmp_path):
         finally:
             blocker.kill()
             blocker.wait()
+
+
+def test_v1_workspace_with_legacy_parts_is_migrated(synth_ws):
+    """A workspace of vlmindex 0.1 (schema v1, parts without `part`/`pixels`) opens, keeps its
+    embeddings, and serves them through the views and the reader."""
+    import numpy as np
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from vlmindex.catalog import RunKey
+    from vlmindex.catalog import parts as store
+    from vlmindex.catalog.embeddings import read_run
+
+    ws = Workspace(synth_ws)
+    with ws.read() as con:
+        ids = np.array([r[0] for r in con.execute("SELECT image_id FROM images ORDER BY image_id").fetchall()])
+    vectors = np.random.default_rng(0).normal(size=(len(ids), 8)).astype(np.float32)
+    n = len(ids)
+    legacy = pa.table({
+        "model": pa.array(["old"] * n).dictionary_encode(), "dataset": pa.array(["demo"] * n).dictionary_encode(),
+        "condition": pa.array(["clean"] * n).dictionary_encode(), "image_id": pa.array(ids),
+        "embedding": pa.FixedSizeListArray.from_arrays(pa.array(vectors.reshape(-1)), 8),
+    })
+    out = ws.embeddings_dir("old", "demo")
+    out.mkdir(parents=True)
+    pq.write_table(legacy, out / "part-0000018a1b2c3d4e-0123abcd.parquet")
+    with ws.write() as con:
+        for table, column in [("summaries", "inputs_fingerprint"), ("summaries", "n_missing"),
+                              ("skipped", "stage"), ("text_detections", "pixels"), ("runs", "recorded_from")]:
+            con.execute(f"ALTER TABLE {table} DROP COLUMN {column}")
+        con.execute("UPDATE meta SET value = '1' WHERE key = 'schema_version'")
+    with ws.read() as con:
+        assert con.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()[0] == "2"
+        assert "inputs_fingerprint" in {r[0] for r in con.execute("DESCRIBE summaries").fetchall()}
+        assert con.execute("SELECT count(*), count(DISTINCT image_id) FROM embeddings").fetchone() == (n, n)
+    (part,) = store.part_paths(out)
+    assert {"part", "pixels"} <= set(pq.read_schema(part).names)
+    run = read_run(ws, RunKey("old", "demo"))
+    assert np.array_equal(run.ids, ids) and np.array_equal(run.vectors, vectors)

@@ -273,6 +273,8 @@ def _embed_pending(ws: Workspace, key: RunKey, opts: EmbedOptions, todo: list[st
         flush()  # on Ctrl-C too: finished embeddings are kept
         bar.close()
     seconds = time.perf_counter() - t0
+    stored = set(embedded_ids)
+    zero = [i for i in zero if i in stored]  # a zero vector another process committed first is its to report
     total = store.current_count(ws, key, split=opts.split, shard=opts.shard)
     report = EmbedReport(key.model, key.dataset, key.condition, counts["embedded"], total, seconds,
                          failed=len(failures), zero=len(zero), changed=counts["changed"],

@@ -270,6 +270,9 @@ def load_index(ws: Workspace, model: str, dataset: str,
         info = IndexInfo.load(sidecar)
         data = path.read_bytes()
         now = _stage_fingerprint(key, run_fingerprint(con, ws, key))
+    if info is not None and info.inputs_fingerprint is None:
+        raise VlmindexError(f"the index of {model!r} on {dataset}/{condition} was built by an older vlmindex that "
+                            f"recorded no fingerprint of its inputs; rebuild it with `{build_cmd}`")
     if info is None or hashlib.sha256(data).hexdigest() != info.checksum:
         raise VlmindexError(f"the index file {path} is damaged (its checksum is not the one recorded when it "
                             f"was built); rebuild it with `{build_cmd} --force`")

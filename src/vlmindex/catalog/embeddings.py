@@ -11,6 +11,7 @@ of one model, or an ``embed`` during ``ingest --replace``, end with one current 
 from __future__ import annotations
 
 import contextlib
+import json
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -325,8 +326,6 @@ RUN_COLUMNS = ("run_id", "model", "dataset", "condition", "split", "shard", "n",
 
 def insert_run(con: duckdb.DuckDBPyConnection, row: dict[str, Any]) -> None:
     """One ``runs`` row (JSON columns given as objects or JSON text)."""
-    import json
-
     values = [json.dumps(row.get(c), default=str) if c in ("preprocessing", "versions") and
               not isinstance(row.get(c), str | None) else row.get(c) for c in RUN_COLUMNS]
     con.execute(f"INSERT OR REPLACE INTO runs ({', '.join(RUN_COLUMNS)}) VALUES ({', '.join('?' * len(RUN_COLUMNS))})",

@@ -25,6 +25,7 @@ import pyarrow.dataset as pads
 import pyarrow.parquet as pq
 
 from vlmindex.catalog.parts import NEIGHBOR_SCHEMA, part_paths
+from vlmindex.errors import VlmindexError
 
 if TYPE_CHECKING:
     from vlmindex.catalog.workspace import Workspace
@@ -79,8 +80,12 @@ def register_run(con: duckdb.DuckDBPyConnection, directory: Path, files: list[Pa
     files = part_paths(directory) if files is None else files
     if not files:
         return None
-    schema = pq.read_schema(files[-1]).remove_metadata()
-    first = pq.read_table(files[-1], columns=["model", "dataset", "condition"]).slice(0, 1).to_pylist()
+    try:
+        schema = pq.read_schema(files[-1]).remove_metadata()
+        first = pq.read_table(files[-1], columns=["model", "dataset", "condition"]).slice(0, 1).to_pylist()
+    except (pa.ArrowInvalid, OSError, KeyError) as exc:
+        raise VlmindexError(f"embedding part {files[-1]} is damaged ({' '.join(str(exc).split())[:200]}); delete it "
+                            "and run `vlmindex embed` again to redo its images") from None
     dataset = pads.dataset([str(f) for f in files], schema=schema, format="parquet")
     name = f"_vlm_run_{next(_names)}"
     emb = schema.field("embedding").type

@@ -39,8 +39,10 @@ DEFAULT_WORKSPACE = "vlmindex-workspace"
 ENV_WORKSPACE = "VLMINDEX_WORKSPACE"
 CONNECT_WAIT = 10.0  # seconds to wait for another process's short catalog write
 
-# version -> function that upgrades a catalog from that version to version + 1.
+# version -> function that upgrades a catalog from that version to version + 1 (inside its
+# transaction), and the files of the workspace that the same step rewrites (after it).
 MIGRATIONS: dict[int, Callable[[duckdb.DuckDBPyConnection], None]] = {}
+FILE_MIGRATIONS: dict[int, Callable[[Path], None]] = {}
 
 
 def sql_dir() -> Path:
@@ -232,12 +234,11 @@ class Workspace:
                         f"workspace {self.root} has catalog schema v{version} and no migration "
                         f"from v{v} exists; re-create it with this vlmindex"
                     )
-                con.execute("BEGIN")
-                MIGRATIONS[v](con)
-                con.execute(
-                    "INSERT OR REPLACE INTO meta VALUES ('schema_version', ?)", [str(v + 1)]
-                )
-                con.execute("COMMIT")
+                if v in FILE_MIGRATIONS:  # files first: rewriting them twice is harmless
+                    FILE_MIGRATIONS[v](self.root)
+                with transaction(con):
+                    MIGRATIONS[v](con)
+                    con.execute("INSERT OR REPLACE INTO meta VALUES ('schema_version', ?)", [str(v + 1)])
         con.execute((sql_dir() / "schema.sql").read_text())
         if version is None:
             con.execute("INSERT OR REPLACE INTO meta VALUES ('schema_version', ?)", [str(SCHEMA_VERSION)])
@@ -302,10 +303,7 @@ def _stored_version(con: duckdb.DuckDBPyConnection) -> int | None:
 
 
 def _migrate_v1(con: duckdb.DuckDBPyConnection) -> None:
-    """v1 → v2: fingerprint columns on derived results, the skipped table's stage columns, and the
-    ``part`` column every embedding part now carries (legacy parts are rewritten once)."""
-    from vlmindex.catalog import parts
-
+    """v1 → v2: fingerprint columns on derived results and the skipped table's stage columns."""
     added = {
         "skipped": ("stage VARCHAR", "model VARCHAR", "condition VARCHAR"),
         "summaries": ("inputs_fingerprint VARCHAR", "n_missing BIGINT"),
@@ -319,9 +317,14 @@ def _migrate_v1(con: duckdb.DuckDBPyConnection) -> None:
         if table in tables:  # a missing table is created whole by schema.sql afterwards
             for column in columns:
                 con.execute(f"ALTER TABLE {table} ADD COLUMN IF NOT EXISTS {column}")
-    root = Path(con.execute("SELECT path FROM duckdb_databases() WHERE database_name = current_database()")
-                .fetchall()[0][0]).parent
+
+
+def _migrate_v1_files(root: Path) -> None:
+    """v1 → v2: the ``part`` column every embedding part now carries (legacy parts rewritten once)."""
+    from vlmindex.catalog import parts
+
     parts.add_part_column(root / "embeddings")
 
 
 MIGRATIONS[1] = _migrate_v1
+FILE_MIGRATIONS[1] = _migrate_v1_files
