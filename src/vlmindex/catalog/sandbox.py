@@ -15,11 +15,13 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator
+from typing import Any
 
 import duckdb
 
 from vlmindex.catalog import views
 from vlmindex.catalog.workspace import CONNECT_WAIT, Workspace
+from vlmindex.errors import VlmindexError
 
 SANDBOX_CONFIG = {
     "enable_external_access": "false",
@@ -45,3 +47,25 @@ def connect(ws: Workspace, *, write: bool = False, wait: float = CONNECT_WAIT) -
             yield con
         finally:
             con.close()
+
+
+def run(ws: Workspace, sql: str, params: dict[str, Any] | None = None, *, write: bool = False
+        ) -> tuple[list[str], list[dict[str, Any]]] | None:
+    """Run user SQL in the sandbox: ``(columns, rows)``, or None for a statement without a result.
+
+    Errors become one-line :class:`VlmindexError` messages that say what the sandbox refused.
+    """
+    with connect(ws, write=write) as con:
+        try:
+            cur = con.execute(sql, params) if params else con.execute(sql)
+        except duckdb.Error as exc:
+            msg = " ".join(str(exc).split())
+            if not write and "read-only" in msg.lower():
+                msg += " (pass --write to change the catalog)"
+            if "disabled by configuration" in msg or "configuration has been locked" in msg:
+                msg += " (vlmindex sql reads and writes only the workspace's catalog)"
+            raise VlmindexError(f"SQL error: {msg}") from None
+        if cur.description is None:
+            return None
+        columns = [d[0] for d in cur.description]
+        return columns, [dict(zip(columns, r, strict=True)) for r in cur.fetchall()]

@@ -7,10 +7,9 @@ import sys
 from pathlib import Path
 
 import click
-import duckdb
 
 from vlmindex.cli import cli, pass_ctx
-from vlmindex.cli.output import echo_rows, format_option, relation_rows
+from vlmindex.cli.output import echo_rows, format_option
 from vlmindex.datasets import FORMATS, IngestOptions
 from vlmindex.errors import VlmindexError
 
@@ -184,21 +183,11 @@ def sql(ctx, query, list_, show, write, params, fmt):
         bound[key] = _parse_value(value)
     if not write:
         ctx.workspace.require()
-    with sandbox.connect(ctx.workspace, write=write) as con:
-        try:
-            cur = con.execute(text, bound) if bound else con.execute(text)
-        except duckdb.Error as exc:
-            msg = " ".join(str(exc).split())
-            if not write and "read-only" in msg.lower():
-                msg += " (pass --write to change the catalog)"
-            if "disabled by configuration" in msg or "lock" in msg.lower() and "configuration" in msg.lower():
-                msg += " (vlmindex sql reads and writes only the workspace's catalog)"
-            raise VlmindexError(f"SQL error: {msg}") from None
-        if cur.description is None:
-            click.echo("ok")
-            return
-        columns, rows = relation_rows(cur)
-    echo_rows(rows, fmt, columns)
+    result = sandbox.run(ctx.workspace, text, bound, write=write)
+    if result is None:
+        click.echo("ok")
+        return
+    echo_rows(result[1], fmt, result[0])
 
 
 def _parse_value(value: str):

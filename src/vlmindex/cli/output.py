@@ -83,12 +83,6 @@ def echo_rows(rows: Iterable[Mapping[str, Any]], fmt: str, columns: Sequence[str
     click.echo(render(rows, fmt, columns))
 
 
-def relation_rows(rel: Any) -> tuple[list[str], list[dict[str, Any]]]:
-    """Columns and row dicts of a DuckDB relation or cursor that has a result."""
-    columns = [d[0] for d in rel.description]
-    return columns, [dict(zip(columns, row, strict=True)) for row in rel.fetchall()]
-
-
 def with_format(func: Callable[..., Any]) -> Callable[..., Any]:
     """Wrap a command body that returns row dicts (or ``(columns, rows)``) and print them."""
 
