@@ -345,3 +345,21 @@ def test_sigkill_between_embed_parts_leaves_one_row_per_image_with_provenance(sy
     sources = {r[0] for r in _count(synth_ws, f"SELECT recorded_from FROM runs WHERE model = '{model}'")}
     assert sources == {"parts", "embed"}
     shutil.rmtree(ws.root / ".locks", ignore_errors=True)
+
+
+def test_blank_image_in_a_dataset_is_skipped_and_hog_analyses_run(tmp_path, vlm):
+    """One uniform image used to be embedded by HOG as a zero vector, after which `analyze` and
+    `overlay effect` refused the whole run."""
+    src = _make_folder(tmp_path / "src", seed=3, n=4)
+    Image.new("RGB", (24, 24), (120, 120, 120)).save(src / "benign" / "blank.png")
+    ws = tmp_path / "ws"
+    out = vlm(ws, "ingest", "demo", src, "--format", "imagefolder").out
+    assert "ingested 8 images" in out and "skipped 1" in out
+    reason = _count(ws, "SELECT reason FROM skipped WHERE path LIKE '%blank.png'")
+    assert reason == [("blank image: every pixel has the same value",)]
+    vlm(ws, "overlay", "add", "demo", "lbl", "--text", "label")
+    for condition in ("clean", "lbl"):
+        vlm(ws, "embed", "-m", "hog", "-d", "demo", "-c", condition, "--workers", "0")
+        vlm(ws, "analyze", "-m", "hog", "-d", "demo", "-c", condition, "-k", "3", "--no-probe")
+    vlm(ws, "overlay", "effect", "-m", "hog", "-d", "demo", "-c", "lbl", "-k", "3", "--n-boot", "10")
+    assert _count(ws, "SELECT DISTINCT n_queries FROM summaries") == [(8,)]
