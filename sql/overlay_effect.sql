@@ -1,7 +1,14 @@
--- Overlay bias per model, dataset and condition against clean: mAP/kNN deltas, embedding shift, text clustering lift, typographic flip rate (95% bootstrap CIs).
+-- Overlay bias per model, dataset and condition: typographic-attack figures (overlaid queries against the clean gallery) first, then within-condition deltas, embedding shift, text clustering, flip rate (95% bootstrap CIs).
 -- One row per (dataset, condition, model, k, exclude_group) from table overlay_effects
--- (vlmindex overlay effect). *_ci columns: [low, high] of the seeded percentile bootstrap over
--- queries. shift_cos: mean cosine of an image's clean and overlaid embedding (1 = unchanged;
+-- (vlmindex overlay effect; every figure is defined in docs/overlays.md). *_ci columns: [low, high]
+-- of the seeded percentile bootstrap over queries.
+-- attack_*: overlaid queries ranked against the CLEAN gallery (own clean image and group left
+-- out): map_clean = the clean -> clean mAP on the same gallery, attack_map, attack_d_map = paired
+-- attack - clean; attack_success = share of queries (true class != written class) whose kNN vote
+-- is the written class, attack_success_clean = the same share for the clean queries (no attack),
+-- attack_success_chance = a vote drawn uniformly over the modality's classes.
+-- d_*: WITHIN-condition deltas (overlaid queries against the overlaid gallery), which mix the
+-- model reading the text with the text carrying the class. shift_cos: mean cosine of an image's clean and overlaid embedding (1 = unchanged;
 -- near_cos = mean cosine of a clean image to its nearest clean neighbour, for scale).
 -- text_share: neighbours carrying the query's overlaid string (text_share_clean: the same among its
 -- clean neighbours); text_lift = text_share / chance. vote_change: share of kNN votes over the
@@ -16,7 +23,18 @@ WITH f AS (
 )
 SELECT dataset, condition, model, k, exclude_group,
        max(n) FILTER (WHERE figure = 'shift_cosine_mean')                     AS n,
-       round(max(baseline) FILTER (WHERE figure = 'delta_map'), 4)          AS map_clean,
+       round(max(baseline) FILTER (WHERE figure = 'attack_map'), 4)         AS map_clean,
+       round(max(value) FILTER (WHERE figure = 'attack_map'), 4)            AS attack_map,
+       round(max(value) FILTER (WHERE figure = 'attack_delta_map'), 4)      AS attack_d_map,
+       max(ci) FILTER (WHERE figure = 'attack_delta_map')                   AS attack_d_map_ci,
+       round(max(value) FILTER (WHERE figure = 'attack_knn_acc'), 4)        AS attack_knn_acc,
+       round(max(value) FILTER (WHERE figure = 'attack_delta_knn_acc'), 4)  AS attack_d_knn_acc,
+       max(ci) FILTER (WHERE figure = 'attack_delta_knn_acc')               AS attack_d_knn_acc_ci,
+       round(max(value) FILTER (WHERE figure = 'attack_p_at_1'), 4)         AS attack_p_at_1,
+       round(max(value) FILTER (WHERE figure = 'attack_success_rate'), 4)   AS attack_success,
+       max(ci) FILTER (WHERE figure = 'attack_success_rate')                AS attack_success_ci,
+       round(max(baseline) FILTER (WHERE figure = 'attack_success_rate'), 4) AS attack_success_clean,
+       round(max(value) FILTER (WHERE figure = 'attack_success_chance'), 4) AS attack_success_chance,
        round(max(value) FILTER (WHERE figure = 'delta_map'), 4)             AS d_map,
        max(ci) FILTER (WHERE figure = 'delta_map')                          AS d_map_ci,
        round(max(value) FILTER (WHERE figure = 'delta_map_macro'), 4)       AS d_map_macro,

@@ -7,9 +7,17 @@ replacement (:func:`vlmindex.metrics.statistics.bootstrap_ci`, every query its o
 
 Figures (``figure`` column of table ``overlay_effects``; ``baseline`` says what to read it against):
 
-* ``delta_<metric>`` and ``delta_<metric>_macro`` for purity@k, mAP (``map``), MAP@R, R-precision,
-  P@1 and kNN accuracy (``knn_acc``): paired per image, :math:`\Delta_q = m_q^{overlay} - m_q^{clean}`,
-  both runs scored by :func:`vlmindex.metrics.retrieval_metrics` with the same k and group rule
+* **Attack figures** (:func:`attack_figures`), the typographic-attack protocol: overlaid queries
+  ranked against the *clean* gallery, read against clean queries on the same gallery:
+  ``attack_map``, ``attack_knn_acc``, ``attack_p_at_1``, ``attack_delta_map``,
+  ``attack_delta_knn_acc``, and for text that writes a class name ``attack_success_rate`` (the
+  kNN vote follows the written class) with ``attack_success_chance``.
+* ``delta_<metric>`` and ``delta_<metric>_macro`` (*within-condition* deltas) for purity@k, mAP
+  (``map``), MAP@R, R-precision, P@1 and kNN accuracy (``knn_acc``): overlaid queries against the
+  *overlaid* gallery, paired per image, :math:`\Delta_q = m_q^{overlay} - m_q^{clean}`. They mix
+  "the model reads text" with "the text carries the class" (with ``label`` text every neighbour
+  of the right class also carries the query's word): read them with that in mind. Both runs
+  are scored by :func:`vlmindex.metrics.retrieval_metrics` with the same k and group rule
   (definitions: :mod:`vlmindex.metrics.retrieval`; stems: :mod:`vlmindex.metrics.registry`);
   micro = mean over queries, macro = mean over classes of the class means. Baseline: the clean
   value. Queries with R = 0 are left out, as in ``analyze``.
@@ -23,10 +31,11 @@ Figures (``figure`` column of table ``overlay_effects``; ``baseline`` says what 
   candidates (gallery minus itself, and its group with ``exclude_group``), averaged over queries.
 * ``text_clustering_lift``: ``text_clustering / text_clustering_chance`` (ratio of the means); the
   baseline is the clean share over the same chance. Undefined when no two images share a string.
-* ``flip_rate`` (text sources that write a class name: ``label``, ``wrong-label``): each overlaid
-  query votes (kNN, same k and tie rule) over the *clean* gallery without its own clean image (and
-  group); flip = the clean query's vote was not the written class and the overlaid query's vote
-  is. Baseline: share of queries whose clean vote already is the written class.
+* ``flip_rate`` (text sources that write a class name: ``label``, ``wrong-label``,
+  ``random-label``): each overlaid query votes (kNN, same k and tie rule) over the *clean*
+  gallery without its own clean image (and group); flip = the clean query's vote was not the
+  written class and the overlaid query's vote is. Baseline: share of queries whose clean vote
+  already is the written class.
 * ``written_vote_rate``: share of overlaid queries whose vote over the clean gallery is the written
   class (flips plus those already voting for it); baseline as for ``flip_rate``.
 * ``vote_change_rate`` (any text source): share of queries whose vote over the clean gallery changes
@@ -53,7 +62,7 @@ from vlmindex.catalog.datasets import class_pools, require_dataset
 from vlmindex.errors import VlmindexError
 from vlmindex.metrics import registry
 from vlmindex.metrics.statistics import bootstrap_ci
-from vlmindex.overlay import OverlayRecipe, get_condition, overlay_text_for
+from vlmindex.overlay import CLASS_NAME_SOURCES, OverlayRecipe, get_condition, overlay_text_for
 
 # (figure stem, RetrievalResult attribute)
 DELTA_METRICS = registry.delta_metrics()
@@ -253,14 +262,16 @@ def overlay_figures(
     vote_over = np.array([None if p is None else str(p) for p in res_x.knn_pred], dtype=object)
     changed = (vote_over != vote_clean).astype(np.float64)
     rows.append(_row("vote_change_rate", changed.mean(), bootstrap_ci(_mean_stat(changed), n, **boot), n))
+    written = np.array(strings, dtype=object)
+    rows += attack_figures(res_c, res_x, clean.labels, written, clean.modalities, pools,
+                           writes_class=recipe.text in CLASS_NAME_SOURCES, boot=boot)
 
     # Typographic flip: only a class name can be voted for.
-    if recipe.text not in ("label", "wrong-label"):
+    if recipe.text not in CLASS_NAME_SOURCES:
         note = f"text source {recipe.text!r} does not write a class name"
         for name in ("flip_rate", "written_vote_rate", "flip_rate_chance"):
             rows.append(_row(name, None, (None, None), n, note=note))
         return rows
-    written = np.array(strings, dtype=object)
     already = (vote_clean == written).astype(np.float64)
     voted = (vote_over == written).astype(np.float64)
     flip = voted * (1.0 - already)
@@ -271,6 +282,72 @@ def overlay_figures(
     n_other = np.array([len(pools.get(m, [])) - 1 for m in clean.modalities], dtype=np.float64)
     expect = np.where(n_other > 0, changed * (1.0 - already) / np.maximum(n_other, 1.0), 0.0)
     rows.append(_row("flip_rate_chance", expect.mean(), bootstrap_ci(_mean_stat(expect), n, **boot), n))
+    return rows
+
+
+# Attack figures: (stem, RetrievalResult attribute) of the metrics read for overlaid queries
+# against the clean gallery, and the stems whose paired delta is reported.
+ATTACK_METRICS = tuple((stem, attr) for stem, attr in DELTA_METRICS if stem in ("map", "knn_acc", "p_at_1"))
+ATTACK_DELTAS = ("map", "knn_acc")
+
+
+def attack_figures(res_clean: metrics.RetrievalResult, res_attack: metrics.RetrievalResult, labels: np.ndarray,
+                   written: np.ndarray, modalities: np.ndarray, pools: dict[str | None, list[str]], *,
+                   writes_class: bool, boot: dict[str, int]) -> list[dict[str, Any]]:
+    r"""Typographic-attack figures: overlaid queries against the **clean** gallery.
+
+    ``res_attack`` ranks each overlaid query over the clean images without its own clean image
+    (and its group); ``res_clean`` ranks each clean query over the same gallery with the same
+    exclusions, so the two differ only in the query's pixels. Over the scored queries (R > 0, the
+    same set in both):
+
+    * ``attack_<m>`` for m in map, knn_acc, p_at_1: mean of m over the attacked queries; baseline:
+      the clean → clean mean;
+    * ``attack_delta_<m>`` for map and knn_acc: mean of the paired :math:`m_q^{attack} - m_q^{clean}`;
+    * ``attack_success_rate`` (text that writes a class name): among queries whose true class is
+      not the written one, the share whose kNN vote is the written class; baseline: the share whose
+      *clean* vote already was (the rate with no attack); ``attack_success_chance``: the share a
+      vote drawn uniformly over the modality's classes would give, :math:`rac{1}{n}\sum_q 1/C_q`.
+
+    A query whose written class is its true class counts in no success figure: following the text
+    cannot be told from recognising the lesion there (``random-label`` writes the truth for about
+    one query in C).
+    """
+    scored = ~res_clean.skipped
+    m = int(scored.sum())
+    rows: list[dict[str, Any]] = []
+    if m == 0:
+        note = "every query's class has no other image in the gallery"
+        names = [f"attack_{s}" for s, _ in ATTACK_METRICS] + [f"attack_delta_{s}" for s in ATTACK_DELTAS]
+        return [_row(name, None, (None, None), 0, note=note) for name in names]
+    for stem, attr in ATTACK_METRICS:
+        va = np.asarray(getattr(res_attack, attr), dtype=np.float64)[scored]
+        vc = np.asarray(getattr(res_clean, attr), dtype=np.float64)[scored]
+        rows.append(_row(f"attack_{stem}", va.mean(), bootstrap_ci(_mean_stat(va), m, **boot), m, baseline=vc.mean()))
+        if stem in ATTACK_DELTAS:
+            d = va - vc
+            rows.append(_row(f"attack_delta_{stem}", d.mean(), bootstrap_ci(_mean_stat(d), m, **boot), m,
+                             baseline=vc.mean()))
+    if not writes_class:
+        note = "the text writes no class name"
+        return rows + [_row(name, None, (None, None), 0, note=note)
+                       for name in ("attack_success_rate", "attack_success_chance")]
+    truth = np.array([str(x) for x in labels], dtype=object)
+    vote_a = np.array([None if p is None else str(p) for p in res_attack.knn_pred], dtype=object)
+    vote_c = np.array([None if p is None else str(p) for p in res_clean.knn_pred], dtype=object)
+    eligible = scored & (written != truth)
+    e = int(eligible.sum())
+    if e == 0:
+        note = "the written class is the true class on every query"
+        return rows + [_row(name, None, (None, None), 0, note=note)
+                       for name in ("attack_success_rate", "attack_success_chance")]
+    success = (vote_a[eligible] == written[eligible]).astype(np.float64)
+    already = (vote_c[eligible] == written[eligible]).astype(np.float64)
+    n_classes = np.array([len(pools.get(mod, [])) for mod in modalities[eligible]], dtype=np.float64)
+    chance = 1.0 / np.maximum(n_classes, 1.0)
+    rows.append(_row("attack_success_rate", success.mean(), bootstrap_ci(_mean_stat(success), e, **boot), e,
+                     baseline=already.mean()))
+    rows.append(_row("attack_success_chance", chance.mean(), bootstrap_ci(_mean_stat(chance), e, **boot), e))
     return rows
 
 

@@ -9,6 +9,8 @@ Text sources:
 
 - ``label``: the image's true class name;
 - ``wrong-label``: another class's name (never the true one), chosen per image;
+- ``random-label``: a class name of the image's modality drawn uniformly per image, the true one
+  included, so the written text is independent of the truth (the control for ``wrong-label``);
 - ``random-word``: a word from a fixed vocabulary of neutral, non-medical words;
 - ``fixed:TEXT``: the string ``TEXT`` on every image;
 - ``id``: an accession-number-like string such as ``KX48213907``.
@@ -44,7 +46,9 @@ if TYPE_CHECKING:
 
     from vlmindex.catalog import Workspace
 
-TEXT_SOURCES = ("label", "wrong-label", "random-word", "fixed:TEXT", "id")
+TEXT_SOURCES = ("label", "wrong-label", "random-label", "random-word", "fixed:TEXT", "id")
+#: Sources that write a class name: the only ones a kNN vote or a zero-shot prediction can follow.
+CLASS_NAME_SOURCES = ("label", "wrong-label", "random-label")
 POSITIONS = ("top-left", "top-right", "bottom-left", "bottom-right", "center", "random")
 _NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 
@@ -66,7 +70,7 @@ _ID_LETTERS = "ABCDEFGHJKLMNPRSTUVWXYZ"
 class OverlayRecipe:
     """How to burn text into an image. Frozen and picklable: it travels to DataLoader workers."""
 
-    text: str  # 'label' | 'wrong-label' | 'random-word' | 'fixed:TEXT' | 'id'
+    text: str  # one of TEXT_SOURCES
     position: str = "bottom-right"  # top-left, top-right, bottom-left, bottom-right, center, random
     size: float = 0.12  # font size (em height) as a fraction of image height
     color: str = "white"  # any PIL colour name or #rrggbb
@@ -101,12 +105,12 @@ class OverlayRecipe:
     def validate(self) -> OverlayRecipe:
         """Check every field; raise VlmindexError naming the bad value. Returns self for chaining."""
         if not isinstance(self.text, str) or not (
-            self.text in ("label", "wrong-label", "random-word", "id")
+            self.text in ("label", "wrong-label", "random-label", "random-word", "id")
             or (self.text.startswith("fixed:") and self.text[len("fixed:") :].strip())
         ):
             raise VlmindexError(
                 f"unknown overlay text source {self.text!r}; use one of "
-                "label, wrong-label, random-word, id, fixed:TEXT (e.g. fixed:L)"
+                "label, wrong-label, random-label, random-word, id, fixed:TEXT (e.g. fixed:L)"
             )
         if self.position not in POSITIONS:
             raise VlmindexError(
@@ -137,7 +141,7 @@ class OverlayRecipe:
 
     @property
     def needs_labels(self) -> bool:
-        return self.text in ("label", "wrong-label")
+        return self.text in CLASS_NAME_SOURCES
 
 
 def _rng(seed: int, image_id: int, purpose: str) -> random.Random:
@@ -178,6 +182,13 @@ def overlay_text_for(
                 f"label {label!r} and the classes are {list(class_names)}"
             )
         return rng.choice(others)
+    if src == "random-label":
+        pool = sorted({str(c) for c in class_names})
+        if not pool:
+            raise VlmindexError(
+                f"overlay text 'random-label' needs the class names of image {image_id}'s modality; it has none"
+            )
+        return rng.choice(pool)
     if src == "random-word":
         return rng.choice(VOCABULARY)
     if src == "id":

@@ -456,3 +456,18 @@ def leaderboard(ws: Workspace, study: Study) -> tuple[list[str], list[dict[str, 
            for c in _conditions_for(study, d["name"])]
     with sandbox.connect(ws) as con:
         return shipped.run(con, "leaderboard", analysis_ids=ids, exclude=("analysis_id",))
+
+
+ATTACK_COLUMNS = ("dataset", "condition", "model", "map_clean", "attack_map", "attack_d_map", "attack_d_map_ci",
+                  "attack_success", "attack_success_ci", "attack_success_clean", "attack_success_chance")
+
+
+def attack_summary(ws: Workspace, study: Study) -> tuple[list[str], list[dict[str, Any]]]:
+    """The typographic-attack figures of the study's models (shipped ``overlay_effect``, its lead
+    columns), with the study's k and group rule."""
+    from vlmindex.catalog import sandbox, shipped
+
+    with sandbox.connect(ws) as con:
+        return shipped.run(con, "overlay_effect", columns=ATTACK_COLUMNS, only={
+            "model": study.models, "dataset": [d["name"] for d in study.datasets], "k": [study.analysis.k],
+            "exclude_group": [study.analysis.exclude_group]})

@@ -55,16 +55,19 @@ def text(name: str) -> str:
 
 
 def run(con: duckdb.DuckDBPyConnection, name: str, *, analysis_ids: Sequence[str] | None = None,
-        exclude: Sequence[str] = ()) -> tuple[list[str], list[dict[str, Any]]]:
-    """Columns and rows of a shipped analysis, optionally only rows of some ``analysis_id``s."""
+        exclude: Sequence[str] = (), only: dict[str, Sequence[Any]] | None = None,
+        columns: Sequence[str] | None = None) -> tuple[list[str], list[dict[str, Any]]]:
+    """Columns and rows of a shipped analysis, optionally only rows of some ``analysis_id``s (or whose
+    ``only`` columns hold one of the given values), and only some ``columns`` or all but ``exclude``."""
     sql = text(name).rstrip().rstrip(";")
-    params: list[Any] = []
-    if analysis_ids is not None or exclude:
+    filters = dict(only or {})
+    if analysis_ids is not None:
+        filters["analysis_id"] = analysis_ids
+    if filters or exclude or columns:
+        pick = ", ".join(f'"{c}"' for c in columns) if columns else "*"
         drop = f" EXCLUDE ({', '.join(exclude)})" if exclude else ""
-        where = " WHERE analysis_id IN (SELECT unnest(?))" if analysis_ids is not None else ""
-        sql = f"SELECT *{drop} FROM ({sql}){where}"
-        if analysis_ids is not None:
-            params.append(list(analysis_ids))
-    cur = con.execute(sql, params)
+        where = " AND ".join(f'"{c}" IN (SELECT unnest(?))' for c in filters)
+        sql = f"SELECT {pick}{drop} FROM ({sql})" + (f" WHERE {where}" if where else "")
+    cur = con.execute(sql, [list(v) for v in filters.values()])
     cols = [c[0] for c in cur.description]
     return cols, [dict(zip(cols, r, strict=True)) for r in cur.fetchall()]

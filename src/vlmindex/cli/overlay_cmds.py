@@ -33,7 +33,7 @@ def overlay() -> None:
 @click.argument("dataset")
 @click.argument("name")
 @click.option("--text", "text_source", required=True, metavar="SOURCE",
-              help="label | wrong-label | random-word | id | fixed:TEXT")
+              help="label | wrong-label | random-label | random-word | id | fixed:TEXT")
 @click.option("--position", type=click.Choice([*POSITIONS, "centre"]), default="bottom-right",
               show_default=True, help="Where the text goes; random is fixed per (seed, image).")
 @click.option("--size", type=float, default=0.12, show_default=True,

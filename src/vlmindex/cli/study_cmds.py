@@ -12,7 +12,7 @@ from vlmindex.cli.output import echo_rows, format_option
 
 
 def _run(ctx, study, report: Path | None, fmt: str) -> None:
-    from vlmindex.study import leaderboard, run_study
+    from vlmindex.study import attack_summary, leaderboard, run_study
 
     def log(line: str) -> None:
         click.echo(line, err=True)
@@ -23,6 +23,10 @@ def _run(ctx, study, report: Path | None, fmt: str) -> None:
         click.echo(f"\nLeaderboard ({study.name}; k = {study.analysis.k}"
                    f"{', group-excluded' if study.analysis.exclude_group else ''}):")
     echo_rows(rows, fmt, cols)
+    if study.conditions and study.overlay_effects and fmt == "table":
+        attack_cols, attack_rows = attack_summary(ctx.workspace, study)
+        click.echo("\nTypographic attack (overlaid queries against the clean gallery; docs/overlays.md):")
+        echo_rows(attack_rows, fmt, attack_cols)
     out = report or (Path(study.report) if study.report else None)
     if out is not None:
         from vlmindex.report import ReportOptions, write_report

@@ -38,7 +38,8 @@ SECTIONS: tuple[tuple[str, str], ...] = (
 )
 
 # Figures of `vlmindex overlay effect` (vlmindex.bias) shown first, in this order; others follow.
-_HEADLINE_FIGURES = ("delta_map", "delta_purity_at_k", "delta_p_at_1", "delta_knn_acc", "shift_cosine_mean",
+_HEADLINE_FIGURES = ("attack_delta_map", "attack_success_rate", "attack_delta_knn_acc", "attack_map",
+                     "delta_map", "delta_purity_at_k", "delta_p_at_1", "delta_knn_acc", "shift_cosine_mean",
                      "text_clustering_lift", "flip_rate", "written_vote_rate")
 
 
@@ -211,10 +212,16 @@ def _figure_order(fig: str) -> tuple[int, str]:
 
 def _stored_effects(effects: list[dict[str, Any]]) -> str:
     out = ["<p>Overlay-effect figures from table <code>overlay_effects</code> (<code>vlmindex overlay "
-           "effect</code>; the newest of each figure). Charts show the headline figures: bars are the "
-           "value with its confidence interval, the dashed mark the figure's baseline where it is on "
-           "the same scale (a delta's baseline, the clean value, is in the table). Every figure is in "
-           "the table below the charts; definitions in <code>vlmindex.bias</code>.</p>"]
+           "effect</code>; the newest of each figure). The <b>attack</b> figures come first: overlaid "
+           "queries ranked against the <i>clean</i> gallery, read against the clean queries on the same "
+           "gallery; <code>attack_success_rate</code> is the share of queries whose kNN vote follows the "
+           "written class name (baseline: the clean votes; see also <code>attack_success_chance</code>). "
+           "The <code>delta_*</code> figures are within-condition (overlaid queries against an overlaid "
+           "gallery) and mix reading the text with the text carrying the class. Charts show the headline "
+           "figures: bars are the value with its confidence interval, the dashed mark the figure's "
+           "baseline where it is on the same scale (a delta's baseline, the clean value, is in the "
+           "table). Every figure is in the table below the charts; definitions in "
+           "<code>vlmindex.bias</code> and docs/overlays.md.</p>"]
     by_dataset: dict[str, dict[str, list[dict[str, Any]]]] = {}
     for e in effects:
         fig = str(e.get("figure", e.get("metric", "effect")))
@@ -233,7 +240,7 @@ def _stored_effects(effects: list[dict[str, Any]]) -> str:
                                   for c in ("value", "ci_low", "ci_high", "baseline"))
                 bars.append(Bar(f"{e.get('model')} · {e.get('condition')}", math.nan if v is None else v,
                                 lo, hi, colour_key=str(e.get("condition")),
-                                ref=None if fig.startswith("delta_") else ref))
+                                ref=None if "delta_" in fig else ref))
                 ci = (f"[{_num(e.get('ci_low'))}, {_num(e.get('ci_high'))}]"
                       if e.get("ci_low") is not None else "–")
                 table.append(
