@@ -362,3 +362,57 @@ def test_blank_image_in_a_dataset_is_skipped_and_hog_analyses_run(tmp_path, vlm)
         vlm(ws, "analyze", "-m", "hog", "-d", "demo", "-c", condition, "-k", "3", "--no-probe")
     vlm(ws, "overlay", "effect", "-m", "hog", "-d", "demo", "-c", "lbl", "-k", "3", "--n-boot", "10")
     assert _count(ws, "SELECT DISTINCT n_queries FROM summaries") == [(8,)]
+
+
+def test_embed_overtaken_by_a_replaced_condition_stores_no_vector_of_the_old_recipe(synth_ws):
+    """The recipe and the pixel fingerprints of an embed are read in one snapshot: a condition
+    replaced while the run works makes its rows stale at commit, never current."""
+    from vlmindex.embed import EmbedOptions, embed
+    from vlmindex.models import load_model
+    from vlmindex.overlay import OverlayRecipe, add_condition
+
+    ws = Workspace(synth_ws)
+    add_condition(ws, "demo", "txt", OverlayRecipe(text="fixed:OLD", size=0.3, box=True))
+    extractor = load_model("color-hist")
+    encode = extractor.encode_image
+    calls = []
+
+    def encode_then_replace(batch):
+        if not calls:
+            add_condition(ws, "demo", "txt", OverlayRecipe(text="fixed:NEW", size=0.3, box=True,
+                                                           position="center"), replace=True)
+        calls.append(1)
+        return encode(batch)
+
+    extractor.encode_image = encode_then_replace
+    opts = EmbedOptions(batch_size=8, part_size=8, num_workers=0, progress=False)
+    embed(ws, "color-hist", "demo", "txt", opts, extractor=extractor)
+    extractor.encode_image = encode
+    embed(ws, "color-hist", "demo", "txt", opts, extractor=extractor)
+
+    fresh = synth_ws.parent / "fresh"
+    shutil.copytree(synth_ws, fresh, ignore=shutil.ignore_patterns("embeddings", ".locks", ".lock"))
+    got = read_run(ws, RunKey("color-hist", "demo", "txt"))
+    want_ws = Workspace(fresh)
+    embed(want_ws, "color-hist", "demo", "txt", opts)
+    want = read_run(want_ws, RunKey("color-hist", "demo", "txt"))
+    assert np.array_equal(got.ids, want.ids) and np.array_equal(got.vectors, want.vectors)
+
+
+def test_detect_text_reads_only_the_pixels_the_catalog_knows(tmp_path):
+    """A file changed on disk after ingest was OCR'd and stored as the catalog's pixels."""
+    from test_detect_text import FakeDetector
+
+    from vlmindex.detect_text import detect_text
+    from vlmindex.ingest import ingest
+
+    src = _make_folder(tmp_path / "src", seed=1, n=2)
+    ws = Workspace(tmp_path / "ws")
+    ingest(ws, "demo", src, "imagefolder", progress=False)
+    path = _count(ws.root, "SELECT path FROM images ORDER BY image_id LIMIT 1")[0][0]
+    Image.new("RGB", (24, 24), (1, 2, 3)).save(path)  # not the pixels that were ingested
+    summary = detect_text(ws, "demo", progress=False, detector=FakeDetector(ws))
+    assert summary["changed_since_ingest"] == 1 and summary["stored"] == 3
+    row = _count(ws.root, f"SELECT has_text, pixels, error FROM text_detections WHERE image_id = "
+                          f"(SELECT image_id FROM images WHERE path = '{path}')")
+    assert row[0][0] is None and row[0][1] is None and "changed since it was ingested" in row[0][2]

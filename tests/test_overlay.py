@@ -16,7 +16,7 @@ from PIL import Image, ImageDraw, ImageFilter
 
 from vlmindex.catalog.workspace import Workspace
 from vlmindex.errors import VlmindexError
-from vlmindex.imageio import save_png
+from vlmindex.imageio import file_sha256, save_png
 from vlmindex.overlay import (
     VOCABULARY,
     OverlayRecipe,
@@ -69,7 +69,7 @@ def make_workspace(
         save_png(make_image(offset + i, size), path)
         label = labels[i] if labels is not None else CLASSES[i % len(CLASSES)]
         rows.append((offset + i * 37, dataset, str(path), label, "train", f"g{i}", "dermoscopy",
-                     size, size, f"{i:064x}"))
+                     size, size, file_sha256(path)))  # the file's own: readers check it
     with ws.write() as con:
         con.execute(
             "INSERT INTO datasets (name, format, source, n_images, n_skipped, ingested_at) "

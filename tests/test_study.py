@@ -214,3 +214,28 @@ def test_every_option_the_runner_passes_on_has_a_type_check():
     assert set(study._ANALYSIS_TYPES) == {f.name for f in fields(AnalyzeOptions)}
     assert set(study._RECIPE_TYPES) == {f.name for f in fields(OverlayRecipe)}
     assert set(study._SYNTH_TYPES) <= set(inspect.signature(synth.generate).parameters)
+
+
+def test_a_study_never_reports_a_dataset_other_than_the_one_it_describes(vlm, tmp_path):
+    """A dataset of the study's name already in the workspace, made with other settings, used to be
+    analysed as it was, without a word."""
+    ws = tmp_path / "ws"
+    vlm(ws, "synth", "mini", "--seed", "0", "--lesions-per-class", "2", "--views", "2", "--size", "32")
+    study = tmp_path / "s.toml"
+    study.write_text(textwrap.dedent("""
+        [[datasets]]
+        name = "mini"
+        synth = { seed = 7, lesions_per_class = 2, views_per_lesion = 2, size = 32 }
+        [models]
+        names = ["color-hist"]
+        [analysis]
+        k = 3
+        probe = false
+        [embed]
+        num_workers = 0
+    """))
+    res = vlm(ws, "run", study, expect=1)
+    assert "s.toml: dataset 'mini' of the workspace was ingested as synth" in res.err and "seed" in res.err
+    study.write_text(study.read_text().replace("seed = 7", "seed = 0"))
+    vlm(ws, "run", study)
+    assert "0 step(s) run" in vlm(ws, "run", study).err

@@ -38,7 +38,7 @@ from PIL import Image, ImageDraw
 from vlmindex.catalog import datasets as catalog_datasets
 from vlmindex.catalog import results
 from vlmindex.errors import VlmindexError
-from vlmindex.imageio import load_image
+from vlmindex.imageio import ChangedOnDisk, load_verified
 from vlmindex.overlay import apply_overlay, get_condition
 
 if TYPE_CHECKING:
@@ -215,6 +215,7 @@ def detect_text(
         todo = todo[:limit]
 
     processed = with_text = errors = 0
+    changed: list[str] = []
     started = time.perf_counter()
     if todo:
         from tqdm import tqdm
@@ -226,9 +227,18 @@ def detect_text(
             disable=not progress, dynamic_ncols=True,
         )
         try:
-            for image_id, path, label, modality, pixels in todo:
+            for image_id, path, label, modality, pixels, sha256 in todo:
                 try:
-                    img = load_image(path)
+                    img = load_verified(path, sha256)
+                except ChangedOnDisk as exc:
+                    # Pixels the catalog never saw: an error row without a pixel fingerprint, so it
+                    # is never taken for a result of the catalog's pixels and is redone next time.
+                    errors += 1
+                    changed.append(str(exc))
+                    buffer.append(
+                        (dataset, condition, image_id, None, None, None, None, None, None,
+                         detector.engine, f"cannot read {path} as ingested: {exc}", datetime.now(), None)
+                    )
                 except (OSError, ValueError, Image.DecompressionBombError) as exc:
                     errors += 1
                     buffer.append(
@@ -265,6 +275,7 @@ def detect_text(
         "processed": processed,
         "with_text": with_text,
         "errors": errors,
+        "changed_since_ingest": len(changed),   # not stored: re-ingest the dataset with --replace
         "seconds": round(seconds, 2),
         "s_per_image": round(seconds / processed, 4) if processed else None,
         "stored": stored,

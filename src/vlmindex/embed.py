@@ -148,32 +148,29 @@ def _worker_init(lock_fd: int, _: int) -> None:
         os.close(lock_fd)  # the run's lock is the parent's: it must die with the parent
 
 
-def _condition_inputs(ws: Workspace, key: RunKey):
-    """The recipe of ``key``'s condition and the class names per modality (the pools a wrong-label
-    overlay draws from); raises for an unknown dataset or condition."""
+def _check_run(ws: Workspace, key: RunKey) -> None:
+    """Fail early, in one line, on an unknown dataset or condition."""
     from vlmindex.overlay import get_condition
 
     with ws.read(views=False) as con:
         catalog_datasets.require_dataset(con, key.dataset)
-        recipe = get_condition(con, key.dataset, key.condition)
-        pools = catalog_datasets.class_pools(con, key.dataset)
-    return recipe, pools
+        get_condition(con, key.dataset, key.condition)
 
 
-def _selection(ws: Workspace, key: RunKey, opts: EmbedOptions) -> tuple[list[store.PendingImage], int]:
-    todo, total = store.pending(ws, key, split=opts.split, shard=opts.shard)
-    if total == 0:
+def _selection(ws: Workspace, key: RunKey, opts: EmbedOptions) -> store.Selection:
+    sel = store.pending(ws, key, split=opts.split, shard=opts.shard)
+    if sel.total == 0:
         where = f" split {opts.split!r} of" if opts.split else ""
         raise VlmindexError(f"no images in{where} dataset {key.dataset!r}")
-    return todo, total
+    return sel
 
 
 def pending_count(ws: Workspace, model: str, dataset: str, condition: str = "clean",
                   options: EmbedOptions | None = None) -> int:
     """How many images of the selection still need an embedding (0: the run is current)."""
     key = RunKey(model, dataset, condition)
-    _condition_inputs(ws, key)
-    return len(_selection(ws, key, options or EmbedOptions())[0])
+    _check_run(ws, key)
+    return len(_selection(ws, key, options or EmbedOptions()).todo)
 
 
 def embed(ws: Workspace, model: str, dataset: str, condition: str = "clean",
@@ -191,22 +188,26 @@ def embed_run(ws: Workspace, key: RunKey, options: EmbedOptions | None = None, *
 
     opts = options or EmbedOptions()
     get_spec(key.model)  # an unknown name fails before any work
-    recipe, pools = _condition_inputs(ws, key)
+    _check_run(ws, key)
     out_dir = ws.embeddings_dir(key.model, key.dataset, key.condition)
     remove_stale_temporaries(out_dir)
     _record_missing_runs(ws, key)
-    todo, total = _selection(ws, key, opts)
-    if not todo:
-        return EmbedReport(key.model, key.dataset, key.condition, 0, total, 0.0, cached=True)
+    sel = _selection(ws, key, opts)
+    if not sel.todo:
+        return EmbedReport(key.model, key.dataset, key.condition, 0, sel.total, 0.0, cached=True)
     with store.embedding_lock(ws, key, opts.shard) as lock_fd:
-        todo, total = _selection(ws, key, opts)  # another run may have finished while we waited
-        if not todo:
-            return EmbedReport(key.model, key.dataset, key.condition, 0, total, 0.0, cached=True)
-        return _embed_pending(ws, key, opts, todo, recipe, pools, extractor, lock_fd)
+        sel = _selection(ws, key, opts)  # under the lock: what another run finished is not redone
+        if not sel.todo:
+            return EmbedReport(key.model, key.dataset, key.condition, 0, sel.total, 0.0, cached=True)
+        return _embed_pending(ws, key, opts, sel, extractor, lock_fd)
 
 
-def _embed_pending(ws: Workspace, key: RunKey, opts: EmbedOptions, todo: list[store.PendingImage], recipe,
-                   pools, extractor, lock_fd: int) -> EmbedReport:
+def _embed_pending(ws: Workspace, key: RunKey, opts: EmbedOptions, sel: store.Selection, extractor,
+                   lock_fd: int) -> EmbedReport:
+    from vlmindex.overlay import OverlayRecipe
+
+    todo = sel.todo
+    recipe = OverlayRecipe.from_json(sel.recipe) if sel.recipe is not None else None
     device = auto_device(opts.device)
     if extractor is None:
         extractor = replace(opts.load, device=device).load(key.model)
@@ -215,7 +216,7 @@ def _embed_pending(ws: Workspace, key: RunKey, opts: EmbedOptions, todo: list[st
         extractor = extractor.to(device, half=True)
     workers = opts.num_workers if opts.num_workers is not None else min(os.cpu_count() or 1, 8)
     loader = DataLoader(
-        ImageSource(todo, extractor.preprocess, recipe, pools),
+        ImageSource(todo, extractor.preprocess, recipe, sel.pools),
         batch_size=opts.batch_size, num_workers=workers, collate_fn=_collate,
         worker_init_fn=functools.partial(_worker_init, lock_fd) if workers else None,
         prefetch_factor=4 if workers else None, pin_memory=device.startswith("cuda"),

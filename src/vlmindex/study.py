@@ -416,18 +416,21 @@ def _prepare_data(ws: Workspace, study: Study, result: StudyResult, log: Callabl
         log(f"  {what} ({time.perf_counter() - t:.1f} s)")
         result.done.append(what)
 
-    with ws.read(views=False) as con:
-        have = set(catalog_datasets.dataset_names(con))
     for d in study.datasets:
-        if d["name"] in have:
+        with ws.read(views=False) as con:
+            record = catalog_datasets.dataset_record(con, d["name"])
+        if record is not None:
+            differs = _differs(record, d)
+            if differs:
+                raise VlmindexError(
+                    f"{study.path}: dataset {d['name']!r} of the workspace {differs}; rename it in the study, or "
+                    "re-ingest it with `--replace` (which drops its embeddings and results)")
             result.skipped_steps += 1
             continue
         if "synth" in d:
             step(f"synth {d['name']}", ingest_synthetic, ws, d["name"], progress=progress, **d["synth"])
         else:
-            opts = IngestOptions(**{k: (tuple(v) if k == "exclude" else v) for k, v in d.items()
-                                    if k in _INGEST_KEYS})
-            step(f"ingest {d['name']}", ingest, ws, d["name"], d["source"], d["format"], opts,
+            step(f"ingest {d['name']}", ingest, ws, d["name"], d["source"], d["format"], _ingest_options(d),
                  progress=progress)
     for c in study.conditions:
         recipe = OverlayRecipe(**{k: v for k, v in c.items() if k in _RECIPE_KEYS})
@@ -446,6 +449,34 @@ def _prepare_data(ws: Workspace, study: Study, result: StudyResult, log: Callabl
                     "rename it in the study or remove it with `vlmindex overlay remove`"
                 )
             step(f"overlay add {d} {c['name']}", add_condition, ws, d, c["name"], recipe)
+
+
+def _ingest_options(d: dict[str, Any]) -> IngestOptions:
+    return IngestOptions(**{k: (tuple(v) if k == "exclude" else v) for k, v in d.items() if k in _INGEST_KEYS})
+
+
+def _differs(record: dict[str, Any], d: dict[str, Any]) -> str | None:
+    """How a dataset already in the workspace differs from the study's entry for it (None: it is the
+    same), so that a study never reports numbers of data other than the data it describes."""
+    import json
+
+    if "synth" in d:
+        stored = record["options"].get("extra", {}).get("synth")
+        wanted = {"seed": 0, **d["synth"]}
+        if record["format"] != "synth" or stored is None or json.loads(stored) != wanted:
+            return f"was ingested as {record['format']} {stored or record['source']}, not synth {wanted}"
+        return None
+    if record["format"] != d["format"] or record["source"] != str(Path(d["source"]).resolve()):
+        return f"was ingested from {record['source']} as {record['format']}, not {d['source']} as {d['format']}"
+    from dataclasses import asdict
+
+    wanted_options = json.loads(json.dumps({k: (str(v) if isinstance(v, Path) else v)
+                                            for k, v in asdict(_ingest_options(d)).items() if k != "extra"}))
+    stored_options = {k: v for k, v in record["options"].items() if k != "extra"}
+    if stored_options != wanted_options:
+        changed = sorted(k for k in wanted_options if stored_options.get(k) != wanted_options[k])
+        return f"was ingested with other options ({', '.join(changed)})"
+    return None
 
 
 def leaderboard(ws: Workspace, study: Study) -> tuple[list[str], list[dict[str, Any]]]:

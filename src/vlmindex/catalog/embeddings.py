@@ -22,7 +22,7 @@ import duckdb
 import numpy as np
 
 from vlmindex.catalog import parts
-from vlmindex.catalog.keys import RunKey
+from vlmindex.catalog.keys import CLEAN, RunKey
 from vlmindex.catalog.views import RunRelation, current_rows_sql, register_run
 from vlmindex.catalog.workspace import CONNECT_WAIT, Workspace, hold_flock, slug, transaction
 from vlmindex.errors import VlmindexError
@@ -126,9 +126,27 @@ def read_run(ws: Workspace, key: RunKey, *, ids: np.ndarray | None = None,
     return RunEmbeddings(all_ids[~bad], np.ascontiguousarray(vectors[~bad]), all_ids[bad], fingerprint)
 
 
+@dataclass
+class Selection:
+    """What an embed run works from, read in one snapshot of the catalog: the images without a
+    current embedding (with the pixel fingerprints they are expected to have), the selection's
+    size, the condition's recipe and the class names per modality that the recipe draws from."""
+
+    todo: list[PendingImage]
+    total: int
+    recipe: str | None                    # stored recipe JSON; None for clean
+    pools: dict[str | None, list[str]]
+
+
 def pending(ws: Workspace, key: RunKey, *, split: str | None = None,
-            shard: tuple[int, int] | None = None) -> tuple[list[PendingImage], int]:
-    """Images of the selection (split, shard) without a current embedding, and the selection's size."""
+            shard: tuple[int, int] | None = None) -> Selection:
+    """Images of the selection (split, shard) without a current embedding, and what draws them.
+
+    One read-only connection: the recipe and class names are those the fingerprints were computed
+    from, so a condition replaced meanwhile makes every row of this selection stale at commit.
+    """
+    from vlmindex.catalog import conditions, datasets
+
     where, params = "", [key.dataset, key.condition]
     if split:
         where += " AND i.split = ?"
@@ -147,15 +165,16 @@ def pending(ws: Workspace, key: RunKey, *, split: str | None = None,
             WHERE i.dataset = ? AND x.condition = ? {where}
             ORDER BY i.image_id
             """, params).fetchall()
-    todo = [PendingImage(*r[:6]) for r in rows if not r[6]]
-    return todo, len(rows)
+        recipe = conditions.recipe_json(con, key.dataset, key.condition) if key.condition != CLEAN else None
+        pools = datasets.class_pools(con, key.dataset)
+    return Selection([PendingImage(*r[:6]) for r in rows if not r[6]], len(rows), recipe, pools)
 
 
 def current_count(ws: Workspace, key: RunKey, *, split: str | None = None,
                   shard: tuple[int, int] | None = None) -> int:
     """How many images of the selection have a current embedding."""
-    todo, total = pending(ws, key, split=split, shard=shard)
-    return total - len(todo)
+    sel = pending(ws, key, split=split, shard=shard)
+    return sel.total - len(sel.todo)
 
 
 @dataclass

@@ -159,12 +159,12 @@ DETECTION_COLUMNS = ("dataset", "condition", "image_id", "has_text", "text", "ar
 
 def detections_todo(con: duckdb.DuckDBPyConnection, dataset: str, condition: str, *,
                     redo: bool) -> tuple[int, list[tuple[Any, ...]]]:
-    """(images of the dataset, ``(image_id, path, label, modality, pixels)`` of those without a
-    current detection: none stored, or one made from other pixels). ``redo`` lists every image."""
+    """(images of the dataset, ``(image_id, path, label, modality, pixels, sha256)`` of those without
+    a current detection: none stored, or one made from other pixels). ``redo`` lists every image."""
     n = con.execute("SELECT count(*) FROM images WHERE dataset = ?", [dataset]).fetchall()[0][0]
     todo = con.execute(
         """
-        SELECT i.image_id, i.path, i.label, i.modality, x.pixels
+        SELECT i.image_id, i.path, i.label, i.modality, x.pixels, i.sha256
         FROM images i JOIN image_pixels x ON x.image_id = i.image_id AND x.dataset = i.dataset AND x.condition = ?
         LEFT JOIN text_detections t ON t.dataset = i.dataset AND t.condition = x.condition AND t.image_id = i.image_id
         WHERE i.dataset = ? AND (? OR t.image_id IS NULL OR t.pixels IS DISTINCT FROM x.pixels)
@@ -175,7 +175,8 @@ def detections_todo(con: duckdb.DuckDBPyConnection, dataset: str, condition: str
 
 def store_detections(ws: Workspace, rows: list[tuple[Any, ...]], *, wait: float) -> None:
     """Insert or replace detection rows (tuples in :data:`DETECTION_COLUMNS` order), keeping only
-    those whose pixels are still the image's: a row read from replaced pixels is not stored."""
+    those whose pixels are still the image's (a row read from replaced pixels is not stored) and
+    error rows without pixels (never current: redone by the next run)."""
     if not rows:
         return
     batch = pa.Table.from_pylist([dict(zip(DETECTION_COLUMNS, r, strict=True)) for r in rows])
@@ -185,7 +186,7 @@ def store_detections(ws: Workspace, rows: list[tuple[Any, ...]], *, wait: float)
         con.execute(f"INSERT OR REPLACE INTO text_detections ({cols}) "
                     f"SELECT {', '.join('b.' + c for c in DETECTION_COLUMNS)} FROM _vlm_detections b "
                     "JOIN image_pixels x ON x.dataset = b.dataset AND x.condition = b.condition "
-                    "AND x.image_id = b.image_id AND x.pixels = b.pixels")
+                    "AND x.image_id = b.image_id AND (b.pixels IS NULL OR x.pixels = b.pixels)")
         con.unregister("_vlm_detections")
 
 
