@@ -416,3 +416,18 @@ def test_detect_text_reads_only_the_pixels_the_catalog_knows(tmp_path):
     row = _count(ws.root, f"SELECT has_text, pixels, error FROM text_detections WHERE image_id = "
                           f"(SELECT image_id FROM images WHERE path = '{path}')")
     assert row[0][0] is None and row[0][1] is None and "changed since it was ingested" in row[0][2]
+
+
+def test_overlay_effect_of_partial_runs_stops_unless_allowed(synth_ws, vlm):
+    """With both runs embedded on one split only, overlay figures were stored over the subset
+    without a word, while analyze refused the same runs."""
+    vlm(synth_ws, "overlay", "add", "demo", "lbl", "--text", "label")
+    for cond in ("clean", "lbl"):
+        vlm(synth_ws, "embed", "-m", "raw-pixels", "-d", "demo", "-c", cond, "--split", "test", "--workers", "0")
+    bad = vlm(synth_ws, "overlay", "effect", "-m", "raw-pixels", "-d", "demo", "-c", "lbl", "-k", "3", expect=1)
+    assert "--allow-partial" in bad.err and "no clean one" in bad.err and len(bad.err.strip().splitlines()) == 1
+    rows = json.loads(vlm(synth_ws, "overlay", "effect", "-m", "raw-pixels", "-d", "demo", "-c", "lbl", "-k", "3",
+                          "--n-boot", "10", "--allow-partial", "--format", "json").out)
+    n_test = _count(synth_ws, "SELECT count(*) FROM images WHERE split = 'test'")[0][0]
+    assert {r["n"] for r in rows if r["figure"] == "shift_cosine_mean"} == {n_test}
+    assert all("partial: " in r["note"] for r in rows)

@@ -391,12 +391,14 @@ def compute_overlay_effect(
     n_boot: int = 1000,
     seed: int = 0,
     save: bool = True,
+    allow_partial: bool = False,
 ) -> list[dict[str, Any]]:
     """Bias figures of ``condition`` against ``clean`` for one model; stored in ``overlay_effects``.
 
-    Needs both runs embedded (the error names the missing ``vlmindex embed`` command). Images are
-    paired by ``image_id``; images embedded under only one condition are left out and counted in
-    the note of every row. A rerun with the same (k, exclude_group) replaces the rows.
+    Needs both runs embedded (the error names the missing ``vlmindex embed`` command), every
+    labelled image in both unless ``allow_partial`` (as ``analyze``); images are paired by
+    ``image_id``, and with ``allow_partial`` those embedded under only one condition are left out
+    and counted in the note of every row. A rerun with the same (k, exclude_group) replaces the rows.
     """
     if condition == CLEAN:
         raise VlmindexError("compare an overlay condition against clean: give -c NAME of an overlay "
@@ -412,6 +414,12 @@ def compute_overlay_effect(
         pools = class_pools(con, dataset)
     recipe = cast(OverlayRecipe, recipe)  # not None: condition is not clean
     clean_run, over_run = load(ws, key.clean), load(ws, key)
+    missing = {k.condition: r.missing for k, r in ((key.clean, clean_run), (key, over_run)) if r.missing}
+    if missing and not allow_partial:
+        which = " and ".join(f"{n} no {c} one" for c, n in missing.items())
+        raise VlmindexError(
+            f"of {clean_run.n_selected} labelled images of {dataset}, {which} for {model}; embed them "
+            f"(`vlmindex embed -m {model} -d {dataset} -c {next(iter(missing))}`) or pass --allow-partial")
     clean, over, unpaired = _pair(clean_run, over_run)
     rows = overlay_figures(clean, over, recipe, pools, k=k, exclude_group=exclude_group, n_boot=n_boot,
                            seed=seed)
@@ -420,6 +428,9 @@ def compute_overlay_effect(
     fp = fingerprints.combine(STAGE, {key.clean: clean_run.fingerprint, key: over_run.fingerprint}, options)
     extra = (f"{unpaired} image(s) embedded under only one of clean/{condition} left out; finish with "
              f"`vlmindex embed -m {model} -d {dataset} -c {condition}`") if unpaired else None
+    if missing:
+        partial = "partial: " + ", ".join(f"{n} labelled images without a {c} embedding" for c, n in missing.items())
+        extra = "; ".join(x for x in (partial, extra) if x)
     out = []
     for r in rows:
         note = "; ".join(x for x in (r["note"], extra) if x) or None

@@ -46,6 +46,7 @@ class ZeroShotOptions:
     device: str | None = None           # None: cuda when present, else cpu
     templates: str | Path | None = None  # a JSON file replacing the shipped templates
     batch_size: int = 256               # prompts per text-tower call
+    allow_partial: bool = False         # classify the images that have embeddings even when some have none
 
 
 # --------------------------------------------------------------------------------------------------
@@ -251,6 +252,11 @@ def zeroshot(
         recipes = {c: get_condition(con, dataset, c) for c in conds}
         pools = class_pools(con, dataset)
     runs: dict[str, RunData] = {k.condition: load(ws, k) for k in keys}
+    missing = {c: r.missing for c, r in runs.items() if r.missing}
+    if missing and not opts.allow_partial:
+        which = ", ".join(f"{n} have no {c} embedding" for c, n in missing.items())
+        raise VlmindexError(f"of the labelled images of {dataset}, {which} for {model}; embed them (`vlmindex "
+                            f"embed -m {model} -d {dataset} -c {next(iter(missing))}`) or pass --allow-partial")
     embedded_with = newest_weights(ws, keys[0])
     if extractor is None:
         extractor = LoadOptions(checkpoint=opts.checkpoint, trust_remote_code=opts.trust_remote_code,

@@ -26,9 +26,11 @@ ZEROSHOT_COLUMNS = ["model", "condition", "modality", "n", "n_classes", "accurac
 @click.option("--n-boot", type=click.IntRange(min=0), default=1000, show_default=True,
               help="Bootstrap resamples for the 95% intervals (0: none).")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the bootstrap.")
+@click.option("--allow-partial", is_flag=True,
+              help="Compare the images embedded under both conditions even when some are not (the note says so).")
 @format_option()
 @pass_ctx
-def overlay_effect(ctx, models, dataset, conditions, k, exclude_group, n_boot, seed, fmt):
+def overlay_effect(ctx, models, dataset, conditions, k, exclude_group, n_boot, seed, allow_partial, fmt):
     """Bias figures of overlay conditions against clean, with bootstrap 95% intervals.
 
     Metric deltas (overlay - clean, paired per image), embedding shift (cosine of each image's clean
@@ -47,7 +49,8 @@ def overlay_effect(ctx, models, dataset, conditions, k, exclude_group, n_boot, s
     for model in models:
         for condition in [c for text in conditions for c in names(text)]:
             rows += compute_overlay_effect(ctx.workspace, model, dataset, condition, k=k,
-                                           exclude_group=exclude_group, n_boot=n_boot, seed=seed)
+                                           exclude_group=exclude_group, n_boot=n_boot, seed=seed,
+                                           allow_partial=allow_partial)
     echo_rows(rows, fmt, EFFECT_COLUMNS if fmt == "table" else None)
 
 
@@ -59,9 +62,11 @@ def overlay_effect(ctx, models, dataset, conditions, k, exclude_group, n_boot, s
 @load_options
 @click.option("--templates", type=click.Path(exists=True, dir_okay=False),
               help="JSON file of prompt templates per modality replacing the shipped ones.")
+@click.option("--allow-partial", is_flag=True,
+              help="Classify the images that have embeddings even when some have none.")
 @format_option()
 @pass_ctx
-def zeroshot(ctx, models, dataset, conditions, load, templates, fmt):
+def zeroshot(ctx, models, dataset, conditions, load, templates, allow_partial, fmt):
     """Zero-shot classification with the model's text tower, clean against overlaid images.
 
     Prompts per modality come from templates shipped with vlmindex ({label} = class name); each
@@ -78,7 +83,7 @@ def zeroshot(ctx, models, dataset, conditions, load, templates, fmt):
     from vlmindex.zeroshot import zeroshot as run_zeroshot
 
     opts = ZeroShotOptions(checkpoint=load.checkpoint, trust_remote_code=load.trust_remote_code,
-                           device=load.device, templates=templates)
+                           device=load.device, templates=templates, allow_partial=allow_partial)
     conds = [c for text in conditions for c in names(text)]
     rows = []
     for model in models:
