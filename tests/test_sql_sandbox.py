@@ -123,3 +123,28 @@ def test_views_read_only_their_own_workspace_whatever_its_path(vlm, synth_templa
     assert got == [{"model": "raw-pixels", "n": 24}]
     nb = json.loads(vlm(root, "sql", "SELECT count(DISTINCT image_id) AS q FROM neighbors", "--format", "json").out)
     assert nb == [{"q": 24}]
+
+
+@pytest.mark.parametrize("statement", [
+    "CREATE MACRO sha256(x) AS 'same'",                       # would make every fingerprint constant
+    "DROP VIEW latest_summaries; CREATE TABLE latest_summaries AS SELECT 1 AS a",
+    "CREATE OR REPLACE VIEW image_pixels AS SELECT dataset, 'clean' AS condition, image_id, 'x' AS pixels FROM images",
+    "ALTER TABLE summaries DROP COLUMN inputs_fingerprint",
+    "DELETE FROM images; SELECT * FROM no_such_table",        # an error after a change: nothing kept
+    "BEGIN; DELETE FROM images; COMMIT",
+])
+def test_write_cannot_redefine_vlmindex_objects_or_leave_half_a_change(vlm, ws, statement):
+    before = json.loads(vlm(ws, "sql", "SELECT count(*) AS n FROM images", "--format", "json").out)
+    res = vlm(ws, "sql", "--write", statement, expect=1)
+    assert res.err.startswith("Error: SQL error") and len(res.err.strip().splitlines()) == 1
+    assert json.loads(vlm(ws, "sql", "SELECT count(*) AS n FROM images", "--format", "json").out) == before
+    # vlmindex's own writes still work, with the fingerprints they had
+    vlm(ws, "index", "build", "-m", "raw-pixels", "-d", "demo")
+    assert "up to date" in vlm(ws, "index", "build", "-m", "raw-pixels", "-d", "demo").out
+
+
+def test_write_may_change_rows_and_make_tables_of_ones_own(vlm, ws):
+    vlm(ws, "sql", "--write", "CREATE TABLE mine AS SELECT 1 AS a; INSERT INTO mine VALUES (2)")
+    vlm(ws, "sql", "--write", "UPDATE images SET label = upper(label) WHERE false")
+    assert json.loads(vlm(ws, "sql", "SELECT sum(a) AS s FROM mine", "--format", "json").out) == [{"s": 3}]
+    vlm(ws, "sql", "--write", "DROP TABLE mine")
