@@ -194,14 +194,19 @@ CREATE TABLE IF NOT EXISTS zeroshot_results (
 );
 
 -- The fingerprint of the pixels each image has under each condition: its file's sha256 when
--- clean; with an overlay, also the recipe and what decides the written text (its label and the
--- class names of its modality). Embedding parts and text detections store it per row; a row whose
--- fingerprint is not the current one is stale and never read.
+-- clean; with an overlay, also the recipe and what decides the written text: the image's label
+-- (label, wrong-label) and the class names of its modality (wrong-label, random-label). Embedding
+-- parts and text detections store it per row; a row whose fingerprint is not the current one is
+-- stale and never read.
 CREATE OR REPLACE VIEW image_pixels AS
 SELECT dataset, 'clean' AS condition, image_id, sha256 AS pixels FROM images
 UNION ALL
 SELECT i.dataset, c.name AS condition, i.image_id,
-       sha256(concat_ws(chr(31), i.sha256, c.recipe::VARCHAR, coalesce(i.label, chr(0)), coalesce(p.pool, chr(0))))
+       sha256(concat_ws(chr(31), i.sha256, c.recipe::VARCHAR,
+                        CASE WHEN json_extract_string(c.recipe, '$.text') IN ('label', 'wrong-label')
+                             THEN coalesce(i.label, chr(0)) ELSE '' END,
+                        CASE WHEN json_extract_string(c.recipe, '$.text') IN ('wrong-label', 'random-label')
+                             THEN coalesce(p.pool, chr(0)) ELSE '' END))
 FROM images i
 JOIN conditions c ON c.dataset = i.dataset
 LEFT JOIN (SELECT dataset, modality, string_agg(DISTINCT label, chr(31) ORDER BY label) AS pool

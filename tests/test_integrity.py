@@ -431,3 +431,80 @@ def test_overlay_effect_of_partial_runs_stops_unless_allowed(synth_ws, vlm):
     n_test = _count(synth_ws, "SELECT count(*) FROM images WHERE split = 'test'")[0][0]
     assert {r["n"] for r in rows if r["figure"] == "shift_cosine_mean"} == {n_test}
     assert all("partial: " in r["note"] for r in rows)
+
+
+def test_embed_refuses_to_mix_into_an_imported_run_or_another_vector_size(synth_ws, vlm, tmp_path):
+    """An embed used to append hog vectors to a run of imported 10-d vectors, after which every
+    reader of the run failed."""
+    import pyarrow as pa
+
+    with Workspace(synth_ws).read() as con:
+        ids = [r[0] for r in con.execute("SELECT image_id FROM images WHERE split = 'train'").fetchall()]
+    f = tmp_path / "ten.parquet"
+    vecs = np.random.default_rng(0).normal(size=(len(ids), 10)).astype(np.float32)
+    pq.write_table(pa.table({"image_id": pa.array(ids), "embedding": pa.array(list(vecs), pa.list_(pa.float32()))}), f)
+    vlm(synth_ws, "embeddings", "import", f, "-m", "hog", "-d", "demo")
+    bad = vlm(synth_ws, "embed", "-m", "hog", "-d", "demo", "--workers", "0", expect=1)
+    assert "holds 10-d embeddings" in bad.err and "embeddings remove" in bad.err
+    assert _count(synth_ws, "SELECT count(*), count(DISTINCT image_id) FROM embeddings") == [(len(ids), len(ids))]
+    vlm(synth_ws, "embeddings", "remove", "-m", "hog", "-d", "demo")
+    vlm(synth_ws, "embed", "-m", "hog", "-d", "demo", "--workers", "0")
+    vlm(synth_ws, "analyze", "-m", "hog", "-d", "demo", "-k", "3", "--no-probe")
+
+
+def test_import_overtaken_by_replace_stores_nothing(synth_ws, monkeypatch, tmp_path):
+    """Imported vectors resolved against the old images used to be stamped with the new pixels."""
+    import pyarrow as pa
+    from conftest import SMALL_SYNTH
+
+    from vlmindex.catalog import embeddings as store
+    from vlmindex.ingest import ingest_synthetic
+    from vlmindex.transfer import import_embeddings
+
+    ws = Workspace(synth_ws)
+    with ws.read() as con:
+        ids = [r[0] for r in con.execute("SELECT image_id FROM images").fetchall()]
+    f = tmp_path / "v.parquet"
+    vecs = np.random.default_rng(0).normal(size=(len(ids), 4)).astype(np.float32)
+    pq.write_table(pa.table({"image_id": pa.array(ids), "embedding": pa.array(list(vecs), pa.list_(pa.float32()))}), f)
+    original = store.import_run
+
+    def replace_then_import(*args, **kwargs):
+        ingest_synthetic(ws, "demo", seed=1, replace=True, progress=False, **SMALL_SYNTH)
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(store, "import_run", replace_then_import)
+    with pytest.raises(VlmindexError, match="changed while the embeddings were read"):
+        import_embeddings(ws, "ext", "demo", f)
+    assert _count(synth_ws, "SELECT count(*) FROM embeddings") == [(0,)]
+
+
+def test_embed_that_reads_no_image_exits_non_zero(tmp_path, vlm):
+    """Every image unreadable (a moved dataset folder) used to end with exit code 0."""
+    src = _make_folder(tmp_path / "src", seed=4, n=2)
+    ws = tmp_path / "ws"
+    vlm(ws, "ingest", "demo", src, "--format", "imagefolder")
+    src.rename(tmp_path / "moved")
+    res = vlm(ws, "embed", "-m", "hog", "-d", "demo", "--workers", "0", expect=1)
+    assert "none of the 4 images could be read" in res.err and "No such file" in res.err
+
+
+def test_pixel_fingerprints_change_only_with_what_decides_the_pixels(synth_ws, vlm):
+    """A new class used to re-embed every image of a fixed-text condition, whose pixels it leaves
+    alone; it must re-embed a wrong-label condition, whose text it can change."""
+    vlm(synth_ws, "overlay", "add", "demo", "fixed", "--text", "fixed:XYZ")
+    vlm(synth_ws, "overlay", "add", "demo", "wrong", "--text", "wrong-label")
+
+    def fingerprints() -> dict:
+        return dict(((c, i), p) for c, i, p in _count(synth_ws, "SELECT condition, image_id, pixels FROM image_pixels"))
+
+    before = fingerprints()
+    with Workspace(synth_ws).write() as con:  # one naevus becomes a new class of dermoscopy
+        con.execute("UPDATE images SET label = 'dysplastic' WHERE image_id = (SELECT min(image_id) FROM images "
+                    "WHERE modality = 'dermoscopy')")
+    after = fingerprints()
+    changed = {c for (c, i), p in after.items() if before[(c, i)] != p}
+    moved = {(c, i) for (c, i), p in after.items() if before[(c, i)] != p}
+    assert "fixed" not in changed and "clean" not in changed
+    n_derm = _count(synth_ws, "SELECT count(*) FROM images WHERE modality = 'dermoscopy'")[0][0]
+    assert sum(c == "wrong" for c, _ in moved) == n_derm  # the pool of that modality changed

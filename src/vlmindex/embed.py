@@ -75,6 +75,7 @@ class EmbedReport:
     zero: int = 0         # embeddings that came out all zeros (recorded in `skipped`, left out of analyses)
     changed: int = 0      # images whose pixels changed while they were embedded (embedded next run)
     duplicates: int = 0   # images another process embedded first
+    first_failure: str | None = None  # the reason of the first image that could not be read
 
     @property
     def images_per_s(self) -> float:
@@ -211,7 +212,7 @@ def _embed_pending(ws: Workspace, key: RunKey, opts: EmbedOptions, sel: store.Se
     device = auto_device(opts.device)
     if extractor is None:
         extractor = replace(opts.load, device=device).load(key.model)
-    store.check_resumable(ws, key, extractor.weights_sha256)
+    store.check_resumable(ws, key, extractor.weights_sha256, extractor.dim)
     if device.startswith("cuda") and extractor.dtype != torch.float16:
         extractor = extractor.to(device, half=True)
     workers = opts.num_workers if opts.num_workers is not None else min(os.cpu_count() or 1, 8)
@@ -279,7 +280,7 @@ def _embed_pending(ws: Workspace, key: RunKey, opts: EmbedOptions, sel: store.Se
     total = store.current_count(ws, key, split=opts.split, shard=opts.shard)
     report = EmbedReport(key.model, key.dataset, key.condition, counts["embedded"], total, seconds,
                          failed=len(failures), zero=len(zero), changed=counts["changed"],
-                         duplicates=counts["duplicates"])
+                         duplicates=counts["duplicates"], first_failure=failures[0][1] if failures else None)
     row = {**run_meta, "model": key.model, "dataset": key.dataset, "condition": key.condition,
            "n": report.embedded, "total": report.total, "seconds": report.seconds,
            "images_per_s": report.images_per_s, "started_at": started, "finished_at": datetime.now(),

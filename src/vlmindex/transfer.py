@@ -98,9 +98,11 @@ def import_embeddings(ws: Workspace, model: str, dataset: str, file: Path, *, co
         catalog_datasets.require_dataset(con, dataset)
         get_condition(con, dataset, condition)
         ids = _resolve_ids(con, dataset, keys, by_path, file)
+        pixels = store.pixels_of(con, key, ids)  # the pixels these vectors stand for, checked again at commit
     if len(np.unique(ids)) != len(ids):
         raise VlmindexError(f"{file}: some images appear more than once")
-    store.import_run(ws, key, image_ids=ids, vectors=matrix, dtype=dtype, source=str(file.resolve()))
+    store.import_run(ws, key, image_ids=ids, vectors=matrix, dtype=dtype, source=str(file.resolve()),
+                     pixels=pixels)
     return len(ids)
 
 

@@ -209,7 +209,7 @@ def commit_part(ws: Workspace, key: RunKey, *, image_ids: np.ndarray, pixels: li
             if existing:
                 run_rel = register_run(con, directory, existing)
                 have = {r[0] for r in con.execute(f"SELECT image_id FROM ({current_rows_sql(run_rel)})").fetchall()}
-                _check_weights(parts.run_metadata(existing[-1]), run, key)
+                _check_compatible(existing[-1], run, int(vectors.shape[1]), key)
             ok_pixels = np.array([cur_pixels.get(int(i)) == p for i, p in zip(image_ids, pixels, strict=True)],
                                  dtype=bool)
             fresh = np.array([int(i) not in have for i in image_ids], dtype=bool)
@@ -228,9 +228,13 @@ def commit_part(ws: Workspace, key: RunKey, *, image_ids: np.ndarray, pixels: li
 
 
 def import_run(ws: Workspace, key: RunKey, *, image_ids: np.ndarray, vectors: np.ndarray, dtype: str,
-               source: str) -> None:
-    """Replace a run's embeddings with vectors computed elsewhere (taken as made from the current
-    pixels), and record the import in ``runs``; one read-write connection, so no reader sees the gap."""
+               source: str, pixels: list[str]) -> None:
+    """Replace a run's embeddings with vectors computed elsewhere, taken as made from ``pixels`` (the
+    fingerprints read when the ids were resolved), and record the import in ``runs``.
+
+    One read-write connection: no reader sees the gap, and when the images changed since their ids
+    were resolved (``ingest --replace`` meanwhile) nothing is stored.
+    """
     directory = ws.embeddings_dir(key.model, key.dataset, key.condition)
     image_ids = np.asarray(image_ids, dtype=np.int64)
     now = datetime.now()
@@ -238,11 +242,13 @@ def import_run(ws: Workspace, key: RunKey, *, image_ids: np.ndarray, vectors: np
         cur_pixels = dict(con.execute(
             "SELECT image_id, pixels FROM image_pixels WHERE dataset = ? AND condition = ? "
             "AND image_id IN (SELECT unnest(?))", [key.dataset, key.condition, image_ids.tolist()]).fetchall())
+        if any(cur_pixels.get(int(i)) != p for i, p in zip(image_ids, pixels, strict=True)):
+            raise VlmindexError(f"the images of {key.dataset} changed while the embeddings were read (another "
+                                "vlmindex process wrote to the workspace); nothing was imported: import again")
         old = parts.part_paths(directory)
         run_id = uuid.uuid4().hex
         parts.write_part(directory, model=key.model, dataset=key.dataset, condition=key.condition,
-                         image_ids=image_ids, embeddings=vectors, dtype=dtype, tag="import-",
-                         pixels=[cur_pixels.get(int(i)) for i in image_ids],
+                         image_ids=image_ids, embeddings=vectors, dtype=dtype, tag="import-", pixels=list(pixels),
                          run={"run_id": run_id, "device": "import", "dtype": dtype, "dim": int(vectors.shape[1]),
                               "preprocessing": {"imported_from": source}, "committed_at": now.isoformat()})
         for p in old:
@@ -251,6 +257,14 @@ def import_run(ws: Workspace, key: RunKey, *, image_ids: np.ndarray, vectors: np
                          "n": len(image_ids), "total": len(image_ids), "dim": int(vectors.shape[1]), "dtype": dtype,
                          "device": "import", "preprocessing": {"imported_from": source}, "started_at": now,
                          "finished_at": now, "recorded_from": "import"})
+
+
+def pixels_of(con: duckdb.DuckDBPyConnection, key: RunKey, image_ids: np.ndarray) -> list[str]:
+    """The current pixel fingerprints of ``image_ids`` under ``key``'s condition, in their order."""
+    now = dict(con.execute("SELECT image_id, pixels FROM image_pixels WHERE dataset = ? AND condition = ? "
+                           "AND image_id IN (SELECT unnest(?))",
+                           [key.dataset, key.condition, np.asarray(image_ids, dtype=np.int64).tolist()]).fetchall())
+    return [now[int(i)] for i in image_ids]
 
 
 def _check_weights(recorded: dict[str, Any], run: dict[str, Any] | None, key: RunKey) -> None:
@@ -265,15 +279,32 @@ def _check_weights(recorded: dict[str, Any], run: dict[str, Any] | None, key: Ru
         )
 
 
+def _check_compatible(newest_part: Any, run: dict[str, Any] | None, dim: int, key: RunKey) -> None:
+    """Refuse a part that cannot share a run with its parts: other weights, another vector size, or
+    model vectors added to imported ones (their pixels and preprocessing are not the model's)."""
+    recorded = parts.run_metadata(newest_part)
+    _check_weights(recorded, run, key)
+    start_over = (f"embed under another --model name, or `vlmindex embeddings remove {key.cli_args()}` "
+                  "to start over")
+    theirs = parts.dimension(newest_part)
+    if theirs != dim:
+        raise VlmindexError(f"{key} holds {theirs}-d embeddings, these are {dim}-d; {start_over}")
+    if (recorded.get("device") == "import") != ((run or {}).get("device") == "import"):
+        what = "imported embeddings" if recorded.get("device") == "import" else "embeddings of a model"
+        raise VlmindexError(f"{key} holds {what}; one run is never a mix of imported and computed vectors: "
+                            f"{start_over}")
+
+
 def newest_weights(ws: Workspace, key: RunKey) -> str | None:
     """The weights checksum recorded by the run's newest part (None for imports and legacy parts)."""
     existing = parts.part_paths(ws.embeddings_dir(key.model, key.dataset, key.condition))
     return parts.run_metadata(existing[-1]).get("weights_sha256") if existing else None
 
 
-def check_resumable(ws: Workspace, key: RunKey, weights_sha256: str | None) -> None:
-    """Refuse, before any work, to add embeddings of other weights to a run: those recorded by its
-    newest ``runs`` row that is not an import, else by its newest part."""
+def check_resumable(ws: Workspace, key: RunKey, weights_sha256: str | None, dim: int) -> None:
+    """Refuse, before any work, to add embeddings to a run they cannot share: other weights than
+    those recorded by its newest ``runs`` row that is not an import (else by its newest part),
+    another vector size, or a run of imported vectors."""
     existing = parts.part_paths(ws.embeddings_dir(key.model, key.dataset, key.condition))
     if not existing:
         return
@@ -281,8 +312,9 @@ def check_resumable(ws: Workspace, key: RunKey, weights_sha256: str | None) -> N
         rows = con.execute("SELECT weights_sha256 FROM runs WHERE model = ? AND dataset = ? AND condition = ? "
                            "AND device IS DISTINCT FROM 'import' ORDER BY finished_at DESC NULLS LAST LIMIT 1",
                            [key.model, key.dataset, key.condition]).fetchall()
-    recorded = {"weights_sha256": rows[0][0]} if rows and rows[0][0] else parts.run_metadata(existing[-1])
-    _check_weights(recorded, {"weights_sha256": weights_sha256}, key)
+    if rows and rows[0][0]:
+        _check_weights({"weights_sha256": rows[0][0]}, {"weights_sha256": weights_sha256}, key)
+    _check_compatible(existing[-1], {"weights_sha256": weights_sha256}, dim, key)
 
 
 @contextlib.contextmanager

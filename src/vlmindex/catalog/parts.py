@@ -157,6 +157,11 @@ def run_metadata(path: Path) -> dict[str, Any]:
         return {}
 
 
+def dimension(path: Path) -> int:
+    """The vector size of a part."""
+    return int(pq.read_schema(path).field("embedding").type.list_size)
+
+
 def row_count(path: Path) -> int:
     return pq.ParquetFile(path).metadata.num_rows
 

@@ -9,6 +9,7 @@ import click
 
 from vlmindex.cli import cli, pass_ctx
 from vlmindex.cli.options import condition_option, dataset_option, load_options, models_option
+from vlmindex.errors import VlmindexError
 
 
 @cli.command()
@@ -48,6 +49,9 @@ def embed(ctx, models, dataset, condition, split, shard, batch_size, workers, dt
     for model in models:
         report = run_embed(ctx.workspace, model, dataset, condition, opts)
         click.echo(report.summary())
+        if report.failed and not report.embedded and not report.cached:
+            raise VlmindexError(f"{model}: none of the {report.failed} images could be read (first: "
+                                f"{report.first_failure}); was the workspace or the dataset's folder moved?")
 
 
 @cli.group()
