@@ -5,6 +5,7 @@ SELECT dataset, condition, model, k,
        {{leaderboard_metrics}},
        n_queries,
        scope,                  -- what the numbers are over: the options of the analysis
+       analysis_id NOT IN (SELECT analysis_id FROM stale_analyses) AS current,  -- false: inputs changed since
        analysis_id             -- joins query_metrics and the neighbors view
 FROM latest_summaries
 ORDER BY dataset, condition, map DESC NULLS LAST, model;

@@ -218,8 +218,10 @@ LEFT JOIN (SELECT dataset, modality, string_agg(DISTINCT label, chr(31) ORDER BY
 CREATE OR REPLACE VIEW latest_summaries AS
 SELECT *,
        concat_ws(' ', 'k=' || k, CASE WHEN exclude_group THEN 'group-excluded' END,
+                 CASE WHEN probe_protocol IS NULL THEN 'no-probe' END,
                  'queries=' || query_split, 'gallery=' || gallery_split, 'modality=' || modality,
                  CASE WHEN n_missing > 0 THEN 'partial(' || n_missing || ' images without embedding)' END) AS scope
 FROM summaries
 QUALIFY row_number() OVER (PARTITION BY model, dataset, condition, k, exclude_group, query_split,
-                                        gallery_split, modality ORDER BY created_at DESC) = 1;
+                                        gallery_split, modality, probe_protocol IS NULL
+                           ORDER BY created_at DESC) = 1;

@@ -508,3 +508,19 @@ def test_pixel_fingerprints_change_only_with_what_decides_the_pixels(synth_ws, v
     assert "fixed" not in changed and "clean" not in changed
     n_derm = _count(synth_ws, "SELECT count(*) FROM images WHERE modality = 'dermoscopy'")[0][0]
     assert sum(c == "wrong" for c, _ in moved) == n_derm  # the pool of that modality changed
+
+
+def test_leaderboard_says_which_analyses_are_no_longer_current(synth_ws, vlm, tmp_path):
+    """After new images were embedded, the leaderboard showed the old analysis with nothing to say
+    its inputs had changed."""
+    vlm(synth_ws, "embed", "-m", "raw-pixels", "-d", "demo", "--workers", "0")
+    vlm(synth_ws, "analyze", "-m", "raw-pixels", "-d", "demo", "-k", "3", "--no-probe")
+    board = json.loads(vlm(synth_ws, "sql", "leaderboard", "--format", "json").out)
+    assert [r["current"] for r in board] == [True]
+    ids, vecs = parts.read_embeddings(Workspace(synth_ws).embeddings_dir("raw-pixels", "demo"))
+    parts.write_part(Workspace(synth_ws).embeddings_dir("raw-pixels", "demo"), model="raw-pixels", dataset="demo",
+                     condition="clean", image_ids=ids[:1], embeddings=vecs[1:2])  # a newer copy of one image
+    board = json.loads(vlm(synth_ws, "sql", "leaderboard", "--format", "json").out)
+    assert [r["current"] for r in board] == [False]
+    vlm(synth_ws, "analyze", "-m", "raw-pixels", "-d", "demo", "-k", "3", "--no-probe")
+    assert [r["current"] for r in json.loads(vlm(synth_ws, "sql", "leaderboard", "--format", "json").out)] == [True]

@@ -13,7 +13,7 @@ from vlmindex.metrics import RETRIEVAL_METRICS, distribution_figures, registry, 
 
 SQL = Path(__file__).resolve().parents[1] / "sql"
 # Output columns of sql/leaderboard.sql that say which run a row is, not how good it is.
-IDENTITY = {"dataset", "condition", "model", "k", "n_queries", "scope", "analysis_id"}
+IDENTITY = {"dataset", "condition", "model", "k", "n_queries", "scope", "current", "analysis_id"}
 
 
 @pytest.fixture(scope="module")
@@ -21,6 +21,8 @@ def catalog() -> duckdb.DuckDBPyConnection:
     """An empty catalog made from sql/schema.sql, DuckDB being the parser of record."""
     con = duckdb.connect(":memory:")
     con.execute((SQL / "schema.sql").read_text())
+    # what every vlmindex connection registers beside the schema (catalog.views.register)
+    con.execute("CREATE TEMP TABLE stale_analyses (analysis_id VARCHAR)")
     return con
 
 

@@ -239,3 +239,24 @@ def test_a_study_never_reports_a_dataset_other_than_the_one_it_describes(vlm, tm
     study.write_text(study.read_text().replace("seed = 7", "seed = 0"))
     vlm(ws, "run", study)
     assert "0 step(s) run" in vlm(ws, "run", study).err
+
+
+def test_study_leaderboard_keeps_its_rows_after_another_analysis_of_the_run(vlm, tmp_path):
+    """An analysis with the study's k but another probe setting used to hide the study's own rows
+    (the leaderboard printed no rows)."""
+    study = tmp_path / "s.toml"
+    study.write_text(textwrap.dedent("""
+        [[datasets]]
+        name = "mini"
+        synth = { seed = 1, lesions_per_class = 2, views_per_lesion = 2, size = 32 }
+        [models]
+        names = ["color-hist"]
+        [analysis]
+        k = 3
+        [embed]
+        num_workers = 0
+    """))
+    ws = tmp_path / "ws"
+    first = json.loads(vlm(ws, "run", study, "--format", "json").out)
+    vlm(ws, "analyze", "-m", "color-hist", "-d", "mini", "-k", "3", "--no-probe")
+    assert json.loads(vlm(ws, "run", study, "--format", "json").out) == first != []

@@ -179,7 +179,8 @@ def analyze_run(ws: Workspace, key: RunKey, options: AnalyzeOptions | None = Non
     summary["seconds"] = time.perf_counter() - t0
     prov = provenance(ws, key.model, key.dataset, key.condition)
     prov.update(k=opts.k, exclude_group=opts.exclude_group, modality=opts.modality, seed=opts.seed, probe=opts.probe,
-                images_without_embedding=run.missing, zero_embeddings_left_out=run.zero)
+                images_without_embedding=run.missing, zero_embeddings_left_out=run.zero,
+                inputs=fingerprints.recipe(STAGE, [key], opts.numbers()))
     summary["provenance"] = json.dumps(prov, default=str)
     summary["created_at"] = datetime.now()
     fp = fingerprint(key, run.fingerprint, opts)

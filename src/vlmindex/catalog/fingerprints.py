@@ -32,6 +32,12 @@ class InputsChanged(VlmindexError):
     """A result's inputs changed while it was computed; it was not stored."""
 
 
+def recipe(stage: str, inputs: Sequence[RunKey], options: Mapping[str, Any]) -> dict[str, Any]:
+    """What a fingerprint is computed from, stored with the result (``provenance.inputs``) so the
+    storage layer can say whether any stored result is current without the stage's code."""
+    return {"stage": stage, "runs": [[k.model, k.dataset, k.condition] for k in inputs], "options": dict(options)}
+
+
 def combine(stage: str, runs: Mapping[RunKey, str], options: Mapping[str, Any]) -> str:
     """The fingerprint of one result: its stage, its input runs' fingerprints and its options."""
     doc = {"stage": stage, "runs": {f"{k.model}\x1f{k.dataset}\x1f{k.condition}": v for k, v in sorted(runs.items())},
@@ -69,3 +75,26 @@ def committing(ws: Workspace, expected: str, stage: str, inputs: Sequence[RunKey
                 "vlmindex process wrote to the workspace); nothing was stored: run the command again"
             )
         yield con
+
+
+def stale_analyses(con: duckdb.DuckDBPyConnection, ws: Workspace) -> set[str]:
+    """The ``analysis_id`` of every stored analysis that is not current: its inputs changed since,
+    or it records no fingerprint (made by an older vlmindex). One run fingerprint per run."""
+    now: dict[RunKey, str] = {}
+    stale = set()
+    for analysis_id, stored, provenance in con.execute(
+            "SELECT analysis_id, inputs_fingerprint, provenance FROM summaries").fetchall():
+        try:
+            made_from = json.loads(provenance or "{}").get("inputs")
+        except ValueError:
+            made_from = None
+        if not stored or not made_from:
+            stale.add(analysis_id)
+            continue
+        keys = [RunKey(*k) for k in made_from["runs"]]
+        for k in keys:
+            if k not in now:
+                now[k] = run_fingerprint(con, ws, k)
+        if combine(made_from["stage"], {k: now[k] for k in keys}, made_from["options"]) != stored:
+            stale.add(analysis_id)
+    return stale

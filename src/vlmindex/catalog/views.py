@@ -122,7 +122,8 @@ def _subdirs(path: Path) -> list[Path]:
 
 
 def register(con: duckdb.DuckDBPyConnection, ws: Workspace) -> None:
-    """Create the temporary views ``embeddings`` and ``neighbors`` on ``con``."""
+    """Create the temporary views ``embeddings`` and ``neighbors`` on ``con``, and the temporary
+    table ``stale_analyses`` (the ids of stored analyses whose inputs changed since)."""
     selects = []
     for directory in run_directories(ws):
         run = register_run(con, directory)
@@ -148,6 +149,11 @@ def register(con: duckdb.DuckDBPyConnection, ws: Workspace) -> None:
     else:
         source = EMPTY_NEIGHBORS
     con.execute(f"CREATE OR REPLACE TEMP VIEW neighbors AS {source}")
+    # Which stored analyses are not current, so the shipped analyses can say so (column `current`).
+    from vlmindex.catalog.fingerprints import stale_analyses
+
+    con.execute("CREATE OR REPLACE TEMP TABLE stale_analyses AS SELECT unnest(?::VARCHAR[]) AS analysis_id",
+                [sorted(stale_analyses(con, ws))])
 
 
 def _neighbor_dirs(ws: Workspace) -> list[Path]:

@@ -27,10 +27,10 @@ import numpy as np
 
 from vlmindex import __version__
 from vlmindex.analyze import AnalyzeOptions
-from vlmindex.analyze import fingerprint as analysis_fingerprint
 from vlmindex.catalog import RunKey, Workspace, results
 from vlmindex.catalog.datasets import dataset_summaries
-from vlmindex.catalog.embeddings import read_run, run_fingerprint
+from vlmindex.catalog.embeddings import read_run
+from vlmindex.catalog.fingerprints import stale_analyses
 from vlmindex.errors import VlmindexError
 from vlmindex.metrics import registry
 from vlmindex.metrics.statistics import PairedResult, bootstrap_mean_ci, holm, paired_comparison
@@ -183,7 +183,6 @@ class StaleAnalysis:
     condition: str
     options: AnalyzeOptions
     stored_fingerprint: str | None
-    current_fingerprint: str
 
     def rerun_command(self) -> str:
         """The ``vlmindex analyze`` call that recomputes it with the same options."""
@@ -537,29 +536,12 @@ def analysis_options(s: dict[str, Any]) -> AnalyzeOptions:
 
 
 def _stale(ws: Workspace, summaries: list[dict[str, Any]]) -> tuple[list[StaleAnalysis], list[str]]:
-    """Analyses whose inputs changed since: the currency rule of ``analyze.is_current``, without
-    one catalog connection per analysis.
-
-    An analysis whose rebuilt options do not give back its id (a seed provenance does not record)
-    cannot be checked this way; it is returned in the second list rather than called stale.
-    """
-    stale, unchecked = [], []
-    now: dict[RunKey, str] = {}
+    """Analyses whose inputs changed since: the storage layer's own rule
+    (``catalog.fingerprints.stale_analyses``, from the inputs each analysis recorded)."""
     with ws.read(views=False) as con:
-        for s in summaries:
-            opts = analysis_options(s)
-            if opts.analysis_id(s["model"], s["dataset"], s["condition"]) != s["analysis_id"]:
-                unchecked.append(s["analysis_id"])
-                continue
-            key = RunKey(s["model"], s["dataset"], s["condition"])
-            if key not in now:
-                now[key] = run_fingerprint(con, ws, key)
-            fp = analysis_fingerprint(key, now[key], opts)
-            stored = s.get("inputs_fingerprint")
-            if stored != fp:
-                stale.append(StaleAnalysis(s["analysis_id"], s["model"], s["dataset"], s["condition"], opts,
-                                           stored, fp))
-    return stale, unchecked
+        ids = stale_analyses(con, ws)
+    return [StaleAnalysis(s["analysis_id"], s["model"], s["dataset"], s["condition"], analysis_options(s),
+                          s.get("inputs_fingerprint")) for s in summaries if s["analysis_id"] in ids], []
 
 
 def collect(ws: Workspace, options: ReportOptions | None = None) -> ReportData:
