@@ -524,3 +524,66 @@ def test_leaderboard_says_which_analyses_are_no_longer_current(synth_ws, vlm, tm
     assert [r["current"] for r in board] == [False]
     vlm(synth_ws, "analyze", "-m", "raw-pixels", "-d", "demo", "-k", "3", "--no-probe")
     assert [r["current"] for r in json.loads(vlm(synth_ws, "sql", "leaderboard", "--format", "json").out)] == [True]
+
+
+def test_refused_medmnist_reingest_leaves_the_workspace_pngs_alone(tmp_path, vlm):
+    """A re-ingest refused for a changed image used to overwrite the workspace's PNG anyway, so the
+    catalog's checksum no longer described the file every stage reads."""
+    from vlmindex.imageio import file_sha256
+
+    rng = np.random.default_rng(0)
+    x = rng.integers(0, 256, (6, 28, 28), dtype=np.uint8)
+    y = rng.integers(0, 2, (6, 1)).astype(np.uint8)
+    src = tmp_path / "breastmnist.npz"
+    np.savez(src, train_images=x, train_labels=y)
+    ws = tmp_path / "ws"
+    vlm(ws, "ingest", "b", src, "--format", "medmnist")
+    x[2] = 255 - x[2]
+    np.savez(src, train_images=x, train_labels=y)
+    bad = vlm(ws, "ingest", "b", src, "--format", "medmnist", expect=1)
+    assert "changed since it was ingested" in bad.err
+    for path, sha in _count(ws, "SELECT path, sha256 FROM images"):
+        assert file_sha256(path) == sha, path
+    vlm(ws, "ingest", "b", src, "--format", "medmnist", "--replace")
+    for path, sha in _count(ws, "SELECT path, sha256 FROM images"):
+        assert file_sha256(path) == sha, path
+    assert not list(Workspace(ws).root.glob("images/.*"))  # no staging folder left behind
+
+
+def test_synth_replace_changes_pixels_only_under_the_lock_and_only_when_accepted(synth_ws, monkeypatch):
+    """`synth --replace` used to regenerate the images before taking any lock: a refused or failed
+    run left new pixels under the old checksums."""
+    from conftest import SMALL_SYNTH
+
+    from vlmindex import synth
+    from vlmindex.catalog import datasets as catalog_datasets
+    from vlmindex.errors import WorkspaceBusy
+    from vlmindex.imageio import file_sha256
+    from vlmindex.ingest import ingest_synthetic
+
+    ws = Workspace(synth_ws)
+    before = {p: s for p, s in _count(synth_ws, "SELECT path, sha256 FROM images")}
+    generate = synth.generate
+    held = []
+
+    def generate_checking_the_lock(*args, **kwargs):
+        try:
+            with ws.lock(wait=0):
+                held.append(False)
+        except WorkspaceBusy:
+            held.append(True)
+        return generate(*args, **kwargs)
+
+    def refuse(*_args, **_kwargs):
+        raise VlmindexError("refused for the test")
+
+    monkeypatch.setattr(synth, "generate", generate_checking_the_lock)
+    monkeypatch.setattr(catalog_datasets, "insert_images", refuse)
+    with pytest.raises(VlmindexError, match="refused for the test"):
+        ingest_synthetic(ws, "demo", seed=5, replace=True, progress=False, **SMALL_SYNTH)
+    assert held == [True]
+    assert {p: file_sha256(p) for p in before} == before, "the failed replace changed the images"
+    monkeypatch.undo()
+    ingest_synthetic(ws, "demo", seed=5, replace=True, progress=False, **SMALL_SYNTH)
+    after = {p: s for p, s in _count(synth_ws, "SELECT path, sha256 FROM images")}
+    assert after != before and all(file_sha256(p) == s for p, s in after.items())

@@ -78,8 +78,11 @@ def load_run(ws: Workspace, model: str, dataset: str, condition: str = "clean",
 
 def load(ws: Workspace, key: RunKey, modality: str | None = None) -> RunData:
     """:func:`load_run` for a :class:`RunKey`: one read-only connection for catalog rows and parts."""
+    from vlmindex.overlay import get_condition
+
     with ws.read(views=False) as con:
         catalog_datasets.require_dataset(con, key.dataset)
+        get_condition(con, key.dataset, key.condition)  # an unknown condition is named as such
         emb = store.read_run(ws, key, con=con)
         rows = catalog_datasets.images(con, key.dataset, columns=("image_id", "label", "group_id", "split", "modality"),
                                        labelled=True, modality=modality)

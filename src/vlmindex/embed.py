@@ -40,6 +40,9 @@ from vlmindex.imageio import load_verified
 from vlmindex.models import LoadOptions, auto_device
 from vlmindex.versions import library_versions
 
+PART_COMMIT_WAIT = 5.0     # seconds a part waits for the workspace lock before the run goes on (and retries)
+FINAL_COMMIT_WAIT = 600.0  # seconds the last part waits: after it there is nothing left to retry with
+
 __all__ = ["EmbedOptions", "EmbedReport", "auto_device", "embed", "embed_run", "parse_shard", "pending_count"]
 
 
@@ -239,17 +242,25 @@ def _embed_pending(ws: Workspace, key: RunKey, opts: EmbedOptions, sel: store.Se
     embedded_ids: list[int] = []
     zero: list[int] = []
 
-    def flush() -> None:
+    def flush(final: bool = False) -> None:
         nonlocal buf_ids, buf_vecs
         if buf_ids:
             # empty the buffer first: a Ctrl-C during the write must not make `finally` write it twice
             ids_, vecs_ = np.concatenate(buf_ids), np.concatenate(buf_vecs)
             buf_ids, buf_vecs = [], []
             run_meta["dim"] = int(vecs_.shape[1])
-            commit = store.commit_part(
-                ws, key, image_ids=ids_, pixels=[pixels_of[int(i)] for i in ids_], vectors=vecs_, dtype=opts.dtype,
-                tag=f"s{opts.shard[0]}of{opts.shard[1]}-" if opts.shard else "",
-                run=dict(run_meta, seconds=round(time.perf_counter() - t0, 3)))
+            try:
+                commit = store.commit_part(
+                    ws, key, image_ids=ids_, pixels=[pixels_of[int(i)] for i in ids_], vectors=vecs_,
+                    dtype=opts.dtype, tag=f"s{opts.shard[0]}of{opts.shard[1]}-" if opts.shard else "",
+                    run=dict(run_meta, seconds=round(time.perf_counter() - t0, 3)),
+                    wait=FINAL_COMMIT_WAIT if final else PART_COMMIT_WAIT)
+            except WorkspaceBusy:
+                if final:
+                    raise
+                # A long writer (an ingest) holds the workspace: keep the vectors, retry at the next part.
+                buf_ids, buf_vecs = [ids_], [vecs_]
+                return
             counts["embedded"] += commit.written
             embedded_ids.extend(commit.ids.tolist())
             counts["changed"] += commit.changed
@@ -272,7 +283,7 @@ def _embed_pending(ws: Workspace, key: RunKey, opts: EmbedOptions, sel: store.Se
                 if sum(len(b) for b in buf_ids) >= opts.part_size:
                     flush()
     finally:
-        flush()  # on Ctrl-C too: finished embeddings are kept
+        flush(final=True)  # on Ctrl-C too: finished embeddings are kept
         bar.close()
     seconds = time.perf_counter() - t0
     stored = set(embedded_ids)

@@ -6,6 +6,7 @@ its reason, so SQL can see exactly what a study left out.
 
 from __future__ import annotations
 
+import filecmp
 import hashlib
 import json
 import os
@@ -119,8 +120,7 @@ def ingest(
         scan = get_adapter(fmt)
     now = datetime.now()
     out_dir = ws.images_dir(name)
-    created_dir = not out_dir.exists()
-    with ws.write() as con:
+    with ws.write(wait=30) as con:
         existing = catalog_datasets.dataset_record(con, name)
         if existing and existing["format"] != fmt and not replace:
             raise VlmindexError(
@@ -133,33 +133,59 @@ def ingest(
                 f"dataset {name!r} was ingested from {existing['source']}, not {source.resolve()}; "
                 "pick another name or pass --replace"
             )
-        # One transaction: an ingest that fails half-way (a damaged archive, Ctrl-C) leaves the
-        # catalog as it was, rather than a --replace that has dropped the old rows and added few.
+        # Converted images (MedMNIST, DICOM, synth) are written to a staging folder and moved into
+        # the workspace only once the catalog has accepted them, while the lock is held: an ingest
+        # that fails or is refused leaves the images every other process reads as they were.
+        staging = out_dir.with_name(f".{out_dir.name}.staging")
+        shutil.rmtree(staging, ignore_errors=True)  # a crashed ingest's: we hold the lock
+        staging.mkdir(parents=True)
         stale: list[Path] = []
         try:
+            # One transaction: an ingest that fails half-way (a damaged archive, Ctrl-C) leaves the
+            # catalog as it was, rather than a --replace that has dropped the old rows and added few.
             with transaction(con):
                 if replace:  # the pixels may change: nothing computed from the old ones survives
                     stale = dependencies.drop_rows(con, ws, name)
-                ingested, skips = _ingest_rows(con, name, source, options, scan, out_dir, replace, progress, now)
+                ingested, skips = _ingest_rows(con, name, source, options, scan, staging, out_dir, replace,
+                                               progress, now)
                 keep = existing is not None or ingested > 0
                 total = 0
                 if keep:
                     opts = {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(options).items()}
                     total = catalog_datasets.upsert_dataset(con, name=name, fmt=fmt, source=str(source.resolve()),
                                                             options=opts, n_skipped=len(skips), now=now)
+                    _publish(staging, out_dir, replace=replace)
                 catalog_datasets.record_skips(con, name, skips, stage="ingest", now=now)
-        except BaseException:
-            if created_dir and existing is None:  # converted PNGs of a dataset that never came to be
-                shutil.rmtree(out_dir, ignore_errors=True)
-            raise
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
         dependencies.remove_files(stale)
-    if not keep and created_dir:
-        shutil.rmtree(out_dir, ignore_errors=True)
     return IngestReport(name, ingested, len(skips), total)
 
 
-def _ingest_rows(con: Any, name: str, source: Path, options: IngestOptions, scan: Adapter, out_dir: Path,
-                 replace: bool, progress: bool, now: datetime) -> tuple[int, list[tuple[str, str]]]:
+def _publish(staging: Path, out_dir: Path, *, replace: bool) -> None:
+    """Move the converted images of an accepted ingest into the workspace (under the lock, before
+    the catalog commits; a failed commit then leaves files whose checksums the catalog refuses,
+    never silently different pixels). ``replace`` swaps the whole folder; otherwise files are
+    merged, identical ones left alone."""
+    if replace:
+        old = out_dir.with_name(f".{out_dir.name}.old")
+        shutil.rmtree(old, ignore_errors=True)
+        if out_dir.exists():
+            out_dir.rename(old)
+        if any(staging.iterdir()):
+            staging.rename(out_dir)
+        shutil.rmtree(old, ignore_errors=True)
+        return
+    for path in sorted(p for p in staging.rglob("*") if p.is_file()):
+        target = out_dir / path.relative_to(staging)
+        if target.is_file() and filecmp.cmp(path, target, shallow=False):
+            continue
+        target.parent.mkdir(parents=True, exist_ok=True)
+        os.replace(path, target)
+
+
+def _ingest_rows(con: Any, name: str, source: Path, options: IngestOptions, scan: Adapter, staging: Path,
+                 out_dir: Path, replace: bool, progress: bool, now: datetime) -> tuple[int, list[tuple[str, str]]]:
     catalog_datasets.clear_dataset(con, name, images=replace)
     ingested = 0
     rows: list[dict] = []
@@ -167,7 +193,7 @@ def _ingest_rows(con: Any, name: str, source: Path, options: IngestOptions, scan
     seen: dict[int, str | None] = {}   # image_id -> label of the row that claimed it
     bar = tqdm(desc=f"ingest {name}", unit="img", disable=not progress, leave=False)
     with ThreadPoolExecutor(max_workers=os.cpu_count() or 2) as pool:
-        for result in pool.map(_inspect_or_pass, scan(source, options, out_dir)):
+        for result in pool.map(_inspect_or_pass, scan(source, options, staging)):
             bar.update(1)
             if not isinstance(result, Skip):
                 cand = result[0]
@@ -188,7 +214,7 @@ def _ingest_rows(con: Any, name: str, source: Path, options: IngestOptions, scan
                 skips.append((result.path, result.reason))
                 continue
             cand, width, height, sha = result
-            rows.append(_row(name, cand, width, height, sha, options, now))
+            rows.append(_row(name, cand, width, height, sha, options, now, staging, out_dir))
             ingested += 1
             if len(rows) >= BATCH:
                 catalog_datasets.insert_images(con, rows)
@@ -202,13 +228,16 @@ def _inspect_or_pass(item: Candidate | Skip) -> tuple[Candidate, int, int, str] 
     return item if isinstance(item, Skip) else _inspect(item)
 
 
-def _row(name: str, cand: Candidate, width: int, height: int, sha: str,
-         options: IngestOptions, now: datetime) -> dict:
+def _row(name: str, cand: Candidate, width: int, height: int, sha: str, options: IngestOptions, now: datetime,
+         staging: Path, out_dir: Path) -> dict:
     image_id = image_id_for(name, cand.key)
+    path = Path(cand.path)
+    if path.is_relative_to(staging):  # a converted image: recorded where it will be once published
+        path = out_dir / path.relative_to(staging)
     return {
         "image_id": image_id,
         "dataset": name,
-        "path": str(Path(cand.path).resolve()),
+        "path": str(path.resolve()),
         "source_path": cand.source_path,
         "label": cand.label,
         "split": cand.split,
@@ -240,13 +269,11 @@ def ingest_synthetic(
                 f"dataset {name!r} was generated with {before}; pass --replace to regenerate it "
                 "with other settings, or choose another name"
             )
-    if replace and out_dir.exists():
-        shutil.rmtree(out_dir)
-    manifest = synth.generate(out_dir, seed=seed, progress=progress, **generate_kwargs)
-
-    def scan(_source: Path, _options: IngestOptions, _out: Path):
+    def scan(_source: Path, _options: IngestOptions, staging: Path):
+        # Generated under the ingest's lock into its staging folder, published with its rows.
+        manifest = synth.generate(staging, seed=seed, progress=progress, **generate_kwargs)
         for item in manifest:
-            yield Candidate(path=out_dir / item.relpath, key=item.relpath, label=item.label,
+            yield Candidate(path=staging / item.relpath, key=item.relpath, label=item.label,
                             split=item.split, group_id=item.group_id, modality=item.modality)
 
     options = IngestOptions(extra={"synth": json.dumps(params, sort_keys=True)})

@@ -8,8 +8,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from vlmindex.catalog import Workspace
+from vlmindex.catalog import RunKey, Workspace
 from vlmindex.catalog import datasets as catalog_datasets
+from vlmindex.catalog.embeddings import newest_weights
 from vlmindex.errors import VlmindexError
 from vlmindex.imageio import load_image
 from vlmindex.index import load_index, search
@@ -48,6 +49,11 @@ def query(ws: Workspace, images: list[Path], model: str, dataset: str, condition
     get_spec(model)
     index, info = load_index(ws, model, dataset, condition)
     extractor = load.load(model)
+    indexed_with = newest_weights(ws, RunKey(model, dataset, condition))
+    if indexed_with and extractor.weights_sha256 != indexed_with:
+        raise VlmindexError(
+            f"the weights loaded for {model!r} (sha256 {str(extractor.weights_sha256)[:12]}…) are not those that "
+            f"embedded {dataset}/{condition} ({indexed_with[:12]}…); pass the --checkpoint the index was built from")
     vectors = embed_files(extractor, [Path(p) for p in images])
     if vectors.shape[1] != info.dim:
         raise VlmindexError(

@@ -187,7 +187,8 @@ class Commit:
 
 
 def commit_part(ws: Workspace, key: RunKey, *, image_ids: np.ndarray, pixels: list[str], vectors: np.ndarray,
-                dtype: str = "float32", tag: str = "", run: dict[str, Any] | None = None) -> Commit:
+                dtype: str = "float32", tag: str = "", run: dict[str, Any] | None = None,
+                wait: float = COMMIT_WAIT) -> Commit:
     """Check a finished batch against the catalog and rename it into the run directory.
 
     Under the workspace lock: rows whose pixel fingerprint is no longer the image's are dropped
@@ -198,7 +199,7 @@ def commit_part(ws: Workspace, key: RunKey, *, image_ids: np.ndarray, pixels: li
     """
     directory = ws.embeddings_dir(key.model, key.dataset, key.condition)
     image_ids = np.asarray(image_ids, dtype=np.int64)
-    with ws.lock(wait=COMMIT_WAIT):
+    with ws.lock(wait=wait):
         con = ws.connect(read_only=True, wait=CONNECT_WAIT)
         try:
             cur_pixels = dict(con.execute(
