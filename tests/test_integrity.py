@@ -307,9 +307,8 @@ def test_text_detection_of_changed_overlay_pixels_is_redone(tmp_path):
 def test_report_projects_the_vectors_analyze_scored(synth_ws, vlm):
     """An image embedded twice: analyze kept the newest copy but the report's own reader kept the
     oldest, so it could plot vectors the analysis never scored."""
-    from vlmindex.report.options import ReportOptions
-
     from vlmindex.report import collect
+    from vlmindex.report.options import ReportOptions
 
     ws = Workspace(synth_ws)
     vlm(synth_ws, "embed", "-m", "raw-pixels", "-d", "demo", "--workers", "0")
