@@ -26,7 +26,8 @@ CREATE TABLE IF NOT EXISTS images (
     width INTEGER,
     height INTEGER,
     sha256 VARCHAR,
-    ingested_at TIMESTAMP
+    ingested_at TIMESTAMP,
+    pixel_sha256 VARCHAR             -- of the decoded RGB pixels and their shape: equal for a re-encoded copy
 );
 
 -- Files an ingest could not use, with the reason: a silently dropped image skews a study.
@@ -124,6 +125,7 @@ CREATE TABLE IF NOT EXISTS summaries (
     condition VARCHAR NOT NULL,
     k INTEGER,
     exclude_group BOOLEAN,
+    exclude_duplicates BOOLEAN DEFAULT false, -- each query's duplicate cluster left out of its ranking
     query_split VARCHAR,
     gallery_split VARCHAR,
     modality VARCHAR,          -- NULL: every modality of the dataset
@@ -193,6 +195,41 @@ CREATE TABLE IF NOT EXISTS zeroshot_results (
     inputs_fingerprint VARCHAR           -- of the runs, prompts and weights: current while it matches
 );
 
+-- Duplicate image pairs of a dataset (vlmindex duplicates), each once (image_id_a < image_id_b):
+-- exact-bytes (same file sha256), exact-pixels (same decoded pixels, other bytes) and near (cosine
+-- of one model's embeddings >= threshold). A rerun replaces the dataset's rows of its kind (exact),
+-- or of its model and condition (near). same_*: the two images share split / group / label.
+CREATE TABLE IF NOT EXISTS duplicates (
+    dataset VARCHAR NOT NULL,
+    image_id_a BIGINT NOT NULL,
+    image_id_b BIGINT NOT NULL,
+    kind VARCHAR NOT NULL,            -- exact-bytes, exact-pixels, near
+    score DOUBLE,                     -- cosine for near pairs, 1.0 for exact ones
+    model VARCHAR,                    -- near: the model whose embeddings were compared; NULL for exact
+    condition VARCHAR,                -- near: the condition of those embeddings; NULL for exact
+    threshold DOUBLE,                 -- near: the cosine threshold of the search
+    same_split BOOLEAN,
+    same_group BOOLEAN,
+    same_label BOOLEAN,
+    created_at TIMESTAMP,
+    inputs_fingerprint VARCHAR        -- of the image rows (exact) or the run and threshold (near)
+);
+
+-- One row per duplicate search (exact, or near for one model and condition), also when it found
+-- no pair: whether a dataset was searched at all, and on which inputs.
+CREATE TABLE IF NOT EXISTS duplicate_searches (
+    dataset VARCHAR NOT NULL,
+    kind VARCHAR NOT NULL,            -- exact (both exact kinds) or near
+    model VARCHAR,
+    condition VARCHAR,
+    threshold DOUBLE,
+    n_images BIGINT,                  -- images compared
+    n_pairs BIGINT,
+    seconds DOUBLE,
+    created_at TIMESTAMP,
+    inputs_fingerprint VARCHAR
+);
+
 -- The fingerprint of the pixels each image has under each condition: its file's sha256 when
 -- clean; with an overlay, also the recipe and what decides the written text: the image's label
 -- (label, wrong-label) and the class names of its modality (wrong-label, random-label). Embedding
@@ -219,9 +256,11 @@ CREATE OR REPLACE VIEW latest_summaries AS
 SELECT *,
        concat_ws(' ', 'k=' || k, CASE WHEN exclude_group THEN 'group-excluded' END,
                  CASE WHEN probe_protocol IS NULL THEN 'no-probe' END,
+                 CASE WHEN exclude_duplicates THEN 'duplicates-excluded' END,
                  'queries=' || query_split, 'gallery=' || gallery_split, 'modality=' || modality,
                  CASE WHEN n_missing > 0 THEN 'partial(' || n_missing || ' images without embedding)' END) AS scope
 FROM summaries
-QUALIFY row_number() OVER (PARTITION BY model, dataset, condition, k, exclude_group, query_split,
+QUALIFY row_number() OVER (PARTITION BY model, dataset, condition, k, exclude_group,
+                                        coalesce(exclude_duplicates, false), query_split,
                                         gallery_split, modality, probe_protocol IS NULL
                            ORDER BY created_at DESC) = 1;

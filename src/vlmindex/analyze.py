@@ -41,11 +41,17 @@ class AnalyzeOptions:
     probe: bool = True
     seed: int = 0
     allow_partial: bool = False  # score the images that have an embedding even when some have none
+    exclude_duplicates: bool = False  # leave each query's duplicate cluster out (vlmindex.duplicates)
 
     def numbers(self) -> dict[str, Any]:
-        """The options that change the numbers: they name the analysis and enter its fingerprint."""
+        """The options that change the numbers: they name the analysis and enter its fingerprint.
+
+        ``exclude_duplicates`` only when set, so the analyses made before it existed keep their ids.
+        """
         out = asdict(self)
         out.pop("allow_partial")
+        if not out["exclude_duplicates"]:
+            out.pop("exclude_duplicates")
         return out
 
     def analysis_id(self, model: str, dataset: str, condition: str) -> str:
@@ -142,8 +148,29 @@ def provenance(ws: Workspace, model: str, dataset: str, condition: str) -> dict[
     return out
 
 
-def fingerprint(key: RunKey, run_fingerprint: str, options: AnalyzeOptions) -> str:
-    return fingerprints.combine(STAGE, {key: run_fingerprint}, options.numbers())
+def fingerprint(key: RunKey, run_fingerprint: str, options: AnalyzeOptions,
+                duplicates_fingerprint: str | None = None) -> str:
+    """The analysis fingerprint; with ``exclude_duplicates``, that of the excluded pairs enters it
+    (``vlmindex.duplicates.exclusion``)."""
+    from vlmindex import duplicates
+
+    catalog = ({duplicates.exclusion_input_name(key.dataset): duplicates_fingerprint}
+               if options.exclude_duplicates else None)
+    return fingerprints.combine(STAGE, {key: run_fingerprint}, options.numbers(), catalog)
+
+
+def _catalog_recipe(key: RunKey, options: AnalyzeOptions) -> fingerprints.CatalogRecipe | None:
+    """The catalog inputs an analysis reads besides its run: the duplicate pairs it leaves out."""
+    if not options.exclude_duplicates:
+        return None
+    from vlmindex import duplicates
+
+    return {duplicates.exclusion_input_name(key.dataset): (duplicates.PROVIDER, {"dataset": key.dataset,
+                                                                                 "model": key.model})}
+
+
+def _catalog_inputs(ws: Workspace, key: RunKey, options: AnalyzeOptions) -> fingerprints.CatalogInputs | None:
+    return fingerprints.catalog_inputs(ws, _catalog_recipe(key, options))
 
 
 def is_current(ws: Workspace, model: str, dataset: str, condition: str = "clean",
@@ -153,7 +180,7 @@ def is_current(ws: Workspace, model: str, dataset: str, condition: str = "clean"
     key = RunKey(model, dataset, condition)
     with ws.read(views=False) as con:
         stored = results.summary_fingerprint(con, opts.analysis_id(model, dataset, condition))
-    return fingerprints.is_current(ws, stored, STAGE, [key], opts.numbers())
+    return fingerprints.is_current(ws, stored, STAGE, [key], opts.numbers(), _catalog_inputs(ws, key, opts))
 
 
 def analyze(ws: Workspace, model: str, dataset: str, condition: str = "clean",
@@ -178,30 +205,49 @@ def analyze_run(ws: Workspace, key: RunKey, options: AnalyzeOptions | None = Non
         )
     if len(run.ids) == 0:
         raise VlmindexError(f"no usable embeddings for {key} (every one is all zeros; see table `skipped`)")
-    summary, per_query, nb = compute(run, key, opts)
+    excl, dup_keys = None, None
+    if opts.exclude_duplicates:
+        from vlmindex import duplicates
+
+        with ws.read(views=False) as con:
+            excl = duplicates.exclusion(con, ws, key.dataset, key.model).require()
+        dup_keys = duplicates.cluster_keys(run.ids, excl.a, excl.b)
+    summary, per_query, nb = compute(run, key, opts, duplicate_keys=dup_keys)
     summary["seconds"] = time.perf_counter() - t0
     prov = provenance(ws, key.model, key.dataset, key.condition)
     prov.update(k=opts.k, exclude_group=opts.exclude_group, modality=opts.modality, seed=opts.seed, probe=opts.probe,
                 images_without_embedding=run.missing, zero_embeddings_left_out=run.zero,
-                inputs=fingerprints.recipe(STAGE, [key], opts.numbers()))
+                inputs=fingerprints.recipe(STAGE, [key], opts.numbers(), _catalog_recipe(key, opts)))
+    if excl is not None:
+        in_cluster = [k for k in dup_keys if k is not None]
+        prov["duplicates_excluded"] = {"sources": excl.sources, "pairs": len(excl.a),
+                                       "images_in_clusters": len(in_cluster), "clusters": len(set(in_cluster))}
     summary["provenance"] = json.dumps(prov, default=str)
     summary["created_at"] = datetime.now()
-    fp = fingerprint(key, run.fingerprint, opts)
+    fp = fingerprint(key, run.fingerprint, opts, excl.fingerprint if excl else None)
     summary["inputs_fingerprint"] = fp
     neighbors = results.neighbor_table(key, summary["analysis_id"], fp, nb[0], nb[1], nb[2])
-    with fingerprints.committing(ws, fp, STAGE, [key], opts.numbers(), what=f"the analysis of {key}") as con:
+    with fingerprints.committing(ws, fp, STAGE, [key], opts.numbers(), what=f"the analysis of {key}",
+                                 catalog_inputs=_catalog_inputs(ws, key, opts)) as con:
         results.store_analysis(con, ws, key, summary, per_query, neighbors)
     return summary
 
 
-def compute(run: RunData, key: RunKey, opts: AnalyzeOptions
+def compute(run: RunData, key: RunKey, opts: AnalyzeOptions, *, duplicate_keys: np.ndarray | None = None
             ) -> tuple[dict[str, Any], pa.Table, tuple[np.ndarray, np.ndarray, np.ndarray]]:
-    """The pure step: the summary row, the per-query table and (query ids, neighbour ids, scores)."""
+    """The pure step: the summary row, the per-query table and (query ids, neighbour ids, scores).
+
+    ``duplicate_keys`` (with ``exclude_duplicates``): each image's duplicate cluster, None outside
+    any (``vlmindex.duplicates.cluster_keys``), left out of the ranking of its members.
+    """
+    if opts.exclude_duplicates and duplicate_keys is None:
+        raise VlmindexError("exclude_duplicates needs the duplicate cluster of each image")
     query_mask = _split_mask(run.splits, opts.query_split, "query")
     gallery_mask = _split_mask(run.splits, opts.gallery_split, "gallery")
     res = metrics.retrieval_metrics(
         run.vectors, run.labels, ids=run.ids, groups=run.groups, k=opts.k,
         exclude_group=opts.exclude_group, query_mask=query_mask, gallery_mask=gallery_mask,
+        clusters=duplicate_keys if opts.exclude_duplicates else None,
     )
     summary = res.summary()
     train_mask = None
@@ -217,7 +263,8 @@ def compute(run: RunData, key: RunKey, opts: AnalyzeOptions
     analysis_id = opts.analysis_id(key.model, key.dataset, key.condition)
     row = {
         "analysis_id": analysis_id, "model": key.model, "dataset": key.dataset, "condition": key.condition,
-        "k": opts.k, "exclude_group": opts.exclude_group, "query_split": opts.query_split,
+        "k": opts.k, "exclude_group": opts.exclude_group, "exclude_duplicates": opts.exclude_duplicates,
+        "query_split": opts.query_split,
         "gallery_split": opts.gallery_split, "modality": opts.modality, "n_queries": summary["n_queries"],
         "n_skipped_queries": summary["n_skipped"], "n_gallery": summary["n_gallery"],
         "n_classes": summary["n_classes"], "dim": int(run.vectors.shape[1]),

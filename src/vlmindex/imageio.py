@@ -60,6 +60,18 @@ def load_verified(path: str | os.PathLike[str], sha256: str) -> Image.Image:
     return load_image(io.BytesIO(data))
 
 
+def pixels_sha256(rgb: Image.Image) -> str:
+    """sha256 of decoded pixels: the shape ``HxWxC`` and then the uint8 array, row-major.
+
+    Give it what :func:`load_image` returns (EXIF rotation applied, 8-bit RGB): two files with
+    these equal show the same picture, whatever their container, compression or metadata.
+    """
+    arr = np.ascontiguousarray(np.asarray(rgb, dtype=np.uint8))
+    h = hashlib.sha256("x".join(map(str, arr.shape)).encode())
+    h.update(arr.tobytes())
+    return h.hexdigest()
+
+
 def file_sha256(path: str | os.PathLike[str]) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as fh:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import filecmp
 import hashlib
+import io
 import json
 import os
 import re
@@ -18,7 +19,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageOps, UnidentifiedImageError
 from tqdm import tqdm
 
 from vlmindex.catalog import Workspace, dependencies
@@ -26,7 +27,7 @@ from vlmindex.catalog import datasets as catalog_datasets
 from vlmindex.catalog.workspace import transaction
 from vlmindex.datasets import Adapter, Candidate, IngestOptions, Skip, get_adapter
 from vlmindex.errors import VlmindexError
-from vlmindex.imageio import file_sha256, to_rgb
+from vlmindex.imageio import pixels_sha256, to_rgb
 
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 BATCH = 256
@@ -63,25 +64,34 @@ def check_name(name: str, what: str = "dataset") -> str:
     return name
 
 
-def _inspect(cand: Candidate) -> tuple[Candidate, int, int, str] | Skip:
-    """Fully decode one candidate; a Skip with the reason when it cannot be used."""
+def _inspect(cand: Candidate) -> tuple[Candidate, int, int, str, str] | Skip:
+    """Fully decode one candidate: (candidate, width, height, file sha256, pixel sha256), or a
+    Skip with the reason when it cannot be used.
+
+    The file is read once; both hashes and the decode come from those bytes, so the pixel hash
+    belongs to the file hash recorded beside it.
+    """
     path = cand.path
     try:
         if not path.exists():
             return Skip(str(path), "file not found")
         if path.stat().st_size == 0:
             return Skip(str(path), "zero-byte file")
-        with Image.open(path) as img:
+        data = path.read_bytes()
+        with Image.open(io.BytesIO(data)) as img:
             img.load()
             width, height = img.size
-            rgb = to_rgb(img)  # also proves the mode converts (CMYK, palette, 16-bit)
+            # What load_image gives every later stage (EXIF rotation, 8-bit RGB); also proves the
+            # mode converts (CMYK, palette, 16-bit).
+            rgb = to_rgb(ImageOps.exif_transpose(img))
             # A uniform image has no gradients: HOG embeds it as a zero vector, which no cosine
             # similarity survives. getextrema is one C pass per band; it runs inside the `with`
             # because to_rgb of an RGB file is the opened image itself.
             blank = all(lo == hi for lo, hi in rgb.getextrema())
+            pixels = pixels_sha256(rgb)
         if blank:
             return Skip(str(path), "blank image: every pixel has the same value")
-        return cand, width, height, file_sha256(path)
+        return cand, width, height, hashlib.sha256(data).hexdigest(), pixels
     except UnidentifiedImageError:
         return Skip(str(path), "not an image file PIL can read")
     except (OSError, SyntaxError, ValueError) as exc:
@@ -213,8 +223,8 @@ def _ingest_rows(con: Any, name: str, source: Path, options: IngestOptions, scan
             if isinstance(result, Skip):
                 skips.append((result.path, result.reason))
                 continue
-            cand, width, height, sha = result
-            rows.append(_row(name, cand, width, height, sha, options, now, staging, out_dir))
+            cand, width, height, sha, pixels = result
+            rows.append(_row(name, cand, width, height, sha, pixels, options, now, staging, out_dir))
             ingested += 1
             if len(rows) >= BATCH:
                 catalog_datasets.insert_images(con, rows)
@@ -224,12 +234,12 @@ def _ingest_rows(con: Any, name: str, source: Path, options: IngestOptions, scan
     return ingested, skips
 
 
-def _inspect_or_pass(item: Candidate | Skip) -> tuple[Candidate, int, int, str] | Skip:
+def _inspect_or_pass(item: Candidate | Skip) -> tuple[Candidate, int, int, str, str] | Skip:
     return item if isinstance(item, Skip) else _inspect(item)
 
 
-def _row(name: str, cand: Candidate, width: int, height: int, sha: str, options: IngestOptions, now: datetime,
-         staging: Path, out_dir: Path) -> dict:
+def _row(name: str, cand: Candidate, width: int, height: int, sha: str, pixels: str, options: IngestOptions,
+         now: datetime, staging: Path, out_dir: Path) -> dict:
     image_id = image_id_for(name, cand.key)
     path = Path(cand.path)
     if path.is_relative_to(staging):  # a converted image: recorded where it will be once published
@@ -247,6 +257,7 @@ def _row(name: str, cand: Candidate, width: int, height: int, sha: str, options:
         "height": height,
         "sha256": sha,
         "ingested_at": now,
+        "pixel_sha256": pixels,
     }
 
 

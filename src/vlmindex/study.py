@@ -1,11 +1,11 @@
 """Study files: one TOML file names datasets, overlay conditions, models and analysis options; the
 runner does every missing step of that grid in dependency order and skips what is already done.
 
-Order: ingest → conditions → per model, stage by stage (embed, index, analyze, overlay effect,
-zero-shot) over every run the stage covers → leaderboard (and report). Each stage's own currency
-check (fingerprints of its inputs, ``vlmindex.catalog.fingerprints``) decides what is already
-done. A model that cannot be loaded or fails is skipped with its reason and listed at the end;
-everything else goes on.
+Order: ingest → conditions → per model, stage by stage (embed, index, duplicates when the analysis
+excludes them, analyze, overlay effect, zero-shot) over every run the stage covers → leaderboard
+(and report). Each stage's own currency check (fingerprints of its inputs,
+``vlmindex.catalog.fingerprints``) decides what is already done. A model that cannot be loaded or
+fails is skipped with its reason and listed at the end; everything else goes on.
 """
 
 from __future__ import annotations
@@ -92,7 +92,8 @@ _CONDITION_TYPES = {
 _MODELS_TYPES = {"names": _str_list("model names"), "checkpoints": _STR_TABLE,
                  "trust_remote_code": _str_list("model names")}
 _ANALYSIS_TYPES = {"k": _int(1), "exclude_group": _BOOL, "query_split": _STR, "gallery_split": _STR,
-                   "modality": _STR, "probe": _BOOL, "seed": _int(), "allow_partial": _BOOL}
+                   "modality": _STR, "probe": _BOOL, "seed": _int(), "allow_partial": _BOOL,
+                   "exclude_duplicates": _BOOL}
 _EMBED_TYPES = {"batch_size": _int(1), "num_workers": _int(0), "dtype": _one_of("float32", "float16"),
                 "device": _STR, "part_size": _int(1)}
 _INGEST_KEYS = {f for f in IngestOptions.__dataclass_fields__ if f != "extra"}
@@ -311,6 +312,12 @@ def _overlay_runs(ctx: _Context) -> list[RunKey]:
     return [k for k in _runs(ctx) if k.condition != CLEAN]
 
 
+def _duplicate_runs(ctx: _Context) -> list[RunKey]:
+    if not ctx.study.analysis.exclude_duplicates:
+        return []
+    return [RunKey(ctx.model, d["name"], CLEAN) for d in ctx.study.datasets]
+
+
 def _zeroshot_runs(ctx: _Context) -> list[RunKey]:
     from vlmindex.models import get_spec
 
@@ -339,7 +346,7 @@ def _zeroshot_options(ctx: _Context) -> Any:
 
 
 def _stages() -> tuple[StudyStage, ...]:
-    from vlmindex import analyze, bias, embed, index, zeroshot
+    from vlmindex import analyze, bias, duplicates, embed, index, zeroshot
 
     a = lambda ctx: ctx.study.analysis  # noqa: E731 - the study's analysis options, read when a stage runs
     effect = lambda ctx: asdict(bias.EffectOptions(k=a(ctx).k, exclude_group=a(ctx).exclude_group))  # noqa: E731
@@ -349,6 +356,13 @@ def _stages() -> tuple[StudyStage, ...]:
                    _embed),
         StudyStage("index", _runs, lambda ctx, k: index.is_current(ctx.ws, k),
                    lambda ctx, k: index.build_index(ctx.ws, k.model, k.dataset, k.condition)),
+        # exact and near (this model, clean) pairs, at the default threshold unless a search at
+        # another one is stored and current
+        StudyStage("duplicates", _duplicate_runs,
+                   lambda ctx, k: duplicates.is_current(ctx.ws, k.dataset, duplicates.DuplicateOptions(model=k.model),
+                                                        any_threshold=True),
+                   lambda ctx, k: duplicates.find_duplicates(ctx.ws, k.dataset,
+                                                             duplicates.DuplicateOptions(model=k.model))),
         StudyStage("analyze", _runs,
                    lambda ctx, k: analyze.is_current(ctx.ws, k.model, k.dataset, k.condition, a(ctx)),
                    lambda ctx, k: analyze.analyze_run(ctx.ws, k, a(ctx))),

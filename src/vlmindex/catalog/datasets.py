@@ -13,7 +13,7 @@ import pyarrow as pa
 from vlmindex.errors import VlmindexError
 
 IMAGE_COLUMNS = ["image_id", "dataset", "path", "source_path", "label", "split", "group_id", "modality",
-                 "width", "height", "sha256", "ingested_at"]
+                 "width", "height", "sha256", "ingested_at", "pixel_sha256"]
 
 
 def _dicts(cur: duckdb.DuckDBPyConnection) -> list[dict[str, Any]]:

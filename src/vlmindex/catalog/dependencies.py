@@ -44,6 +44,12 @@ DERIVED: tuple[Derived, ...] = (
     Derived("query_metrics", "table", ("embeddings", "labels")),
     Derived("overlay_effects", "table", ("embeddings", "labels"), reads_clean=True),
     Derived("zeroshot_results", "table", ("embeddings", "labels"), reads_clean=True),
+    # exact pairs (model and condition NULL) from the images' bytes and pixels; near pairs from one
+    # model's embeddings of one condition; both describe the pair by split, group and label
+    Derived("duplicates", "table", ("pixels", "labels"), rows="kind <> 'near'"),
+    Derived("duplicates", "table", ("embeddings", "labels"), rows="kind = 'near'"),
+    Derived("duplicate_searches", "table", ("pixels", "labels"), rows="kind <> 'near'"),
+    Derived("duplicate_searches", "table", ("embeddings", "labels"), rows="kind = 'near'"),
 )
 
 

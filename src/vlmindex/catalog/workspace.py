@@ -34,7 +34,7 @@ import duckdb
 
 from vlmindex.errors import VlmindexError, WorkspaceBusy
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 DEFAULT_WORKSPACE = "vlmindex-workspace"
 ENV_WORKSPACE = "VLMINDEX_WORKSPACE"
 CONNECT_WAIT = 10.0  # seconds to wait for another process's short catalog write
@@ -326,5 +326,21 @@ def _migrate_v1_files(root: Path) -> None:
     parts.add_part_column(root / "embeddings")
 
 
+def _migrate_v2(con: duckdb.DuckDBPyConnection) -> None:
+    """v2 → v3: the decoded-pixel hash of every image (filled lazily by ``vlmindex duplicates``) and
+    the duplicate exclusion of an analysis (false for every earlier one). The tables ``duplicates``
+    and ``duplicate_searches`` are new and come from schema.sql."""
+    added = {
+        "images": ("pixel_sha256 VARCHAR",),
+        "summaries": ("exclude_duplicates BOOLEAN DEFAULT false",),
+    }
+    tables = {r[0] for r in con.execute("SELECT table_name FROM information_schema.tables").fetchall()}
+    for table, columns in added.items():
+        if table in tables:
+            for column in columns:
+                con.execute(f"ALTER TABLE {table} ADD COLUMN IF NOT EXISTS {column}")
+
+
 MIGRATIONS[1] = _migrate_v1
 FILE_MIGRATIONS[1] = _migrate_v1_files
+MIGRATIONS[2] = _migrate_v2

@@ -57,6 +57,7 @@ def _register() -> None:
     from vlmindex.cli import (  # noqa: F401
         bias_cmds,
         catalog_cmds,
+        duplicate_cmds,
         embed_cmds,
         index_cmds,
         model_cmds,

@@ -104,6 +104,8 @@ HEADLINE = ["model", "dataset", "condition", "k", "n_queries", *registry.headlin
 @click.option("-k", default=10, show_default=True, help="Neighbours for purity@k and the kNN vote.")
 @click.option("--exclude-group", is_flag=True,
               help="Leave images of the query's group (patient/lesion) out of its ranking.")
+@click.option("--exclude-duplicates", is_flag=True,
+              help="Leave the query's duplicate cluster out of its ranking (pairs of `vlmindex duplicates`).")
 @click.option("--query-split", help="Queries from this split only (e.g. test).")
 @click.option("--gallery-split", help="Gallery from this split only (e.g. train).")
 @click.option("--modality", help="Only images of this modality.")
@@ -112,13 +114,14 @@ HEADLINE = ["model", "dataset", "condition", "k", "n_queries", *registry.headlin
               help="Score the images that have an embedding even when some have none (the scope says so).")
 @format_option()
 @pass_ctx
-def analyze(ctx, models, dataset, condition, k, exclude_group, query_split, gallery_split, modality,
-            no_probe, allow_partial, fmt):
+def analyze(ctx, models, dataset, condition, k, exclude_group, exclude_duplicates, query_split, gallery_split,
+            modality, no_probe, allow_partial, fmt):
     """Neighbours and discriminability metrics of embedded runs.
 
     Per query: purity@k, AP over the full ranking, MAP@R, R-precision, P@1, kNN vote (rows in
     `query_metrics`, neighbours in the `neighbors` view); per run: micro and macro means and the
-    distribution figures (table `summaries`; `vlmindex sql leaderboard`).
+    distribution figures (table `summaries`; `vlmindex sql leaderboard`). --exclude-duplicates
+    reads the pairs `vlmindex duplicates DATASET [-m MODEL]` stored.
 
     \b
     Example:
@@ -129,7 +132,7 @@ def analyze(ctx, models, dataset, condition, k, exclude_group, query_split, gall
 
     opts = AnalyzeOptions(k=k, exclude_group=exclude_group, query_split=query_split,
                           gallery_split=gallery_split, modality=modality, probe=not no_probe,
-                          allow_partial=allow_partial)
+                          allow_partial=allow_partial, exclude_duplicates=exclude_duplicates)
     rows = [run_analyze(ctx.workspace, m, dataset, condition, opts) for m in models]
     if fmt == "table":
         echo_rows(rows, fmt, HEADLINE)

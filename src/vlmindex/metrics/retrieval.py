@@ -9,9 +9,10 @@ below (the columns of table ``query_metrics``) and summarises them with
 Metric definitions
 ------------------
 Ranking. For query q with label :math:`y_q`, its ranking :math:`g_1, g_2, \dots` of the gallery
-(minus q itself and, with ``exclude_group``, minus every image of q's group) is by descending
-cosine similarity (float32 inner product of unit vectors), ties by ascending id. With
-:math:`rel_n = [y_{g_n} = y_q]`, :math:`R = \sum_n rel_n` (the relevant gallery items) and
+(minus q itself, with ``exclude_group`` minus every image of q's group, and with ``clusters`` minus
+every image of q's cluster, e.g. its duplicates) is by descending cosine similarity (float32
+inner product of unit vectors), ties by ascending id. With :math:`rel_n = [y_{g_n} = y_q]`,
+:math:`R = \sum_n rel_n` (the relevant gallery items) and
 :math:`P@n = \frac{1}{n}\sum_{i \le n} rel_i`:
 
 * purity@k :math:`= \frac{1}{k}\sum_{n \le k} rel_n` (a query with fewer than k candidates
@@ -31,6 +32,7 @@ as much as a common one (macro kNN accuracy is the balanced accuracy of the vote
 
 from __future__ import annotations
 
+import itertools
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -195,6 +197,7 @@ def retrieval_metrics(
     groups: Sequence[Any] | np.ndarray | None = None,
     k: int = 10,
     exclude_group: bool = False,
+    clusters: Sequence[Any] | np.ndarray | None = None,
     query_mask: np.ndarray | None = None,
     gallery_mask: np.ndarray | None = None,
     full_ap: bool = True,
@@ -218,6 +221,10 @@ def retrieval_metrics(
         Neighbours for purity@k and the kNN vote.
     exclude_group : bool
         Also remove from each query's ranking every image sharing its group (stops leakage).
+    clusters : (n,) array-like, optional
+        A second exclusion key (a duplicate cluster per image; None/NaN: in no cluster): every
+        image sharing the query's cluster is removed from its ranking too. With ``exclude_group``
+        the union of the query's group and cluster is removed.
     query_mask, gallery_mask : (n,) bool arrays, optional
         Which rows are queries and which form the gallery (default: all). A query that is also in
         the gallery is removed from its own ranking; one that is not simply ranks the gallery.
@@ -236,7 +243,8 @@ def retrieval_metrics(
     -----
     For query q with label :math:`y_q`, its ranking :math:`g_1, g_2, \dots` of the gallery (minus q
     itself and, with ``exclude_group``, minus its group) is by descending similarity, ties by
-    ascending id. With :math:`rel_n = [y_{g_n} = y_q]`, :math:`R = \sum_n rel_n` and
+    ascending id (the query's cluster, when ``clusters`` is given, is removed as well). With
+    :math:`rel_n = [y_{g_n} = y_q]`, :math:`R = \sum_n rel_n` and
     :math:`P@n = \frac{1}{n}\sum_{i \le n} rel_i`:
 
     * purity@k :math:`= \frac{1}{k}\sum_{n \le k} rel_n` (a query with fewer than k candidates
@@ -327,6 +335,22 @@ def retrieval_metrics(
     else:
         n_relevant = class_count[qry_codes] - in_gallery
         n_candidates = n_gal - in_gallery
+    # With clusters, what a query loses is the union of its cluster and (with exclude_group) its
+    # group: counted by inclusion-exclusion, and removed in the ranking by one scatter per key.
+    scatters: list[tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]] = []
+    if clusters is not None:
+        clusters_arr = np.asarray(clusters, dtype=object)
+        if clusters_arr.shape != (n,):
+            raise VlmindexError(f"clusters must have one entry per embedding row ({n}), got {clusters_arr.shape}")
+        _, cluster_codes = factorize(clusters_arr, "cluster", allow_missing=True)
+        keys = [cluster_codes] + ([group_codes] if exclude_group else [])
+        n_out, n_out_relevant = _union_counts(keys, gal, qry, codes, n_classes)
+        n_relevant = class_count[qry_codes] - n_out_relevant
+        n_candidates = n_gal - n_out
+        for key in keys:
+            size = np.bincount(key[gal], minlength=int(key.max()) + 1)
+            scatters.append((np.argsort(key[gal], kind="stable"), np.concatenate([[0], np.cumsum(size)[:-1]]),
+                             size, key[qry]))
     n_relevant = n_relevant.astype(np.int64)
     n_candidates = n_candidates.astype(np.int64)
     if k > int(n_candidates.max()):
@@ -384,10 +408,15 @@ def retrieval_metrics(
         rows = np.arange(c)
         own = in_gallery[sel]
         words[rows[own], self_col[sel][own], HI] = EXCLUDED
-        if exclude_group:
+        if exclude_group and not scatters:
             g = qry_groups[sel]
             sizes = group_size[g]
             cols = by_group[ragged_ranges(group_start[g], sizes)]
+            words[np.repeat(rows, sizes), cols, HI] = EXCLUDED
+        for by_key, key_start, key_size, qry_key in scatters:
+            g = qry_key[sel]
+            sizes = key_size[g]
+            cols = by_key[ragged_ranges(key_start[g], sizes)]
             words[np.repeat(rows, sizes), cols, HI] = EXCLUDED
 
         cand = n_candidates[sel]
@@ -474,3 +503,36 @@ def retrieval_metrics(
         neighbor_id=nb_id,
         neighbor_score=nb_score,
     )
+
+
+def _union_counts(keys: list[np.ndarray], gal: np.ndarray, qry: np.ndarray, codes: np.ndarray,
+                  n_classes: int) -> tuple[np.ndarray, np.ndarray]:
+    """Per query: gallery items sharing at least one of ``keys`` with it, and those of them in its
+    class, by inclusion-exclusion, |A ∪ B| = |A| + |B| − |A ∩ B| (and so on for more keys).
+
+    ``keys`` are integer codes over all rows; the query itself, when in the gallery, shares every key.
+    """
+    out = np.zeros(len(qry), dtype=np.int64)
+    out_rel = np.zeros(len(qry), dtype=np.int64)
+    rows = np.concatenate([gal, qry])
+    for r in range(1, len(keys) + 1):
+        for subset in itertools.combinations(keys, r):
+            # one code per distinct combination of the subset's keys, shared by gallery and queries
+            _, combo = np.unique(np.stack([k[rows] for k in subset], axis=1), axis=0, return_inverse=True)
+            combo = combo.reshape(-1)
+            shared = _matches(combo[: len(gal)], combo[len(gal):])
+            with_class = _matches(combo[: len(gal)] * n_classes + codes[gal], combo[len(gal):] * n_classes
+                                  + codes[qry])
+            sign = 1 if r % 2 else -1
+            out += sign * shared
+            out_rel += sign * with_class
+    return out, out_rel
+
+
+def _matches(gallery: np.ndarray, queries: np.ndarray) -> np.ndarray:
+    """How many entries of ``gallery`` equal each entry of ``queries``."""
+    u, counts = np.unique(gallery, return_counts=True)
+    if len(u) == 0:
+        return np.zeros(len(queries), dtype=np.int64)
+    at = np.clip(np.searchsorted(u, queries), 0, len(u) - 1)
+    return np.where(u[at] == queries, counts[at], 0).astype(np.int64)

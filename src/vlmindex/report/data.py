@@ -25,9 +25,10 @@ from typing import Any
 
 import numpy as np
 
-from vlmindex import __version__
+from vlmindex import __version__, duplicates
 from vlmindex.analyze import AnalyzeOptions
 from vlmindex.catalog import RunKey, Workspace, results
+from vlmindex.catalog import duplicates as duplicate_store
 from vlmindex.catalog.datasets import dataset_summaries
 from vlmindex.catalog.embeddings import read_run
 from vlmindex.catalog.fingerprints import stale_analyses
@@ -189,11 +190,38 @@ class StaleAnalysis:
         o = self.options
         args = [f"-m {self.model}", f"-d {self.dataset}", f"-c {self.condition}", f"-k {o.k}"]
         args += ["--exclude-group"] if o.exclude_group else []
+        args += ["--exclude-duplicates"] if o.exclude_duplicates else []
         args += [f"--query-split {o.query_split}"] if o.query_split else []
         args += [f"--gallery-split {o.gallery_split}"] if o.gallery_split else []
         args += [f"--modality {o.modality}"] if o.modality else []
         args += [] if o.probe else ["--no-probe"]
         return "vlmindex analyze " + " ".join(args)
+
+
+@dataclass
+class DuplicatePair:
+    """One stored duplicate pair as the report shows it: two thumbnails, labels, splits, score."""
+
+    kind: str                   # every kind it was found as: "exact-bytes, near"
+    score: float
+    model: str | None
+    image_ids: tuple[int, int]
+    labels: tuple[str | None, str | None]
+    splits: tuple[str | None, str | None]
+    thumbnails: tuple[str | None, str | None]  # PNG data: URIs; None when the file cannot be read
+    same_split: bool
+    same_label: bool
+
+
+@dataclass
+class DatasetDuplicates:
+    """The duplicate pairs of one reported dataset: counts per kind and the top pairs."""
+
+    dataset: str
+    counts: list[dict[str, Any]]    # per kind (and model): pairs, cross_split, label_mismatch
+    searches: list[dict[str, Any]]  # the stored searches, with whether each is still current
+    pairs: list[DuplicatePair]      # top pairs: cross-split first, then by score
+    n_total: int                    # pairs stored (all kinds)
 
 
 @dataclass
@@ -221,6 +249,7 @@ class ReportData:
     stale: list[StaleAnalysis]
     unchecked: list[str] = field(default_factory=list)  # analysis ids whose options could not be rebuilt
     notes: list[str] = field(default_factory=list)      # for the command line, not the page
+    duplicates: list[DatasetDuplicates] = field(default_factory=list)  # reported datasets with stored pairs
 
     @property
     def projections(self) -> list[ProjectionPanel]:
@@ -235,12 +264,14 @@ class ReportData:
 def protocol(s: dict[str, Any]) -> tuple[Any, ...]:
     """What must match for two analyses' per-query AP to be comparable (k does not change AP)."""
     return (bool(s.get("exclude_group")), s.get("query_split"), s.get("gallery_split"),
-            (s.get("provenance") or {}).get("modality"))
+            (s.get("provenance") or {}).get("modality"), bool(s.get("exclude_duplicates")))
 
 
 def protocol_text(s: dict[str, Any]) -> str:
-    excl, qs, gs, mod = protocol(s)
+    excl, qs, gs, mod, dups = protocol(s)
     parts = ["group excluded" if excl else "group not excluded"]
+    if dups:
+        parts.append("duplicates excluded")
     if qs:
         parts.append(f"queries: {qs}")
     if gs:
@@ -532,6 +563,7 @@ def analysis_options(s: dict[str, Any]) -> AnalyzeOptions:
                           query_split=s.get("query_split"), gallery_split=s.get("gallery_split"),
                           modality=s.get("modality"),
                           probe=s.get("probe_protocol") is not None,
+                          exclude_duplicates=bool(s.get("exclude_duplicates")),
                           seed=seed if isinstance(seed, int) and not isinstance(seed, bool) else 0)
 
 
@@ -542,6 +574,54 @@ def _stale(ws: Workspace, summaries: list[dict[str, Any]]) -> tuple[list[StaleAn
         ids = stale_analyses(con, ws)
     return [StaleAnalysis(s["analysis_id"], s["model"], s["dataset"], s["condition"], analysis_options(s),
                           s.get("inputs_fingerprint")) for s in summaries if s["analysis_id"] in ids], []
+
+
+THUMBNAIL_PX = 64
+
+
+def thumbnail_uri(path: str | Path, size: int = THUMBNAIL_PX) -> str | None:
+    """A PNG ``data:`` URI of the image at ``path`` shrunk to fit ``size`` × ``size`` (what a report
+    may embed: it fetches nothing); None when the file cannot be read."""
+    import base64
+    import io
+
+    from PIL import Image
+
+    from vlmindex.imageio import load_image
+
+    try:
+        img = load_image(path)
+    except Exception:  # noqa: BLE001 - a missing or damaged file shows as a gap, not a failed report
+        return None
+    img.thumbnail((size, size), Image.Resampling.LANCZOS)
+    buf = io.BytesIO()
+    img.save(buf, format="PNG", optimize=True)
+    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode("ascii")
+
+
+def _duplicates(con: Any, ws: Workspace, datasets: list[str], top: int) -> list[DatasetDuplicates]:
+    """The stored duplicate pairs of each reported dataset that has any (top ``top``, cross-split
+    first, then by score), each search marked current or stale."""
+    out = []
+    for ds in datasets:
+        counts = duplicate_store.pair_counts(con, ds)
+        if not counts:
+            continue
+        searches = duplicate_store.searches(con, ds)
+        for sr in searches:
+            if sr["kind"] == duplicate_store.EXACT:
+                now = duplicates.exact_fingerprint(con, ws, ds)
+            else:
+                now = duplicates.near_fingerprint(con, ws, RunKey(sr["model"], ds, sr["condition"]), sr["threshold"])
+            sr["current"] = sr["inputs_fingerprint"] == now
+        rows = duplicate_store.pair_rows(con, ds, limit=top, one_per_pair=True)
+        pairs = [DuplicatePair(
+            kind=r["kinds"], score=float(r["score"]), model=r["model"], image_ids=(r["image_id_a"], r["image_id_b"]),
+            labels=(r["label_a"], r["label_b"]), splits=(r["split_a"], r["split_b"]),
+            thumbnails=(thumbnail_uri(r["path_a"]), thumbnail_uri(r["path_b"])),
+            same_split=bool(r["same_split"]), same_label=bool(r["same_label"])) for r in rows]
+        out.append(DatasetDuplicates(ds, counts, searches, pairs, sum(int(c["pairs"]) for c in counts)))
+    return out
 
 
 def collect(ws: Workspace, options: ReportOptions | None = None) -> ReportData:
@@ -562,6 +642,7 @@ def collect(ws: Workspace, options: ReportOptions | None = None) -> ReportData:
         per_query = _per_query(con, [s["analysis_id"] for s in summaries])
         datasets = _datasets(con, summaries)
         effects = _overlay_effects(con, opts.dataset)
+        dups = _duplicates(con, ws, [d.name for d in datasets], opts.duplicate_pairs)
     has_overlay_runs = any(s["condition"] != "clean" for s in summaries)
     # ΔAP is the fallback of stored figures only: its bootstraps cost time the page would not show.
     ap_deltas, ap_skipped = _ap_deltas(summaries, per_query, opts) if not effects and has_overlay_runs else ([], [])
@@ -575,4 +656,4 @@ def collect(ws: Workspace, options: ReportOptions | None = None) -> ReportData:
         overlay_effects=effects, has_overlay_runs=has_overlay_runs, ap_deltas=ap_deltas,
         ap_delta_skipped=ap_skipped, comparisons=comparisons, single_model=single,
         provenance=[ProvenanceRow(s, _index_text(ws, s)) for s in summaries], stale=stale,
-        unchecked=unchecked, notes=notes)
+        unchecked=unchecked, notes=notes, duplicates=dups)

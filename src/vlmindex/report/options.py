@@ -19,6 +19,7 @@ class ReportOptions:
     confidence: float = 0.95
     alpha: float = 0.05  # family-wise error rate of the Holm-corrected comparisons
     seed: int = 0
+    duplicate_pairs: int = 12  # top duplicate pairs shown per dataset (cross-split first, then by score)
 
     def check(self) -> None:
         """Raise on options no report can be made with (the CLI's choices already exclude them)."""

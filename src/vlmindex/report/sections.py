@@ -3,10 +3,11 @@
 Pure string building: no catalog, no statistics; every number comes from the data step. Sections,
 each a ``<section id=...>`` (:data:`SECTIONS`): overview, leaderboard, per-class purity heatmaps,
 2-D projections per model (clean and overlaid images together), overlay effects with confidence
-intervals, paired comparisons between models on the same queries, and the provenance of every
-number. Everything is inline (CSS from ``style.css`` in ``<style>``, plots as SVG from
-:mod:`vlmindex.report.plots`) and a Content-Security-Policy forbids any fetch, so the file opens
-offline and cannot leak data. Every value from the catalog goes through :func:`esc`.
+intervals, paired comparisons between models on the same queries, duplicate image pairs (thumbnails
+as PNG ``data:`` URIs) and the provenance of every number. Everything is inline (CSS from
+``style.css`` in ``<style>``, plots as SVG from :mod:`vlmindex.report.plots`) and a
+Content-Security-Policy forbids any fetch, so the file opens offline and cannot leak data. Every
+value from the catalog goes through :func:`esc`.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from typing import Any
 from vlmindex.report.data import (
     LEADERBOARD_COLUMNS,
     ApDelta,
+    DatasetDuplicates,
     ProjectionPanel,
     ReportData,
     protocol_text,
@@ -34,6 +36,7 @@ SECTIONS: tuple[tuple[str, str], ...] = (
     ("projections", "2-D projections"),
     ("overlay-effects", "Overlay effects"),
     ("comparisons", "Paired comparisons"),
+    ("duplicates", "Duplicates and leakage"),
     ("provenance", "Provenance"),
 )
 
@@ -353,6 +356,53 @@ def _comparisons(data: ReportData, opts: ReportOptions) -> str:
     return "".join(out)
 
 
+def _no_duplicates_note(dataset: str) -> str:
+    return (f"<p class='note' data-dataset='{esc(dataset)}'>{esc(dataset)}: no duplicate pairs stored; find "
+            f"them with <code>vlmindex duplicates {esc(dataset)} -m MODEL</code> (exact duplicates only without "
+            "<code>-m</code>).</p>")
+
+
+def _dataset_duplicates(d: DatasetDuplicates) -> str:
+    out = [f"<h3>{esc(d.dataset)} <span class='sub'>{d.n_total} stored pair(s)</span></h3>",
+           "<table class='duplicates' data-dataset='" + esc(d.dataset) + "'><thead><tr><th>kind</th><th>model</th>"
+           "<th>threshold</th><th>pairs</th><th>cross-split</th><th>different labels</th></tr></thead><tbody>"]
+    for c in d.counts:
+        out.append(f"<tr data-kind='{esc(c['kind'])}'><td>{esc(c['kind'])}</td><td>{esc(c['model'] or '–')}</td>"
+                   f"<td class='num'>{_num(c['threshold'], 3)}</td><td class='num'>{_num(c['pairs'])}</td>"
+                   f"<td class='num'>{_num(c['cross_split'])}</td><td class='num'>{_num(c['label_mismatch'])}</td>"
+                   "</tr>")
+    out.append("</tbody></table>")
+    stale = [s for s in d.searches if not s["current"]]
+    if stale:
+        what = "; ".join("exact" if s["kind"] == "exact" else f"near {s['model']}/{s['condition']}" for s in stale)
+        out.append(f"<p class='note'>Stale search(es), made before the images or embeddings changed: {esc(what)}; "
+                   f"rerun <code>vlmindex duplicates {esc(d.dataset)}</code> (with <code>-m</code> for near "
+                   "pairs).</p>")
+    out.append(f"<p>Top {len(d.pairs)} pair(s), pairs across splits first, then by score:</p><div class='grid'>")
+    for p in d.pairs:
+        imgs = "".join(f"<img src='{esc(t)}' alt='image {i}'>" if t else f"<span class='gap' title='image {i}: file "
+                       "not readable'></span>" for t, i in zip(p.thumbnails, p.image_ids, strict=True))
+        lab = esc(p.labels[0]) if p.same_label else f"<b>{esc(p.labels[0])} ≠ {esc(p.labels[1])}</b>"
+        split = (esc(p.splits[0]) if p.same_split else f"<b>{esc(p.splits[0])} / {esc(p.splits[1])}</b>")
+        score = f"cosine {p.score:.4f} ({esc(p.model)})" if p.kind == "near" else esc(p.kind)
+        out.append(f"<div class='dup{'' if p.same_split else ' cross'}' data-a='{p.image_ids[0]}' "
+                   f"data-b='{p.image_ids[1]}'>{imgs}<br>{lab}<br>{split}<br>{score}</div>")
+    out.append("</div>")
+    return "".join(out)
+
+
+def _duplicates(data: ReportData) -> str:
+    out = ["<p>Image pairs of table <code>duplicates</code> (<code>vlmindex duplicates</code>): identical files, "
+           "identical decoded pixels, and near duplicates (cosine of one model's embeddings at or above the "
+           "search's threshold). A pair across splits leaks a test image into the gallery; a pair with different "
+           "labels is label noise. <code>vlmindex analyze --exclude-duplicates</code> leaves each query's "
+           "duplicate cluster out of its ranking.</p>"]
+    found = {d.dataset: d for d in data.duplicates}
+    for ds in [d.name for d in data.datasets]:
+        out.append(_dataset_duplicates(found[ds]) if ds in found else _no_duplicates_note(ds))
+    return "".join(out)
+
+
 def _versions_text(v: dict[str, Any] | None) -> str:
     if not v:
         return "–"
@@ -410,6 +460,7 @@ def render(data: ReportData, options: ReportOptions | None = None) -> str:
         "projections": _projections(data, opts),
         "overlay-effects": _overlay_section(data, opts),
         "comparisons": _comparisons(data, opts),
+        "duplicates": _duplicates(data),
         "provenance": _provenance(data),
     }
     title = "vlmindex report" + (f": {opts.dataset}" if opts.dataset else "")
