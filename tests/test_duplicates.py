@@ -496,7 +496,8 @@ def test_v2_workspace_is_migrated(vlm, synth_ws):
     with ws.read() as con:
         assert con.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()[0] == str(
             wsmod.SCHEMA_VERSION) == "3"
-        assert con.execute("SELECT exclude_duplicates, scope FROM latest_summaries").fetchall() == [(False, "k=5 no-probe")]
+        got = con.execute("SELECT exclude_duplicates, scope FROM latest_summaries").fetchall()
+        assert got == [(False, "k=5 no-probe")]
         assert con.execute("SELECT count(*) FROM images WHERE pixel_sha256 IS NULL").fetchone()[0] == len(hashes)
     assert is_current(ws, MODEL, "demo", options=AnalyzeOptions(k=5, probe=False)), "the old analysis keeps its id"
     vlm(synth_ws, "duplicates", "demo")
