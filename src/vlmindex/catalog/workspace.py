@@ -34,7 +34,7 @@ import duckdb
 
 from vlmindex.errors import VlmindexError, WorkspaceBusy
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 DEFAULT_WORKSPACE = "vlmindex-workspace"
 ENV_WORKSPACE = "VLMINDEX_WORKSPACE"
 CONNECT_WAIT = 10.0  # seconds to wait for another process's short catalog write
@@ -319,6 +319,28 @@ def _migrate_v1(con: duckdb.DuckDBPyConnection) -> None:
                 con.execute(f"ALTER TABLE {table} ADD COLUMN IF NOT EXISTS {column}")
 
 
+# v2 -> v3: columns added to existing tables, one list per feature so that branches adding
+# columns merge by concatenating lists.
+V3_PROBE_COLUMNS = {
+    "summaries": ("probe_balanced_accuracy_sd DOUBLE",),  # linear probe over --probe-seeds seeds
+}
+V3_COLUMNS: tuple[dict[str, tuple[str, ...]], ...] = (V3_PROBE_COLUMNS,)
+
+
+def _add_columns(con: duckdb.DuckDBPyConnection, added: dict[str, tuple[str, ...]]) -> None:
+    tables = {r[0] for r in con.execute("SELECT table_name FROM information_schema.tables").fetchall()}
+    for table, columns in added.items():
+        if table in tables:  # a missing table is created whole by schema.sql afterwards
+            for column in columns:
+                con.execute(f"ALTER TABLE {table} ADD COLUMN IF NOT EXISTS {column}")
+
+
+def _migrate_v2(con: duckdb.DuckDBPyConnection) -> None:
+    """v2 → v3: the columns of :data:`V3_COLUMNS`."""
+    for added in V3_COLUMNS:
+        _add_columns(con, added)
+
+
 def _migrate_v1_files(root: Path) -> None:
     """v1 → v2: the ``part`` column every embedding part now carries (legacy parts rewritten once)."""
     from vlmindex.catalog import parts
@@ -328,3 +350,4 @@ def _migrate_v1_files(root: Path) -> None:
 
 MIGRATIONS[1] = _migrate_v1
 FILE_MIGRATIONS[1] = _migrate_v1_files
+MIGRATIONS[2] = _migrate_v2
