@@ -1,4 +1,4 @@
--- Models ranked per dataset and condition by retrieval mAP, with the headline metrics (latest analysis of each).
+-- Models ranked per dataset, modality and condition by retrieval mAP, with the headline metrics (latest analysis of each).
 SELECT dataset, condition, model, k,
        -- vlmindex fills the headline metrics from its metric registry (vlmindex.metrics.registry);
        -- `vlmindex sql --show leaderboard` prints the expanded text.
@@ -6,6 +6,8 @@ SELECT dataset, condition, model, k,
        n_queries,
        scope,                  -- what the numbers are over: the options of the analysis
        analysis_id NOT IN (SELECT analysis_id FROM stale_analyses) AS current,  -- false: inputs changed since
+       modality,               -- NULL: every modality of the dataset (`analyze --per-modality`: one block each)
        analysis_id             -- joins query_metrics and the neighbors view
 FROM latest_summaries
-ORDER BY dataset, condition, map DESC NULLS LAST, model;
+-- One block per dataset and modality (all modalities first), then per condition (clean first).
+ORDER BY dataset, modality NULLS FIRST, condition <> 'clean', condition, map DESC NULLS LAST, model;

@@ -145,8 +145,9 @@ CREATE TABLE IF NOT EXISTS summaries (
     davies_bouldin DOUBLE,
     calinski_harabasz DOUBLE,
     fisher_ratio DOUBLE,
-    probe_balanced_accuracy DOUBLE,
-    probe_protocol VARCHAR,
+    probe_balanced_accuracy DOUBLE,     -- mean over the probe's seeds (--probe-seeds)
+    probe_balanced_accuracy_sd DOUBLE,  -- their sample standard deviation; NULL with one seed
+    probe_protocol VARCHAR,             -- the probe's scheme in one line; details in provenance.linear_probe
     seconds DOUBLE,
     provenance JSON,           -- preprocessing, weights, index kind, library versions
     created_at TIMESTAMP,

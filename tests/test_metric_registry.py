@@ -13,7 +13,7 @@ from vlmindex.metrics import RETRIEVAL_METRICS, distribution_figures, registry, 
 
 SQL = Path(__file__).resolve().parents[1] / "sql"
 # Output columns of sql/leaderboard.sql that say which run a row is, not how good it is.
-IDENTITY = {"dataset", "condition", "model", "k", "n_queries", "scope", "current", "analysis_id"}
+IDENTITY = {"dataset", "condition", "model", "k", "n_queries", "scope", "current", "modality", "analysis_id"}
 
 
 @pytest.fixture(scope="module")
@@ -115,8 +115,11 @@ def test_summary_row_values_come_from_the_computed_names():
     assert registry.distribution_columns(d) == {
         "silhouette": d["silhouette_cosine"], "davies_bouldin": d["davies_bouldin"],
         "calinski_harabasz": d["calinski_harabasz"], "fisher_ratio": d["fisher_ratio"],
-        "probe_balanced_accuracy": None,
+        "probe_balanced_accuracy": None, "probe_balanced_accuracy_sd": None,
     }
+    d = distribution_figures(x, y, probe_seeds=2, cv=3)
+    assert registry.distribution_columns(d)["probe_balanced_accuracy"] == d["linear_probe"].balanced_accuracy
+    assert registry.distribution_columns(d)["probe_balanced_accuracy_sd"] == d["linear_probe"].sd is not None
 
 
 def test_lookups():

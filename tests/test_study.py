@@ -62,6 +62,63 @@ def test_study_runs_the_grid_skips_unloadable_models_and_resumes(vlm, tmp_path):
     assert "0 step(s) run" in second.err, "a finished study has nothing left to do"
 
 
+PER_MODALITY_STUDY = """
+[[datasets]]
+name = "mini"
+synth = { seed = 3, lesions_per_class = 3, views_per_lesion = 2, size = 64 }
+
+[[conditions]]
+name = "lbl"
+text = "label"
+size = 0.2
+
+[models]
+names = ["color-hist"]
+
+[analysis]
+k = 3
+exclude_group = true
+probe_seeds = 2
+per_modality = true
+
+[embed]
+num_workers = 0
+"""
+
+
+def test_per_modality_study_analyses_each_modality_resumes_and_shows_every_block(vlm, tmp_path):
+    from vlmindex.catalog import Workspace
+    from vlmindex.study import leaderboard
+
+    study_file = tmp_path / "pm.toml"
+    study_file.write_text(PER_MODALITY_STUDY)
+    ws = tmp_path / "ws"
+    first = vlm(ws, "run", study_file, "--format", "json")
+    board = json.loads(first.out)
+    mods = (None, "dermoscopy", "ultrasound", "xray")
+    # one row per (modality, condition): all modalities first, clean before the overlay
+    assert [(r["modality"], r["condition"]) for r in board] == [(m, c) for m in mods for c in ("clean", "lbl")]
+    analysed = [line.strip().rsplit(" (", 1)[0] for line in first.err.splitlines()
+                if line.strip().startswith("analyze ")]
+    assert analysed == [f"analyze color-hist mini/{c}" + (f" modality={m}" if m else "") for c in ("clean", "lbl")
+                        for m in mods]
+
+    study = load_study(study_file)
+    assert study.per_modality and study.analysis.probe_seeds == 2 and study.analysis.modality is None
+    with Workspace(ws).read() as con:
+        stored = con.execute("SELECT analysis_id, modality, probe_balanced_accuracy_sd FROM summaries").fetchall()
+    cols, rows = leaderboard(Workspace(ws), study)
+    assert len(stored) == len(rows) == 8 and all(sd is not None for _, _, sd in stored)
+    assert {r["modality"] for r in rows} == set(mods)
+
+    second = vlm(ws, "run", study_file, "--format", "json")
+    assert json.loads(second.out) == board
+    assert "0 step(s) run" in second.err, "a finished per-modality study has nothing left to do"
+    table = vlm(ws, "run", study_file).out
+    assert [line for line in table.splitlines() if line.startswith("Leaderboard")] == [
+        "Leaderboard (pm; k = 3, group-excluded): mini, " + (f"modality {m}" if m else "all modalities") for m in mods]
+
+
 def test_study_file_errors_name_the_file_and_key(tmp_path, vlm):
     bad = tmp_path / "bad.toml"
     bad.write_text(textwrap.dedent("""
@@ -124,6 +181,10 @@ def _study_text(*, study: str = "", dataset: str = "synth = {}", condition: str 
     ({"analysis": "modality = false"}, "[analysis] modality must be a string, got False"),
     ({"analysis": "probe = 1"}, "[analysis] probe must be true or false, got 1"),
     ({"analysis": "seed = 1.5"}, "[analysis] seed must be an integer, got 1.5"),
+    ({"analysis": "probe_seeds = 0"}, "[analysis] probe_seeds must be an integer >= 1, got 0"),
+    ({"analysis": 'per_modality = "yes"'}, "[analysis] per_modality must be true or false, got 'yes'"),
+    ({"analysis": 'per_modality = true\nmodality = "xray"'},
+     "[analysis] per_modality = true analyses every modality; remove modality = 'xray'"),
     ({"embed": 'batch_size = "32"'}, "[embed] batch_size must be an integer >= 1, got '32'"),
     ({"embed": "num_workers = -1"}, "[embed] num_workers must be an integer >= 0, got -1"),
     ({"embed": "dtype = 16"}, "[embed] dtype must be one of float32, float16, got 16"),
@@ -211,7 +272,7 @@ def test_every_option_the_runner_passes_on_has_a_type_check():
     from vlmindex.overlay import OverlayRecipe
 
     assert set(study._INGEST_TYPES) == study._INGEST_KEYS
-    assert set(study._ANALYSIS_TYPES) == {f.name for f in fields(AnalyzeOptions)}
+    assert set(study._ANALYSIS_TYPES) == {f.name for f in fields(AnalyzeOptions)} | study._ANALYSIS_GRID_KEYS
     assert set(study._RECIPE_TYPES) == {f.name for f in fields(OverlayRecipe)}
     assert set(study._SYNTH_TYPES) <= set(inspect.signature(synth.generate).parameters)
 

@@ -147,11 +147,30 @@ def test_v1_workspace_with_legacy_parts_is_migrated(synth_ws):
             con.execute(f"ALTER TABLE {table} DROP COLUMN {column}")
         con.execute("UPDATE meta SET value = '1' WHERE key = 'schema_version'")
     with ws.read() as con:
-        version = con.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()[0]
-        assert version == str(wsmod.SCHEMA_VERSION)
-        assert "inputs_fingerprint" in {r[0] for r in con.execute("DESCRIBE summaries").fetchall()}
+        assert con.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()[0] == str(
+            wsmod.SCHEMA_VERSION)
+        assert {"inputs_fingerprint", "probe_balanced_accuracy_sd"} <= {
+            r[0] for r in con.execute("DESCRIBE summaries").fetchall()}
         assert con.execute("SELECT count(*), count(DISTINCT image_id) FROM embeddings").fetchone() == (n, n)
     (part,) = store.part_paths(out)
     assert {"part", "pixels"} <= set(pq.read_schema(part).names)
     run = read_run(ws, RunKey("old", "demo"))
     assert np.array_equal(run.ids, ids) and np.array_equal(run.vectors, vectors)
+
+
+def test_v2_workspace_gets_the_v3_probe_columns(vlm, synth_ws):
+    """A v2 catalog (no probe sd column) is migrated on open, keeps its analyses, and takes new ones."""
+    vlm(synth_ws, "embed", "-m", "color-hist", "-d", "demo", "--workers", "0")
+    vlm(synth_ws, "analyze", "-m", "color-hist", "-d", "demo", "-k", "3", "--no-probe")
+    ws = Workspace(synth_ws)
+    with ws.write() as con:
+        con.execute("ALTER TABLE summaries DROP COLUMN probe_balanced_accuracy_sd")
+        con.execute("UPDATE meta SET value = '2' WHERE key = 'schema_version'")
+    with ws.read() as con:
+        assert con.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()[0] == "3"
+        cols = {r[0] for r in con.execute("DESCRIBE summaries").fetchall()}
+        assert {c for added in wsmod.V3_COLUMNS for c in (x.split()[0] for x in added["summaries"])} <= cols
+        assert con.execute("SELECT count(*), count(probe_balanced_accuracy_sd) FROM summaries").fetchone() == (1, 0)
+    vlm(synth_ws, "analyze", "-m", "color-hist", "-d", "demo", "-k", "3", "--probe-seeds", "2")
+    with ws.read() as con:
+        assert con.execute("SELECT count(probe_balanced_accuracy_sd) FROM summaries").fetchone() == (1,)

@@ -15,7 +15,8 @@ from __future__ import annotations
 import hashlib
 import json
 import time
-from dataclasses import asdict, dataclass
+import warnings
+from dataclasses import asdict, dataclass, replace
 from datetime import datetime
 from typing import Any
 
@@ -42,16 +43,20 @@ class AnalyzeOptions:
     seed: int = 0
     allow_partial: bool = False  # score the images that have an embedding even when some have none
     exclude_duplicates: bool = False  # leave each query's duplicate cluster out (vlmindex.duplicates)
+    probe_seeds: int = 1         # the probe repeated over seeds seed .. seed + probe_seeds - 1 (mean and sd)
 
     def numbers(self) -> dict[str, Any]:
         """The options that change the numbers: they name the analysis and enter its fingerprint.
 
-        ``exclude_duplicates`` only when set, so the analyses made before it existed keep their ids.
+        ``exclude_duplicates`` only when set and ``probe_seeds`` only when it is not 1: both came
+        after analyses were stored, which keep their ids.
         """
         out = asdict(self)
         out.pop("allow_partial")
         if not out["exclude_duplicates"]:
             out.pop("exclude_duplicates")
+        if self.probe_seeds == 1:
+            out.pop("probe_seeds")
         return out
 
     def analysis_id(self, model: str, dataset: str, condition: str) -> str:
@@ -148,6 +153,15 @@ def provenance(ws: Workspace, model: str, dataset: str, condition: str) -> dict[
     return out
 
 
+def fingerprint_options(options: AnalyzeOptions) -> dict[str, Any]:
+    """What enters an analysis's fingerprint: its numbers() and, with the probe on, the probe
+    protocol's version, so a probe number stored by an earlier protocol is not current."""
+    out = options.numbers()
+    if options.probe:
+        out["probe_protocol"] = metrics.probe.PROTOCOL_VERSION
+    return out
+
+
 def fingerprint(key: RunKey, run_fingerprint: str, options: AnalyzeOptions,
                 duplicates_fingerprint: str | None = None) -> str:
     """The analysis fingerprint; with ``exclude_duplicates``, that of the excluded pairs enters it
@@ -156,7 +170,7 @@ def fingerprint(key: RunKey, run_fingerprint: str, options: AnalyzeOptions,
 
     catalog = ({duplicates.exclusion_input_name(key.dataset): duplicates_fingerprint}
                if options.exclude_duplicates else None)
-    return fingerprints.combine(STAGE, {key: run_fingerprint}, options.numbers(), catalog)
+    return fingerprints.combine(STAGE, {key: run_fingerprint}, fingerprint_options(options), catalog)
 
 
 def _catalog_recipe(key: RunKey, options: AnalyzeOptions) -> fingerprints.CatalogRecipe | None:
@@ -180,7 +194,7 @@ def is_current(ws: Workspace, model: str, dataset: str, condition: str = "clean"
     key = RunKey(model, dataset, condition)
     with ws.read(views=False) as con:
         stored = results.summary_fingerprint(con, opts.analysis_id(model, dataset, condition))
-    return fingerprints.is_current(ws, stored, STAGE, [key], opts.numbers(), _catalog_inputs(ws, key, opts))
+    return fingerprints.is_current(ws, stored, STAGE, [key], fingerprint_options(opts), _catalog_inputs(ws, key, opts))
 
 
 def analyze(ws: Workspace, model: str, dataset: str, condition: str = "clean",
@@ -194,6 +208,8 @@ def analyze_run(ws: Workspace, key: RunKey, options: AnalyzeOptions | None = Non
     opts = options or AnalyzeOptions()
     if opts.k < 1:
         raise VlmindexError(f"-k must be at least 1, got {opts.k}")
+    if not isinstance(opts.probe_seeds, int) or opts.probe_seeds < 1:
+        raise VlmindexError(f"--probe-seeds must be at least 1, got {opts.probe_seeds}")
     t0 = time.perf_counter()
     run = load(ws, key, opts.modality)
     if run.missing and not opts.allow_partial:
@@ -215,9 +231,10 @@ def analyze_run(ws: Workspace, key: RunKey, options: AnalyzeOptions | None = Non
     summary, per_query, nb = compute(run, key, opts, duplicate_keys=dup_keys)
     summary["seconds"] = time.perf_counter() - t0
     prov = provenance(ws, key.model, key.dataset, key.condition)
+    prov.update(summary.pop("provenance"))  # compute's part: the probe's scheme, grid, seeds and chosen C
     prov.update(k=opts.k, exclude_group=opts.exclude_group, modality=opts.modality, seed=opts.seed, probe=opts.probe,
-                images_without_embedding=run.missing, zero_embeddings_left_out=run.zero,
-                inputs=fingerprints.recipe(STAGE, [key], opts.numbers(), _catalog_recipe(key, opts)))
+                probe_seeds=opts.probe_seeds, images_without_embedding=run.missing, zero_embeddings_left_out=run.zero,
+                inputs=fingerprints.recipe(STAGE, [key], fingerprint_options(opts), _catalog_recipe(key, opts)))
     if excl is not None:
         in_cluster = [k for k in dup_keys if k is not None]
         prov["duplicates_excluded"] = {"sources": excl.sources, "pairs": len(excl.a),
@@ -227,10 +244,45 @@ def analyze_run(ws: Workspace, key: RunKey, options: AnalyzeOptions | None = Non
     fp = fingerprint(key, run.fingerprint, opts, excl.fingerprint if excl else None)
     summary["inputs_fingerprint"] = fp
     neighbors = results.neighbor_table(key, summary["analysis_id"], fp, nb[0], nb[1], nb[2])
-    with fingerprints.committing(ws, fp, STAGE, [key], opts.numbers(), what=f"the analysis of {key}",
+    with fingerprints.committing(ws, fp, STAGE, [key], fingerprint_options(opts), what=f"the analysis of {key}",
                                  catalog_inputs=_catalog_inputs(ws, key, opts)) as con:
         results.store_analysis(con, ws, key, summary, per_query, neighbors)
     return summary
+
+
+def modalities(ws: Workspace, dataset: str) -> tuple[list[str], int]:
+    """The modalities of a dataset's labelled images (sorted) and how many labelled images have none."""
+    with ws.read(views=False) as con:
+        catalog_datasets.require_dataset(con, dataset)
+        return catalog_datasets.modalities(con, dataset)
+
+
+def without_modality_warning(dataset: str, n: int) -> str:
+    return (f"{n} labelled image(s) of {dataset} have no modality and are in no per-modality analysis "
+            "(the all-modality analysis includes them)")
+
+
+def per_modality(options: AnalyzeOptions, names: list[str]) -> list[AnalyzeOptions]:
+    """The options of one analysis per modality: ``options`` with ``modality`` set to each name."""
+    if options.modality is not None:
+        raise VlmindexError(f"--per-modality analyses every modality; leave out --modality {options.modality}")
+    return [replace(options, modality=m) for m in names]
+
+
+def analyze_per_modality(ws: Workspace, key: RunKey, options: AnalyzeOptions | None = None) -> list[dict[str, Any]]:
+    """One analysis per modality of the dataset, gallery and queries within it: each is the analysis
+    ``modality=M`` gives (same id, fingerprint and numbers). Labelled images without a modality
+    are in none of them; a ``UserWarning`` says how many. Returns the summary rows, by modality."""
+    opts = options or AnalyzeOptions()
+    names, unassigned = modalities(ws, key.dataset)
+    plan = per_modality(opts, names)
+    if not names:
+        raise VlmindexError(f"dataset {key.dataset!r} records no modality for its labelled images, so there is "
+                            "nothing to analyse per modality; give one at ingest (--modality, or a modality "
+                            "column) or analyze without --per-modality")
+    if unassigned:
+        warnings.warn(without_modality_warning(key.dataset, unassigned), UserWarning, stacklevel=2)
+    return [analyze_run(ws, key, o) for o in plan]
 
 
 def compute(run: RunData, key: RunKey, opts: AnalyzeOptions, *, duplicate_keys: np.ndarray | None = None
@@ -250,16 +302,14 @@ def compute(run: RunData, key: RunKey, opts: AnalyzeOptions, *, duplicate_keys: 
         clusters=duplicate_keys if opts.exclude_duplicates else None,
     )
     summary = res.summary()
-    train_mask = None
-    if opts.probe:
-        has_train = (run.splits == "train").any()
-        held_out = np.isin(run.splits, ["test", "val"]).any()
-        train_mask = (run.splits == "train") if has_train and held_out else None
+    # The probe validates and scores on the dataset's splits (vlmindex.metrics.probe); over a
+    # --gallery-split it cross-validates within the gallery. Groups keep a lesion on one side.
     gallery = gallery_mask if gallery_mask is not None else np.ones(len(run.ids), dtype=bool)
     dist = metrics.distribution_figures(
-        run.vectors, run.labels, train_mask=train_mask, probe=opts.probe, seed=opts.seed,
-    ) if gallery_mask is None else metrics.distribution_figures(
-        run.vectors[gallery], run.labels[gallery], probe=opts.probe, seed=opts.seed)
+        run.vectors[gallery], run.labels[gallery], groups=run.groups[gallery],
+        splits=run.splits if gallery_mask is None else None,
+        probe=opts.probe, seed=opts.seed, probe_seeds=opts.probe_seeds)
+    probe = dist.get("linear_probe")
     analysis_id = opts.analysis_id(key.model, key.dataset, key.condition)
     row = {
         "analysis_id": analysis_id, "model": key.model, "dataset": key.dataset, "condition": key.condition,
@@ -271,8 +321,9 @@ def compute(run: RunData, key: RunKey, opts: AnalyzeOptions, *, duplicate_keys: 
         "n_missing": run.missing,
         # summary() and distribution_figures() keys -> summaries columns: vlmindex.metrics.registry
         **metrics.summary_columns(summary), **metrics.distribution_columns(dist),
-        "probe_protocol": None if not opts.probe else ("train→test/val split" if train_mask is not None
-                                                         else "stratified 5-fold CV"),
+        "probe_protocol": probe.protocol if probe is not None else None,
+        # merged into the stored provenance by analyze_run
+        "provenance": {"linear_probe": probe.provenance()} if probe is not None else {},
     }
     qi = res.query_index
     per_query = pa.table({

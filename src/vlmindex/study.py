@@ -2,8 +2,9 @@
 runner does every missing step of that grid in dependency order and skips what is already done.
 
 Order: ingest → conditions → per model, stage by stage (embed, index, duplicates when the analysis
-excludes them, analyze, overlay effect, zero-shot) over every run the stage covers → leaderboard
-(and report). Each stage's own currency check (fingerprints of its inputs,
+excludes them, analyze, overlay effect, zero-shot) over every step the stage covers (a run; for
+analyze with ``[analysis] per_modality = true``, a run's all-modality analysis and one per
+modality) → leaderboard (and report). Each stage's own currency check (fingerprints of its inputs,
 ``vlmindex.catalog.fingerprints``) decides what is already done. A model that cannot be loaded or
 fails is skipped with its reason and listed at the end; everything else goes on.
 """
@@ -93,7 +94,9 @@ _MODELS_TYPES = {"names": _str_list("model names"), "checkpoints": _STR_TABLE,
                  "trust_remote_code": _str_list("model names")}
 _ANALYSIS_TYPES = {"k": _int(1), "exclude_group": _BOOL, "query_split": _STR, "gallery_split": _STR,
                    "modality": _STR, "probe": _BOOL, "seed": _int(), "allow_partial": _BOOL,
-                   "exclude_duplicates": _BOOL}
+                   "exclude_duplicates": _BOOL, "probe_seeds": _int(1), "per_modality": _BOOL}
+# [analysis] keys that shape the study's grid of analyses rather than one analysis's options.
+_ANALYSIS_GRID_KEYS = {"per_modality"}
 _EMBED_TYPES = {"batch_size": _int(1), "num_workers": _int(0), "dtype": _one_of("float32", "float16"),
                 "device": _STR, "part_size": _int(1)}
 _INGEST_KEYS = {f for f in IngestOptions.__dataclass_fields__ if f != "extra"}
@@ -121,6 +124,7 @@ class Study:
     checkpoints: dict[str, str] = field(default_factory=dict)
     trust_remote_code: set[str] = field(default_factory=set)
     analysis: AnalyzeOptions = field(default_factory=AnalyzeOptions)
+    per_modality: bool = False  # besides the all-modality analysis, one per modality of each dataset
     embed: dict[str, Any] = field(default_factory=dict)
     overlay_effects: bool = True
     zeroshot: bool = True
@@ -246,6 +250,10 @@ def load_study(path: str | Path) -> Study:
             f"{path}: [models] names is empty; list the models to compare (see `vlmindex models`)")
     analysis = _table(path, data, "analysis")
     _check(path, "[analysis]", analysis, _ANALYSIS_TYPES)
+    grid = {key: analysis.pop(key) for key in _ANALYSIS_GRID_KEYS if key in analysis}
+    if grid.get("per_modality") and "modality" in analysis:
+        raise VlmindexError(f"{path}: [analysis] per_modality = true analyses every modality; remove "
+                            f"modality = {analysis['modality']!r} (or per_modality)")
     embed = _table(path, data, "embed")
     _check(path, "[embed]", embed, _EMBED_TYPES)
     base = path.parent
@@ -261,7 +269,7 @@ def load_study(path: str | Path) -> Study:
         path=path, name=meta.get("name", path.stem), datasets=datasets, conditions=conditions,
         models=list(names), checkpoints=dict(models.get("checkpoints", {})),
         trust_remote_code=set(models.get("trust_remote_code", [])),
-        analysis=AnalyzeOptions(**analysis), embed=embed,
+        analysis=AnalyzeOptions(**analysis), per_modality=grid.get("per_modality", False), embed=embed,
         overlay_effects=meta.get("overlay_effects", True),
         zeroshot=meta.get("zeroshot", True),
         report=meta.get("report"),
@@ -292,38 +300,68 @@ class _Context:
 
 
 @dataclass(frozen=True)
+class StudyStep:
+    """One result a stage computes: a run and, for a stage with several results per run (one
+    analysis per modality), the options of this one."""
+
+    key: RunKey
+    options: Any = None
+
+    def __str__(self) -> str:
+        modality = getattr(self.options, "modality", None)
+        return f"{self.key.model} {self.key.dataset}/{self.key.condition}" + (f" modality={modality}" if modality
+                                                                               else "")
+
+
+@dataclass(frozen=True)
 class StudyStage:
-    """One stage as the runner sees it: which runs it covers, whether a run's result is current
+    """One stage as the runner sees it: which steps it covers, whether a step's result is current
     (the stage's own fingerprint check), and how to compute it."""
 
     name: str
-    keys: Callable[[_Context], list[RunKey]]
-    is_current: Callable[[_Context, RunKey], bool]
-    run: Callable[[_Context, RunKey], Any]
+    steps: Callable[[_Context], list[StudyStep]]
+    is_current: Callable[[_Context, StudyStep], bool]
+    run: Callable[[_Context, StudyStep], Any]
 
 
-def _runs(ctx: _Context) -> list[RunKey]:
-    return [RunKey(ctx.model, d["name"], c) for d in ctx.study.datasets for c in _conditions_for(ctx.study, d["name"])]
+def _runs(ctx: _Context) -> list[StudyStep]:
+    return [StudyStep(RunKey(ctx.model, d["name"], c)) for d in ctx.study.datasets
+            for c in _conditions_for(ctx.study, d["name"])]
 
 
-def _overlay_runs(ctx: _Context) -> list[RunKey]:
+def analysis_options(ws: Workspace, study: Study, dataset: str) -> list[AnalyzeOptions]:
+    """The analyses the study makes of each run of ``dataset``: its [analysis] options and, with
+    ``per_modality``, the same options once per modality the dataset has."""
+    from vlmindex import analyze
+
+    if not study.per_modality:
+        return [study.analysis]
+    return [study.analysis, *analyze.per_modality(study.analysis, analyze.modalities(ws, dataset)[0])]
+
+
+def _analysis_steps(ctx: _Context) -> list[StudyStep]:
+    per_dataset = {d["name"]: analysis_options(ctx.ws, ctx.study, d["name"]) for d in ctx.study.datasets}
+    return [StudyStep(s.key, o) for s in _runs(ctx) for o in per_dataset[s.key.dataset]]
+
+
+def _overlay_runs(ctx: _Context) -> list[StudyStep]:
     if not ctx.study.overlay_effects:
         return []
-    return [k for k in _runs(ctx) if k.condition != CLEAN]
+    return [s for s in _runs(ctx) if s.key.condition != CLEAN]
 
 
-def _duplicate_runs(ctx: _Context) -> list[RunKey]:
+def _duplicate_runs(ctx: _Context) -> list[StudyStep]:
     if not ctx.study.analysis.exclude_duplicates:
         return []
-    return [RunKey(ctx.model, d["name"], CLEAN) for d in ctx.study.datasets]
+    return [StudyStep(RunKey(ctx.model, d["name"], CLEAN)) for d in ctx.study.datasets]
 
 
-def _zeroshot_runs(ctx: _Context) -> list[RunKey]:
+def _zeroshot_runs(ctx: _Context) -> list[StudyStep]:
     from vlmindex.models import get_spec
 
     if not (ctx.study.zeroshot and get_spec(ctx.model).has_text):
         return []
-    return [RunKey(ctx.model, d["name"], CLEAN) for d in ctx.study.datasets]
+    return [StudyStep(RunKey(ctx.model, d["name"], CLEAN)) for d in ctx.study.datasets]
 
 
 def _extractor(ctx: _Context) -> Any:
@@ -332,10 +370,10 @@ def _extractor(ctx: _Context) -> Any:
     return ctx.extractor
 
 
-def _embed(ctx: _Context, key: RunKey) -> Any:
+def _embed(ctx: _Context, step: StudyStep) -> Any:
     from vlmindex.embed import embed_run
 
-    return embed_run(ctx.ws, key, ctx.embed_options, extractor=_extractor(ctx))
+    return embed_run(ctx.ws, step.key, ctx.embed_options, extractor=_extractor(ctx))
 
 
 def _zeroshot_options(ctx: _Context) -> Any:
@@ -350,30 +388,35 @@ def _stages() -> tuple[StudyStage, ...]:
 
     a = lambda ctx: ctx.study.analysis  # noqa: E731 - the study's analysis options, read when a stage runs
     effect = lambda ctx: asdict(bias.EffectOptions(k=a(ctx).k, exclude_group=a(ctx).exclude_group))  # noqa: E731
+    # Each lambda takes (ctx, step) and reads the run as step.key; analyze steps carry their options.
     return (
         StudyStage("embed", _runs,
-                   lambda ctx, k: embed.pending_count(ctx.ws, k.model, k.dataset, k.condition, ctx.embed_options) == 0,
+                   lambda ctx, s: embed.pending_count(ctx.ws, s.key.model, s.key.dataset, s.key.condition,
+                                                      ctx.embed_options) == 0,
                    _embed),
-        StudyStage("index", _runs, lambda ctx, k: index.is_current(ctx.ws, k),
-                   lambda ctx, k: index.build_index(ctx.ws, k.model, k.dataset, k.condition)),
+        StudyStage("index", _runs, lambda ctx, s: index.is_current(ctx.ws, s.key),
+                   lambda ctx, s: index.build_index(ctx.ws, s.key.model, s.key.dataset, s.key.condition)),
         # exact and near (this model, clean) pairs, at the default threshold unless a search at
         # another one is stored and current
         StudyStage("duplicates", _duplicate_runs,
-                   lambda ctx, k: duplicates.is_current(ctx.ws, k.dataset, duplicates.DuplicateOptions(model=k.model),
+                   lambda ctx, s: duplicates.is_current(ctx.ws, s.key.dataset,
+                                                        duplicates.DuplicateOptions(model=s.key.model),
                                                         any_threshold=True),
-                   lambda ctx, k: duplicates.find_duplicates(ctx.ws, k.dataset,
-                                                             duplicates.DuplicateOptions(model=k.model))),
-        StudyStage("analyze", _runs,
-                   lambda ctx, k: analyze.is_current(ctx.ws, k.model, k.dataset, k.condition, a(ctx)),
-                   lambda ctx, k: analyze.analyze_run(ctx.ws, k, a(ctx))),
+                   lambda ctx, s: duplicates.find_duplicates(ctx.ws, s.key.dataset,
+                                                             duplicates.DuplicateOptions(model=s.key.model))),
+        StudyStage("analyze", _analysis_steps,
+                   lambda ctx, s: analyze.is_current(ctx.ws, s.key.model, s.key.dataset, s.key.condition, s.options),
+                   lambda ctx, s: analyze.analyze_run(ctx.ws, s.key, s.options)),
         StudyStage("overlay effect", _overlay_runs,
-                   lambda ctx, k: bias.is_current(ctx.ws, k.model, k.dataset, k.condition, **effect(ctx)),
-                   lambda ctx, k: bias.compute_overlay_effect(ctx.ws, k.model, k.dataset, k.condition, **effect(ctx),
-                                                              allow_partial=a(ctx).allow_partial)),
+                   lambda ctx, s: bias.is_current(ctx.ws, s.key.model, s.key.dataset, s.key.condition, **effect(ctx)),
+                   lambda ctx, s: bias.compute_overlay_effect(ctx.ws, s.key.model, s.key.dataset, s.key.condition,
+                                                              **effect(ctx), allow_partial=a(ctx).allow_partial)),
         StudyStage("zeroshot", _zeroshot_runs,
-                   lambda ctx, k: zeroshot.is_current(ctx.ws, k.model, k.dataset,
-                                                      _conditions_for(ctx.study, k.dataset), _zeroshot_options(ctx)),
-                   lambda ctx, k: zeroshot.zeroshot(ctx.ws, k.model, k.dataset, _conditions_for(ctx.study, k.dataset),
+                   lambda ctx, s: zeroshot.is_current(ctx.ws, s.key.model, s.key.dataset,
+                                                      _conditions_for(ctx.study, s.key.dataset),
+                                                      _zeroshot_options(ctx)),
+                   lambda ctx, s: zeroshot.zeroshot(ctx.ws, s.key.model, s.key.dataset,
+                                                    _conditions_for(ctx.study, s.key.dataset),
                                                     _zeroshot_options(ctx), extractor=_extractor(ctx))),
     )
 
@@ -390,6 +433,15 @@ def run_study(ws: Workspace, study: Study, *, log: Callable[[str], None] = print
     log(f"study {study.name}: {len(study.datasets)} dataset(s), {len(study.conditions)} overlay "
         f"condition(s), {len(study.models)} model(s)")
     _prepare_data(ws, study, result, log, progress)
+    if study.per_modality:
+        from vlmindex.analyze import modalities, without_modality_warning
+
+        for d in study.datasets:
+            names, unassigned = modalities(ws, d["name"])
+            if not names:
+                log(f"  warning: dataset {d['name']} records no modality; per_modality adds no analysis of it")
+            elif unassigned:
+                log(f"  warning: {without_modality_warning(d['name'], unassigned)}")
     embed_options = EmbedOptions(progress=progress, **study.embed)
     stages = _stages()
     for model in study.models:
@@ -398,14 +450,14 @@ def run_study(ws: Workspace, study: Study, *, log: Callable[[str], None] = print
             get_spec(model)
             ctx = _Context(ws, study, model, embed_options)
             for stage in stages:
-                for key in stage.keys(ctx):
-                    if stage.is_current(ctx, key):
+                for step in stage.steps(ctx):
+                    if stage.is_current(ctx, step):
                         result.skipped_steps += 1
                         continue
                     t = time.perf_counter()
-                    stage.run(ctx, key)
-                    what = f"{stage.name} {key.model} {key.dataset}" + (
-                        "" if stage.name == "zeroshot" else f"/{key.condition}")
+                    stage.run(ctx, step)
+                    what = (f"{stage.name} {step.key.model} {step.key.dataset}" if stage.name == "zeroshot"
+                            else f"{stage.name} {step}")
                     log(f"  {what} ({time.perf_counter() - t:.1f} s)")
                     result.done.append(what)
         except Exception as exc:  # noqa: BLE001 - a failing model never stops the study
@@ -498,8 +550,8 @@ def leaderboard(ws: Workspace, study: Study) -> tuple[list[str], list[dict[str, 
     """The shipped leaderboard restricted to the study's own analyses (its grid and its options)."""
     from vlmindex.catalog import sandbox, shipped
 
-    ids = [study.analysis.analysis_id(m, d["name"], c) for m in study.models for d in study.datasets
-           for c in _conditions_for(study, d["name"])]
+    ids = [o.analysis_id(m, d["name"], c) for d in study.datasets for o in analysis_options(ws, study, d["name"])
+           for m in study.models for c in _conditions_for(study, d["name"])]
     with sandbox.connect(ws) as con:
         return shipped.run(con, "leaderboard", analysis_ids=ids, exclude=("analysis_id",))
 

@@ -182,6 +182,13 @@ def class_pools(con: duckdb.DuckDBPyConnection, dataset: str) -> dict[str | None
     return pools
 
 
+def modalities(con: duckdb.DuckDBPyConnection, dataset: str) -> tuple[list[str], int]:
+    """(sorted modalities of a dataset's labelled images, labelled images with no modality)."""
+    rows = con.execute("SELECT modality, count(*) FROM images WHERE dataset = ? AND label IS NOT NULL "
+                       "GROUP BY modality ORDER BY modality NULLS LAST", [dataset]).fetchall()
+    return [m for m, _ in rows if m is not None], int(sum(n for m, n in rows if m is None))
+
+
 def label_counts(con: duckdb.DuckDBPyConnection, dataset: str) -> tuple[int, int]:
     """(images without a label, distinct labels) of a dataset."""
     row = con.execute("SELECT count(*) FILTER (WHERE label IS NULL), count(DISTINCT label) FROM images "

@@ -71,7 +71,8 @@ def summary_fingerprint(con: duckdb.DuckDBPyConnection, analysis_id: str) -> str
 
 def latest_summaries(con: duckdb.DuckDBPyConnection, dataset: str | None = None,
                      analysis_ids: Sequence[str] | None = None) -> list[dict[str, Any]]:
-    """The ``latest_summaries`` view (provenance parsed): clean before overlays, best mAP first."""
+    """The ``latest_summaries`` view (provenance parsed), in blocks of dataset, modality (all
+    modalities first) and condition (clean first); best mAP first within a block."""
     where, args = [], []
     if dataset:
         where.append("dataset = ?")
@@ -80,7 +81,8 @@ def latest_summaries(con: duckdb.DuckDBPyConnection, dataset: str | None = None,
         where.append("analysis_id IN (SELECT unnest(?))")
         args.append(list(analysis_ids))
     sql = ("SELECT * FROM latest_summaries" + (" WHERE " + " AND ".join(where) if where else "")
-           + " ORDER BY dataset, condition <> 'clean', condition, map_micro DESC NULLS LAST, model")
+           + " ORDER BY dataset, modality NULLS FIRST, condition <> 'clean', condition, map_micro DESC NULLS LAST,"
+           " model")
     rows = _dicts(con.execute(sql, args))
     for r in rows:
         try:

@@ -302,21 +302,24 @@ def _stored_version(con: duckdb.DuckDBPyConnection) -> int | None:
     return int(row[0][0]) if row else None
 
 
+def _add_columns(con: duckdb.DuckDBPyConnection, added: dict[str, tuple[str, ...]]) -> None:
+    tables = {r[0] for r in con.execute("SELECT table_name FROM information_schema.tables").fetchall()}
+    for table, columns in added.items():
+        if table in tables:  # a missing table is created whole by schema.sql afterwards
+            for column in columns:
+                con.execute(f"ALTER TABLE {table} ADD COLUMN IF NOT EXISTS {column}")
+
+
 def _migrate_v1(con: duckdb.DuckDBPyConnection) -> None:
     """v1 → v2: fingerprint columns on derived results and the skipped table's stage columns."""
-    added = {
+    _add_columns(con, {
         "skipped": ("stage VARCHAR", "model VARCHAR", "condition VARCHAR"),
         "summaries": ("inputs_fingerprint VARCHAR", "n_missing BIGINT"),
         "overlay_effects": ("inputs_fingerprint VARCHAR",),
         "zeroshot_results": ("inputs_fingerprint VARCHAR",),
         "text_detections": ("pixels VARCHAR",),
         "runs": ("recorded_from VARCHAR",),
-    }
-    tables = {r[0] for r in con.execute("SELECT table_name FROM information_schema.tables").fetchall()}
-    for table, columns in added.items():
-        if table in tables:  # a missing table is created whole by schema.sql afterwards
-            for column in columns:
-                con.execute(f"ALTER TABLE {table} ADD COLUMN IF NOT EXISTS {column}")
+    })
 
 
 def _migrate_v1_files(root: Path) -> None:
@@ -326,19 +329,22 @@ def _migrate_v1_files(root: Path) -> None:
     parts.add_part_column(root / "embeddings")
 
 
+# v2 -> v3: columns added to existing tables, one list per feature. The tables ``duplicates`` and
+# ``duplicate_searches`` are new and come from schema.sql.
+V3_PROBE_COLUMNS = {
+    "summaries": ("probe_balanced_accuracy_sd DOUBLE",),  # linear probe over --probe-seeds seeds
+}
+V3_DUPLICATE_COLUMNS = {
+    "images": ("pixel_sha256 VARCHAR",),  # decoded-pixel hash, filled lazily by `vlmindex duplicates`
+    "summaries": ("exclude_duplicates BOOLEAN DEFAULT false",),  # false for every earlier analysis
+}
+V3_COLUMNS: tuple[dict[str, tuple[str, ...]], ...] = (V3_PROBE_COLUMNS, V3_DUPLICATE_COLUMNS)
+
+
 def _migrate_v2(con: duckdb.DuckDBPyConnection) -> None:
-    """v2 → v3: the decoded-pixel hash of every image (filled lazily by ``vlmindex duplicates``) and
-    the duplicate exclusion of an analysis (false for every earlier one). The tables ``duplicates``
-    and ``duplicate_searches`` are new and come from schema.sql."""
-    added = {
-        "images": ("pixel_sha256 VARCHAR",),
-        "summaries": ("exclude_duplicates BOOLEAN DEFAULT false",),
-    }
-    tables = {r[0] for r in con.execute("SELECT table_name FROM information_schema.tables").fetchall()}
-    for table, columns in added.items():
-        if table in tables:
-            for column in columns:
-                con.execute(f"ALTER TABLE {table} ADD COLUMN IF NOT EXISTS {column}")
+    """v2 → v3: the columns of :data:`V3_COLUMNS`."""
+    for added in V3_COLUMNS:
+        _add_columns(con, added)
 
 
 MIGRATIONS[1] = _migrate_v1

@@ -109,33 +109,55 @@ HEADLINE = ["model", "dataset", "condition", "k", "n_queries", *registry.headlin
 @click.option("--query-split", help="Queries from this split only (e.g. test).")
 @click.option("--gallery-split", help="Gallery from this split only (e.g. train).")
 @click.option("--modality", help="Only images of this modality.")
+@click.option("--per-modality", is_flag=True,
+              help="One analysis per modality of the dataset (gallery and queries within it), each stored as "
+                   "--modality M stores it.")
 @click.option("--no-probe", is_flag=True, help="Skip the linear-probe balanced accuracy (slow on big sets).")
+@click.option("--probe-seeds", type=click.IntRange(min=1), default=1, show_default=True,
+              help="Repeat the linear probe over this many seeds (its split and solver randomness); the "
+                   "summary holds their mean and standard deviation.")
 @click.option("--allow-partial", is_flag=True,
               help="Score the images that have an embedding even when some have none (the scope says so).")
 @format_option()
 @pass_ctx
 def analyze(ctx, models, dataset, condition, k, exclude_group, exclude_duplicates, query_split, gallery_split,
-            modality, no_probe, allow_partial, fmt):
+            modality, per_modality, no_probe, probe_seeds, allow_partial, fmt):
     """Neighbours and discriminability metrics of embedded runs.
 
     Per query: purity@k, AP over the full ranking, MAP@R, R-precision, P@1, kNN vote (rows in
     `query_metrics`, neighbours in the `neighbors` view); per run: micro and macro means and the
     distribution figures (table `summaries`; `vlmindex sql leaderboard`). --exclude-duplicates
-    reads the pairs `vlmindex duplicates DATASET [-m MODEL]` stored.
+    reads the pairs `vlmindex duplicates DATASET [-m MODEL]` stored. With --per-modality, one row
+    per (model, modality).
 
     \b
     Example:
       vlmindex analyze --model hog,raw-pixels --dataset demo -k 10 --exclude-group
+      vlmindex analyze --model hog --dataset demo --per-modality --probe-seeds 3
     """
-    from vlmindex.analyze import AnalyzeOptions
+    import warnings
+
+    from vlmindex.analyze import AnalyzeOptions, analyze_per_modality
     from vlmindex.analyze import analyze as run_analyze
+    from vlmindex.catalog import RunKey
 
     opts = AnalyzeOptions(k=k, exclude_group=exclude_group, query_split=query_split,
                           gallery_split=gallery_split, modality=modality, probe=not no_probe,
-                          allow_partial=allow_partial, exclude_duplicates=exclude_duplicates)
-    rows = [run_analyze(ctx.workspace, m, dataset, condition, opts) for m in models]
+                          allow_partial=allow_partial, exclude_duplicates=exclude_duplicates,
+                          probe_seeds=probe_seeds)
+    # Warnings (images in no modality block, an undefined figure) as one line each, once.
+    with warnings.catch_warnings(record=True) as caught:
+        for category in (UserWarning, RuntimeWarning):
+            warnings.simplefilter("always", category)
+        if per_modality:
+            rows = [r for m in models for r in analyze_per_modality(ctx.workspace, RunKey(m, dataset, condition),
+                                                                    opts)]
+        else:
+            rows = [run_analyze(ctx.workspace, m, dataset, condition, opts) for m in models]
+    for message in dict.fromkeys(str(w.message) for w in caught):
+        click.echo(f"Warning: {message}", err=True)
     if fmt == "table":
-        echo_rows(rows, fmt, HEADLINE)
+        echo_rows(rows, fmt, HEADLINE if not per_modality else [*HEADLINE[:3], "modality", *HEADLINE[3:]])
     else:
         echo_rows([{c: v for c, v in r.items() if c != "provenance"} |
                    {"provenance": json.loads(r["provenance"])} for r in rows], fmt)

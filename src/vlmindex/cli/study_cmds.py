@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import sys
 from pathlib import Path
 
@@ -19,10 +20,19 @@ def _run(ctx, study, report: Path | None, fmt: str) -> None:
 
     result = run_study(ctx.workspace, study, log=log, progress=sys.stderr.isatty())
     cols, rows = leaderboard(ctx.workspace, study)
-    if fmt == "table":
-        click.echo(f"\nLeaderboard ({study.name}; k = {study.analysis.k}"
-                   f"{', group-excluded' if study.analysis.exclude_group else ''}):")
-    echo_rows(rows, fmt, cols)
+    if fmt != "table":
+        echo_rows(rows, fmt, cols)
+    else:
+        # One table per (dataset, modality) block, in the leaderboard's order (all modalities first).
+        title = (f"Leaderboard ({study.name}; k = {study.analysis.k}"
+                 f"{', group-excluded' if study.analysis.exclude_group else ''}")
+        blocks = [(key, list(group)) for key, group in
+                  itertools.groupby(rows, key=lambda r: (r["dataset"], r.get("modality")))] or [((None, None), [])]
+        for (dataset, modality), block in blocks:
+            scope = "" if len(blocks) == 1 else f" {dataset}, " + (f"modality {modality}" if modality is not None
+                                                                   else "all modalities")
+            click.echo(f"\n{title}):{scope}")
+            echo_rows(block, fmt, [c for c in cols if c != "modality"])
     if study.conditions and study.overlay_effects and fmt == "table":
         attack_cols, attack_rows = attack_summary(ctx.workspace, study)
         click.echo("\nTypographic attack (overlaid queries against the clean gallery; docs/overlays.md):")

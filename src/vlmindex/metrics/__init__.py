@@ -9,6 +9,8 @@ Modules:
 * :mod:`~vlmindex.metrics.distribution`: :func:`distribution_figures`, the silhouette (cosine),
   Davies–Bouldin, Calinski–Harabasz, Fisher ratio and linear-probe balanced accuracy of the class
   structure, and :func:`project_2d` for plots.
+* :mod:`~vlmindex.metrics.probe`: the linear probe, :func:`linear_probe`, with its regularisation
+  chosen on a validation split (or group CV) and repeated over seeds.
 * :mod:`~vlmindex.metrics.ranking`: the exact, deterministic ranking kernels (fixed-shape block
   products, uint64 rank keys, chunk runner).
 * :mod:`~vlmindex.metrics.statistics`: the percentile bootstrap over resampling units, the paired
@@ -28,10 +30,10 @@ from vlmindex.metrics.distribution import (
     davies_bouldin,
     distribution_figures,
     fisher_ratio,
-    linear_probe_balanced_accuracy,
     project_2d,
     silhouette_cosine,
 )
+from vlmindex.metrics.probe import C_GRID, ProbeResult, linear_probe, linear_probe_balanced_accuracy
 from vlmindex.metrics.registry import METRICS, Metric, SummaryColumn, distribution_columns, summary_columns
 from vlmindex.metrics.retrieval import RETRIEVAL_METRICS, RetrievalResult, retrieval_metrics
 from vlmindex.metrics.statistics import (
@@ -44,10 +46,12 @@ from vlmindex.metrics.statistics import (
 )
 
 __all__ = [
+    "C_GRID",
     "METRICS",
     "RETRIEVAL_METRICS",
     "Metric",
     "PairedResult",
+    "ProbeResult",
     "RetrievalResult",
     "SummaryColumn",
     "bootstrap_ci",
@@ -58,6 +62,7 @@ __all__ = [
     "distribution_figures",
     "fisher_ratio",
     "holm",
+    "linear_probe",
     "linear_probe_balanced_accuracy",
     "paired_comparison",
     "project_2d",

@@ -8,7 +8,9 @@ whose features differ in scale stay comparable. Each function's docstring gives 
 * :func:`davies_bouldin`: mean over classes of the worst spread-to-separation ratio (lower is better);
 * :func:`calinski_harabasz`: between- over within-class scatter, scaled by degrees of freedom;
 * :func:`fisher_ratio`: :math:`\operatorname{tr}(S_B) / \operatorname{tr}(S_W)`;
-* :func:`linear_probe_balanced_accuracy`: balanced accuracy of a logistic-regression probe.
+* :func:`~vlmindex.metrics.probe.linear_probe_balanced_accuracy`: balanced accuracy of a
+  logistic-regression probe whose regularisation is chosen on a validation split
+  (:mod:`vlmindex.metrics.probe` states the protocol).
 
 :func:`distribution_figures` computes them all at once; :func:`project_2d` gives 2-D coordinates for
 plots. A figure that is undefined for the data (one class, every image its own class, ...) is NaN
@@ -24,7 +26,8 @@ from typing import Any
 import numpy as np
 
 from vlmindex.errors import VlmindexError
-from vlmindex.metrics.inputs import as_embeddings, as_mask, factorize
+from vlmindex.metrics.inputs import as_embeddings, factorize
+from vlmindex.metrics.probe import C_GRID, linear_probe, linear_probe_balanced_accuracy
 from vlmindex.metrics.ranking import l2_normalize
 
 __all__ = [
@@ -170,81 +173,30 @@ def fisher_ratio(embeddings: np.ndarray, labels: Any, *, normalize: bool = True)
     return float(between / within)
 
 
-def linear_probe_balanced_accuracy(
-    embeddings: np.ndarray,
-    labels: Any,
-    *,
-    train_mask: np.ndarray | None = None,
-    cv: int = 5,
-    seed: int = 0,
-    normalize: bool = True,
-    c: float = 1.0,
-    max_iter: int = 1000,
-) -> float:
-    """Balanced accuracy of a multinomial logistic-regression probe on the (unit) embeddings.
-
-    With ``train_mask``: fit on those rows, score the others (a held-out split). Otherwise
-    stratified ``cv``-fold cross-validation (shuffled with ``seed``): every image is predicted once
-    by a probe that did not see it, and balanced accuracy (mean per-class recall) is computed over
-    those pooled out-of-fold predictions. Features are standardised inside each fit. When the
-    smallest class has fewer than ``cv`` images the folds drop to that count (warning); a class
-    of one image, or a single class, makes the figure undefined (NaN with a warning).
-    """
-    from sklearn.linear_model import LogisticRegression
-    from sklearn.metrics import balanced_accuracy_score
-    from sklearn.model_selection import StratifiedKFold
-    from sklearn.pipeline import make_pipeline
-    from sklearn.preprocessing import StandardScaler
-
-    x, codes, n_classes = _prepare(embeddings, labels, normalize)
-
-    def probe() -> Any:
-        return make_pipeline(StandardScaler(), LogisticRegression(C=c, max_iter=max_iter))
-
-    if train_mask is not None:
-        train = as_mask(train_mask, len(codes), "train_mask")
-        test = ~train
-        if not test.any():
-            return _degenerate("linear probe", "the held-out split is empty")
-        if len(np.unique(codes[train])) < 2:
-            return _degenerate("linear probe", "the training split has fewer than two classes")
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", category=UserWarning)  # held-out class unseen in training
-            model = probe().fit(x[train], codes[train])
-            return float(balanced_accuracy_score(codes[test], model.predict(x[test])))
-
-    if n_classes < 2:
-        return _degenerate("linear probe", "only one class")
-    smallest = int(np.bincount(codes).min())
-    if smallest < 2:
-        return _degenerate("linear probe", "a class has a single image, so it cannot be cross-validated")
-    folds = int(cv)
-    if smallest < folds:
-        warnings.warn(f"linear probe: smallest class has {smallest} images; using {smallest}-fold CV "
-                      f"instead of {folds}", RuntimeWarning, stacklevel=2)
-        folds = smallest
-    pred = np.empty_like(codes)
-    splitter = StratifiedKFold(n_splits=folds, shuffle=True, random_state=seed)
-    for train_idx, test_idx in splitter.split(x, codes):
-        pred[test_idx] = probe().fit(x[train_idx], codes[train_idx]).predict(x[test_idx])
-    return float(balanced_accuracy_score(codes, pred))
-
-
 def distribution_figures(
     embeddings: np.ndarray,
     labels: Any,
     *,
+    splits: Any = None,
+    groups: Any = None,
     train_mask: np.ndarray | None = None,
     cv: int = 5,
     seed: int = 0,
     probe: bool = True,
+    probe_seeds: int = 1,
+    grid: Sequence[float] = C_GRID,
 ) -> dict[str, Any]:
-    """All distribution figures of one embedding set, as a flat dict (NaN where undefined).
+    """All distribution figures of one embedding set, as a dict (NaN where undefined).
 
     Keys: ``n``, ``n_classes``, ``silhouette_cosine``, ``davies_bouldin``, ``calinski_harabasz``,
-    ``fisher_ratio`` and, unless ``probe=False``, ``linear_probe_balanced_accuracy``. Everything is
-    computed on L2-normalised embeddings, the geometry the retrieval metrics use, so models whose
-    features differ in scale stay comparable.
+    ``fisher_ratio`` and, unless ``probe=False``, ``linear_probe_balanced_accuracy`` (mean over
+    ``probe_seeds`` seeds ``seed .. seed + probe_seeds - 1``), ``linear_probe_balanced_accuracy_sd``
+    (their sample standard deviation; None for one seed) and ``linear_probe``, the
+    :class:`~vlmindex.metrics.probe.ProbeResult` (scheme, chosen C, provenance). ``splits`` (split
+    name per row), ``groups`` and ``train_mask`` go to :func:`~vlmindex.metrics.probe.linear_probe`,
+    which picks its validation scheme from them. Everything is computed on
+    L2-normalised embeddings, the geometry the retrieval metrics use, so models whose features
+    differ in scale stay comparable.
     """
     x = as_embeddings(embeddings)
     _, codes = _class_codes(labels, x.shape[0])
@@ -258,9 +210,13 @@ def distribution_figures(
         "fisher_ratio": fisher_ratio(unit, codes, normalize=False),
     }
     if probe:
-        out["linear_probe_balanced_accuracy"] = linear_probe_balanced_accuracy(
-            unit, codes, train_mask=train_mask, cv=cv, seed=seed, normalize=False
-        )
+        if not isinstance(probe_seeds, int) or probe_seeds < 1:
+            raise VlmindexError(f"--probe-seeds must be at least 1, got {probe_seeds}")
+        result = linear_probe(unit, codes, splits=splits, train_mask=train_mask, groups=groups,
+                              seeds=range(seed, seed + probe_seeds), grid=grid, cv=cv, normalize=False)
+        out["linear_probe_balanced_accuracy"] = result.balanced_accuracy
+        out["linear_probe_balanced_accuracy_sd"] = result.sd
+        out["linear_probe"] = result
     return out
 
 

@@ -11,8 +11,9 @@ This module is where that mapping lives; :data:`METRICS` has one row per metric:
 * ``query_column``: per-query ``RetrievalResult`` attribute and ``query_metrics`` column;
 * ``result_key``: key (stem) in ``RetrievalResult.summary()`` or ``distribution_figures()``;
 * ``columns``: its ``summaries`` columns (micro and macro for a retrieval metric, one for a
-  figure), each with its ``sql/leaderboard.sql`` output name (None when not shown there), a short
-  header and a one-line definition (the report's column tooltip);
+  figure, two for the probe: its mean over seeds and their standard deviation), each with its
+  ``sql/leaderboard.sql`` output name (None when not shown there), a short header and a one-line
+  definition (the report's column tooltip);
 * ``higher_is_better`` and a one-line ``definition``.
 
 The formulas are in the docstrings of :mod:`vlmindex.metrics.retrieval` and
@@ -54,7 +55,8 @@ class SummaryColumn:
     """One column of table ``summaries``."""
 
     name: str  # summaries column
-    aggregate: Literal["micro", "macro"] | None  # None: a distribution figure, one number per set
+    # None: a distribution figure, one number per set; "sd": its standard deviation over seeds
+    aggregate: Literal["micro", "macro", "sd"] | None
     leaderboard: str | None  # output column of sql/leaderboard.sql; None when not there
     header: str  # short label (report table header)
     definition: str  # one line (report tooltip)
@@ -121,9 +123,14 @@ DISTRIBUTION: tuple[Metric, ...] = (
             "between- over within-class scatter, each per degree of freedom"),
     _figure("fisher_ratio", "fisher_ratio", None, "Fisher ratio", True,
             "trace of between-class over within-class scatter"),
-    _figure("probe_balanced_accuracy", "linear_probe_balanced_accuracy", "probe_bal_acc", "probe bal. acc", True,
-            "balanced accuracy of a logistic-regression probe on the unit embeddings",
-            tooltip="linear-probe balanced accuracy"),
+    # The probe's mean over --probe-seeds seeds, and their standard deviation (vlmindex.metrics.probe).
+    Metric("probe_balanced_accuracy", "distribution", None, "linear_probe_balanced_accuracy", (
+        SummaryColumn("probe_balanced_accuracy", None, "probe_bal_acc", "probe bal. acc",
+                      "linear-probe balanced accuracy"),
+        SummaryColumn("probe_balanced_accuracy_sd", "sd", None, "probe sd",
+                      "standard deviation of the probe's balanced accuracy over its seeds (--probe-seeds)"),
+    ), True, "balanced accuracy of a logistic-regression probe on the unit embeddings, C chosen on a validation "
+             "split"),
 )
 
 METRICS: tuple[Metric, ...] = RETRIEVAL + DISTRIBUTION
@@ -167,8 +174,10 @@ def summary_columns(result: RetrievalResult | Mapping[str, Any]) -> dict[str, fl
 
 def distribution_columns(figures: Mapping[str, Any]) -> dict[str, float | None]:
     """The distribution-figure values of a ``summaries`` row from ``distribution_figures()``'s dict
-    (None for a figure it did not compute, such as the probe with ``probe=False``)."""
-    return {c.name: figures.get(m.result_key) for m in DISTRIBUTION for c in m.columns}
+    (None for a figure it did not compute, such as the probe with ``probe=False``). A figure's key is
+    its ``result_key``; a column with an aggregate (the probe's ``sd``) reads ``<result_key>_<aggregate>``."""
+    return {c.name: figures.get(m.result_key if c.aggregate is None else f"{m.result_key}_{c.aggregate}")
+            for m in DISTRIBUTION for c in m.columns}
 
 
 def delta_metrics() -> tuple[tuple[str, str], ...]:

@@ -78,7 +78,7 @@ class DatasetRow:
 
 @dataclass
 class BestModel:
-    """The model with the highest mAP on one dataset and condition ("at a glance")."""
+    """The model with the highest mAP on one dataset, modality and condition ("at a glance")."""
 
     dataset: str
     condition: str
@@ -86,6 +86,7 @@ class BestModel:
     map_micro: float | None
     n_queries: int | None
     n_models: int
+    modality: str | None = None  # None: all modalities
 
 
 @dataclass
@@ -96,18 +97,19 @@ class LeaderboardRow:
 
 @dataclass
 class LeaderboardBlock:
-    """One dataset and condition: its analyses, best mAP first."""
+    """One dataset, modality and condition: its analyses, best mAP first."""
 
     dataset: str
     condition: str
     ks: list[int]
     rows: list[LeaderboardRow]
     best: dict[str, float]  # best value of each leaderboard column (max or min as the column says)
+    modality: str | None = None  # None: all modalities (analyses without --modality)
 
 
 @dataclass
 class PurityTable:
-    """Mean purity@k per (model, class) of one dataset and condition."""
+    """Mean purity@k per (model, class) of one dataset, modality and condition."""
 
     dataset: str
     condition: str
@@ -116,6 +118,7 @@ class PurityTable:
     labels: list[str]
     values: list[list[float | None]]  # [model][label]; None: the model has no query of that class
     counts: list[int]                 # queries per class (the largest count over models)
+    modality: str | None = None
 
 
 @dataclass
@@ -136,6 +139,7 @@ class ProjectionPanel:
     method: str            # "tsne" or "pca"
     run_conditions: list[str]  # the conditions shown, in panel order
     n_images: int          # distinct images (each appears once per condition)
+    modality: str | None = None  # None: the all-modality analyses; else only that modality was analysed
 
 
 @dataclass
@@ -195,6 +199,7 @@ class StaleAnalysis:
         args += [f"--gallery-split {o.gallery_split}"] if o.gallery_split else []
         args += [f"--modality {o.modality}"] if o.modality else []
         args += [] if o.probe else ["--no-probe"]
+        args += [f"--probe-seeds {o.probe_seeds}"] if o.probe_seeds != 1 else []
         return "vlmindex analyze " + " ".join(args)
 
 
@@ -281,12 +286,18 @@ def protocol_text(s: dict[str, Any]) -> str:
     return ", ".join(parts)
 
 
-def blocks(summaries: list[dict[str, Any]]) -> dict[tuple[str, str], list[dict[str, Any]]]:
-    """Summary rows by (dataset, condition), in the order they come."""
-    out: dict[tuple[str, str], list[dict[str, Any]]] = {}
+def blocks(summaries: list[dict[str, Any]]) -> dict[tuple[str, str | None, str], list[dict[str, Any]]]:
+    """Summary rows by (dataset, modality, condition), in the order they come; modality None is
+    the all-modality analyses."""
+    out: dict[tuple[str, str | None, str], list[dict[str, Any]]] = {}
     for s in summaries:
-        out.setdefault((s["dataset"], s["condition"]), []).append(s)
+        out.setdefault((s["dataset"], s.get("modality"), s["condition"]), []).append(s)
     return out
+
+
+def block_name(dataset: str, modality: str | None, condition: str) -> str:
+    """``demo / clean``, or ``demo · xray / clean`` for one modality's block."""
+    return f"{dataset}{' · ' + modality if modality is not None else ''} / {condition}"
 
 
 # ------------------------------------------------------------------------------------------------
@@ -297,7 +308,8 @@ def blocks(summaries: list[dict[str, Any]]) -> dict[tuple[str, str], list[dict[s
 def latest_summaries(con: Any, dataset: str | None = None) -> list[dict[str, Any]]:
     """The latest analysis per (model, dataset, condition) and options: the ``latest_summaries`` view.
 
-    Ordered by dataset, clean before overlay conditions, then mAP (best first) and model.
+    Ordered by dataset, modality (all modalities first), clean before overlay conditions, then mAP
+    (best first) and model.
     """
     return results.latest_summaries(con, dataset)
 
@@ -387,16 +399,16 @@ def short_json(obj: Any) -> str:
 
 def _glance(summaries: list[dict[str, Any]]) -> list[BestModel]:
     out = []
-    for (ds, cond), block in blocks(summaries).items():
+    for (ds, mod, cond), block in blocks(summaries).items():
         top = max(block, key=lambda s: -math.inf if s["map_micro"] is None else s["map_micro"])
-        out.append(BestModel(ds, cond, top["model"], top["map_micro"], top["n_queries"], len(block)))
+        out.append(BestModel(ds, cond, top["model"], top["map_micro"], top["n_queries"], len(block), mod))
     return out
 
 
 def _leaderboard(summaries: list[dict[str, Any]], per_query: dict[str, QueryArrays],
                  opts: ReportOptions) -> list[LeaderboardBlock]:
     out = []
-    for (ds, cond), block in blocks(summaries).items():
+    for (ds, mod, cond), block in blocks(summaries).items():
         best = {}
         for col, _, higher, _ in LEADERBOARD_COLUMNS:
             vals = [s[col] for s in block if s.get(col) is not None and math.isfinite(s[col])]
@@ -411,13 +423,13 @@ def _leaderboard(summaries: list[dict[str, Any]], per_query: dict[str, QueryArra
                 lo, hi = bootstrap_mean_ci(q.ap[ok], q.unit[ok], n_boot=opts.n_boot, seed=opts.seed,
                                            confidence=opts.confidence)
             rows.append(LeaderboardRow(s, (lo, hi)))
-        out.append(LeaderboardBlock(ds, cond, sorted({s["k"] for s in block}), rows, best))
+        out.append(LeaderboardBlock(ds, cond, sorted({s["k"] for s in block}), rows, best, mod))
     return out
 
 
 def _per_class(summaries: list[dict[str, Any]], per_query: dict[str, QueryArrays]) -> list[PurityTable]:
     out = []
-    for (ds, cond), block in blocks(summaries).items():
+    for (ds, mod, cond), block in blocks(summaries).items():
         labels = sorted({str(x) for s in block if s["analysis_id"] in per_query
                          for x in per_query[s["analysis_id"]].label})
         if not labels:
@@ -435,7 +447,7 @@ def _per_class(summaries: list[dict[str, Any]], per_query: dict[str, QueryArrays
                 counts[lab] = max(counts[lab], int(m.sum()))
             values.append(row)
         out.append(PurityTable(ds, cond, sorted({s["k"] for s in block}), [s["model"] for s in block], labels,
-                               values, [counts[lab] for lab in labels]))
+                               values, [counts[lab] for lab in labels], mod))
     return out
 
 
@@ -449,10 +461,14 @@ def _projections(ws: Workspace, summaries: list[dict[str, Any]], per_query: dict
     if opts.max_points <= 0:
         return []
     out: list[ProjectionPanel | ProjectionGap] = []
-    by_model: dict[tuple[str, str], list[dict[str, Any]]] = {}
+    # One panel per (dataset, model) from its all-modality analyses; per modality only where the
+    # model was analysed per modality alone (analyses of disjoint modalities share no image).
+    by_model: dict[tuple[str, str, str | None], list[dict[str, Any]]] = {}
     for s in summaries:
-        by_model.setdefault((s["dataset"], s["model"]), []).append(s)
-    for (ds, model), runs in by_model.items():
+        by_model.setdefault((s["dataset"], s["model"], s.get("modality")), []).append(s)
+    for key in [k for k in by_model if k[2] is not None and (k[0], k[1], None) in by_model]:
+        del by_model[key]
+    for (ds, model, mod), runs in by_model.items():
         runs = [r for r in runs if r["analysis_id"] in per_query]
         if not runs:
             continue
@@ -481,7 +497,8 @@ def _projections(ws: Workspace, summaries: list[dict[str, Any]], per_query: dict
             conds.extend([cond] * int(sel.sum()))
             point_ids.append(ids[sel])
         if len(conds) < 3:
-            notes.append(f"{model} on {ds}: fewer than 3 embedded points, no projection")
+            notes.append(f"{model} on {ds}{' (' + mod + ')' if mod else ''}: fewer than 3 embedded points, "
+                         "no projection")
             out.append(ProjectionGap(ds, model))
             continue
         x = np.concatenate(vecs).astype(np.float32)
@@ -496,7 +513,7 @@ def _projections(ws: Workspace, summaries: list[dict[str, Any]], per_query: dict
             dataset=ds, model=model, conditions=[conds[i] for i in rows], image_ids=all_ids[rows],
             vectors=x[rows], labels=[str(label_of.get(int(all_ids[i]), "?")) for i in rows],
             coords=np.asarray(coords), method=method, run_conditions=[r["condition"] for r in runs],
-            n_images=len(chosen)))
+            n_images=len(chosen), modality=mod))
     return out
 
 
@@ -510,18 +527,26 @@ def _paired(qa: QueryArrays, qb: QueryArrays, opts: ReportOptions) -> PairedResu
 def _ap_deltas(summaries: list[dict[str, Any]], per_query: dict[str, QueryArrays],
                opts: ReportOptions) -> tuple[list[ApDelta], list[str]]:
     """ΔAP (overlay − clean) per model, paired on the same images; used when no stored figures exist."""
-    clean = {(s["model"], s["dataset"]): s for s in summaries if s["condition"] == "clean"}
+    # The clean analyses of each model and dataset by protocol: one per modality with --per-modality.
+    clean: dict[tuple[str, str], dict[tuple[Any, ...], dict[str, Any]]] = {}
+    for s in summaries:
+        if s["condition"] == "clean":
+            clean.setdefault((s["model"], s["dataset"]), {})[protocol(s)] = s
     rows, skipped = [], []
     for s in summaries:
         if s["condition"] == "clean":
             continue
-        c = clean.get((s["model"], s["dataset"]))
-        if c is None or c["analysis_id"] not in per_query or s["analysis_id"] not in per_query:
-            skipped.append(f"{s['model']} on {s['dataset']}/{s['condition']}: no clean analysis to compare")
+        cands = clean.get((s["model"], s["dataset"]), {})
+        c = cands.get(protocol(s))
+        where = f"{s['model']} on {s['dataset']}/{s['condition']}" + (f" ({s['modality']})" if s.get("modality")
+                                                                       else "")
+        if c is None and cands:
+            other = next(iter(cands.values()))
+            skipped.append(f"{where}: clean analysis used other settings ({protocol_text(other)} vs "
+                           f"{protocol_text(s)})")
             continue
-        if protocol(c) != protocol(s):
-            skipped.append(f"{s['model']} on {s['dataset']}/{s['condition']}: clean analysis used other "
-                           f"settings ({protocol_text(c)} vs {protocol_text(s)})")
+        if c is None or c["analysis_id"] not in per_query or s["analysis_id"] not in per_query:
+            skipped.append(f"{where}: no clean analysis to compare")
             continue
         rows.append((s, c, _paired(per_query[s["analysis_id"]], per_query[c["analysis_id"]], opts)))
     adj = holm([r.p_value for *_, r in rows])
@@ -533,13 +558,13 @@ def _comparisons(summaries: list[dict[str, Any]], per_query: dict[str, QueryArra
     """Every pair of models with the same dataset, condition and protocol; Holm over all pairs."""
     pairs: list[tuple[str, str, dict[str, Any], dict[str, Any], PairedResult]] = []
     lonely = []
-    for (ds, cond), block in blocks(summaries).items():
+    for (ds, mod, cond), block in blocks(summaries).items():
         by_protocol: dict[tuple[Any, ...], list[dict[str, Any]]] = {}
         for s in block:
             if s["analysis_id"] in per_query:
                 by_protocol.setdefault(protocol(s), []).append(s)
         if all(len(v) < 2 for v in by_protocol.values()):
-            lonely.append(f"{ds}/{cond}")
+            lonely.append(block_name(ds, mod, cond).replace(" / ", "/"))
             continue
         for group in by_protocol.values():
             for i in range(len(group)):
@@ -555,16 +580,20 @@ def _comparisons(summaries: list[dict[str, Any]], per_query: dict[str, QueryArra
 def analysis_options(s: dict[str, Any]) -> AnalyzeOptions:
     """The :class:`AnalyzeOptions` a summary row was computed with, rebuilt from its columns.
 
-    The seed is not a column; provenance records it when an analysis stored one, else the default.
+    The seed and probe seeds are not columns; provenance records them when an analysis stored
+    them, else the defaults.
     """
     seed = (s.get("provenance") or {}).get("seed")
+    probe_seeds = (s.get("provenance") or {}).get("probe_seeds")
     k = s.get("k")
     return AnalyzeOptions(k=AnalyzeOptions.k if k is None else int(k), exclude_group=bool(s["exclude_group"]),
                           query_split=s.get("query_split"), gallery_split=s.get("gallery_split"),
                           modality=s.get("modality"),
                           probe=s.get("probe_protocol") is not None,
                           exclude_duplicates=bool(s.get("exclude_duplicates")),
-                          seed=seed if isinstance(seed, int) and not isinstance(seed, bool) else 0)
+                          seed=seed if isinstance(seed, int) and not isinstance(seed, bool) else 0,
+                          probe_seeds=probe_seeds if isinstance(probe_seeds, int) and not isinstance(probe_seeds, bool)
+                          else 1)
 
 
 def _stale(ws: Workspace, summaries: list[dict[str, Any]]) -> tuple[list[StaleAnalysis], list[str]]:

@@ -23,6 +23,7 @@ from vlmindex.report.data import (
     DatasetDuplicates,
     ProjectionPanel,
     ReportData,
+    block_name,
     protocol_text,
     short_json,
 )
@@ -105,7 +106,7 @@ def _overview(data: ReportData, opts: ReportOptions) -> str:
                     f"<td class='num'>{_num(d.n_classes)}</td>"
                     f"<td class='num'>{_num(d.groups)}</td><td>{esc(d.modality or '–')}</td>"
                     f"<td>{splits}</td><td>{esc(', '.join(d.conditions))}</td></tr>")
-    best = [f"<li>{esc(b.dataset)} / {esc(b.condition)}: <b>{esc(b.model)}</b> has the highest mAP, "
+    best = [f"<li>{esc(block_name(b.dataset, b.modality, b.condition))}: <b>{esc(b.model)}</b> has the highest mAP, "
             f"{_num(b.map_micro)} over {_num(b.n_queries)} queries "
             f"(of {b.n_models} model{'s' if b.n_models != 1 else ''}).</li>" for b in data.glance]
     summaries = data.summaries
@@ -125,18 +126,19 @@ def _overview(data: ReportData, opts: ReportOptions) -> str:
 
 
 def _leaderboard(data: ReportData, opts: ReportOptions) -> str:
-    out = ["<p>Latest analysis per model, dataset and condition, ranked by mAP. <i>micro</i> = mean "
+    out = ["<p>Latest analysis per model, dataset and condition, ranked by mAP; one table per dataset, "
+           "modality (all modalities first, then each modality analysed alone) and condition. <i>micro</i> = mean "
            "over queries, <i>macro</i> = mean of the class means (hover a header for its definition). "
            "The best value of each column is bold. A model name links to the provenance of its row. "
            f"Bars: mAP with a {opts.confidence:.0%} bootstrap interval over groups (patients/lesions).</p>"]
-    by_dataset: dict[str, list[Bar]] = {}
+    by_dataset: dict[tuple[str, str | None], list[Bar]] = {}
     for block in data.leaderboard:
-        ds, cond, best = block.dataset, block.condition, block.best
-        out.append(f"<h3>{esc(ds)} / {esc(cond)} <span class='sub'>k = {esc(', '.join(map(str, block.ks)))}"
-                   "</span></h3>")
+        ds, mod, cond, best = block.dataset, block.modality, block.condition, block.best
+        out.append(f"<h3>{esc(block_name(ds, mod, cond))} <span class='sub'>k = "
+                   f"{esc(', '.join(map(str, block.ks)))}</span></h3>")
         head = "".join(f"<th title='{esc(tip)}'>{esc(h)}</th>" for _, h, _, tip in LEADERBOARD_COLUMNS)
         out.append("<table class='leaderboard' data-dataset='" + esc(ds) + "' data-condition='" + esc(cond)
-                   + "'><thead><tr><th>#</th><th>model</th><th>k</th>" + head
+                   + "' data-modality='" + esc(mod or "") + "'><thead><tr><th>#</th><th>model</th><th>k</th>" + head
                    + "<th>queries</th><th>protocol</th></tr></thead><tbody>")
         for rank, row in enumerate(block.rows, 1):
             s = row.summary
@@ -156,10 +158,11 @@ def _leaderboard(data: ReportData, opts: ReportOptions) -> str:
             s = row.summary
             v = s["map_micro"] if s["map_micro"] is not None else math.nan
             lo, hi = row.map_ci
-            by_dataset.setdefault(ds, []).append(Bar(s["model"] + (" · " + cond), v, lo, hi, colour_key=cond))
-    for ds, bars in by_dataset.items():
+            by_dataset.setdefault((ds, mod), []).append(Bar(s["model"] + (" · " + cond), v, lo, hi, colour_key=cond))
+    for (ds, mod), bars in by_dataset.items():
+        name = ds + (f" · {mod}" if mod is not None else "")
         out.append("<div class='figure'>" + bar_chart(
-            bars, title=f"{ds}: mAP per model and condition ({opts.confidence:.0%} CI)", axis_label="mAP",
+            bars, title=f"{name}: mAP per model and condition ({opts.confidence:.0%} CI)", axis_label="mAP",
             colour_title="condition") + "</div>")
     return "".join(out)
 
@@ -169,8 +172,10 @@ def _per_class(data: ReportData) -> str:
            "its query count). A dark column is a class every model confuses; a dark row, a model that "
            "separates nothing.</p>"]
     for t in data.per_class:
-        title = f"{t.dataset} / {t.condition}: purity@k per class (k = {', '.join(map(str, t.ks))})"
-        out.append(f"<div class='figure' data-dataset='{esc(t.dataset)}' data-condition='{esc(t.condition)}'>"
+        title = (f"{block_name(t.dataset, t.modality, t.condition)}: purity@k per class "
+                 f"(k = {', '.join(map(str, t.ks))})")
+        out.append(f"<div class='figure' data-dataset='{esc(t.dataset)}' data-condition='{esc(t.condition)}' "
+                   f"data-modality='{esc(t.modality or '')}'>"
                    + heatmap(t.models, t.labels, t.values, title=title,
                              col_notes=[f"n={n}" for n in t.counts]) + "</div>")
     return "".join(out)
@@ -193,8 +198,9 @@ def _projections(data: ReportData, opts: ReportOptions) -> str:
                      f"{p.labels[j]} · {p.conditions[j]} · image {int(p.image_ids[j])}")
                for j in range(len(p.image_ids))]
         caption = f"{p.n_images} images × {len(p.run_conditions)} condition(s), {p.method}"
+        where = p.dataset + (f" · {p.modality}" if p.modality else "")
         out.append(f"<div class='panel' data-dataset='{esc(p.dataset)}' data-model='{esc(p.model)}'>"
-                   + scatter(pts, title=f"{p.model} on {p.dataset}", caption=caption) + "</div>")
+                   + scatter(pts, title=f"{p.model} on {where}", caption=caption) + "</div>")
     out.append("</div>")
     return "".join(out)
 
@@ -317,28 +323,30 @@ def _comparisons(data: ReportData, opts: ReportOptions) -> str:
     n_sig = 0
     for c in data.comparisons:
         ds, cond, a, b, r, p = c.dataset, c.condition, c.a, c.b, c.result, c.holm_p
+        mod = a.get("modality")
+        where = block_name(ds, mod, cond).replace(" / ", "/")
         sig = math.isfinite(p) and p < opts.alpha
         n_sig += sig
         verdict = "significant" if sig else "not significant"
         table.append(
             f"<tr class='{'sig' if sig else ''}' data-a='{esc(a['model'])}' data-b='{esc(b['model'])}' "
-            f"data-holm-p='{esc(repr(float(p)))}'><td>{esc(ds)}</td><td>{esc(cond)}</td>"
+            f"data-holm-p='{esc(repr(float(p)))}'><td>{esc(ds + (' · ' + mod if mod else ''))}</td><td>{esc(cond)}</td>"
             f"<td>{esc(a['model'])}</td><td>{esc(b['model'])}</td><td class='num'>{_num(r.mean_a)}</td>"
             f"<td class='num'>{_num(r.mean_b)}</td><td class='num'>{r.mean_diff:+.4f}</td>"
             f"<td class='num'>[{r.ci_low:+.4f}, {r.ci_high:+.4f}]</td><td class='num'>{_p(r.p_value)}</td>"
             f"<td class='num'>{_p(p)}</td><td class='num'>{r.n_queries} / {r.n_units}</td>"
             f"<td>{verdict}</td></tr>")
-        bars.append(Bar(f"{a['model']} − {b['model']} · {cond}", r.mean_diff, r.ci_low, r.ci_high,
-                        colour_key=cond, note=_p_note(p, opts.alpha)))
+        bars.append(Bar(f"{a['model']} − {b['model']} · {cond}" + (f" · {mod}" if mod else ""), r.mean_diff,
+                        r.ci_low, r.ci_high, colour_key=cond, note=_p_note(p, opts.alpha)))
         if sig:
             sentences.append(
-                f"<li class='sig'>On {esc(ds)}/{esc(cond)}, <b>{esc(a['model'])}</b> retrieves better than "
+                f"<li class='sig'>On {esc(where)}, <b>{esc(a['model'])}</b> retrieves better than "
                 f"<b>{esc(b['model'])}</b>: mean AP difference {r.mean_diff:+.4f} "
                 f"({opts.confidence:.0%} CI {r.ci_low:+.4f} to {r.ci_high:+.4f}), Holm-corrected "
                 f"p = {_p(p)}. <b>Significant.</b></li>")
         else:
             sentences.append(
-                f"<li>On {esc(ds)}/{esc(cond)}, {esc(a['model'])} vs {esc(b['model'])}: mean AP "
+                f"<li>On {esc(where)}, {esc(a['model'])} vs {esc(b['model'])}: mean AP "
                 f"difference {r.mean_diff:+.4f} ({opts.confidence:.0%} CI {r.ci_low:+.4f} to "
                 f"{r.ci_high:+.4f}), Holm-corrected p = {_p(p)}: not significant; these data do not "
                 "tell the two apart.</li>")
