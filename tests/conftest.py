@@ -12,7 +12,7 @@ import pytest
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
-SMALL_SYNTH = {"lesions_per_class": 4, "views_per_lesion": 3, "size": 64}
+SMALL_SYNTH = {"lesions_per_class": 3, "views_per_lesion": 3, "size": 64}  # 8 classes: 72 images
 
 
 @dataclass
@@ -44,7 +44,7 @@ def vlm(capsys):
 
 @pytest.fixture(scope="session")
 def synth_template(tmp_path_factory) -> Path:
-    """A workspace holding the small synthetic set 'demo' (3 modalities x 2 classes x 4 lesions x 3 views)."""
+    """A workspace holding the small synthetic set 'demo' (8 classes x 3 lesions x 3 views = 72 images)."""
     from vlmindex.catalog.workspace import Workspace
     from vlmindex.ingest import ingest_synthetic
 

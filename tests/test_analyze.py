@@ -11,6 +11,9 @@ from vlmindex import metrics
 from vlmindex.analyze import load_run
 from vlmindex.catalog import parts as store
 from vlmindex.catalog.workspace import Workspace
+from vlmindex.synth import MODALITIES
+
+N_CLASSES = sum(len(labels) for labels in MODALITIES.values())  # of the synthetic set
 
 
 @pytest.fixture
@@ -64,7 +67,7 @@ def test_shipped_analyses_run(vlm, analysed):
     assert {r["model"] for r in board} == {"raw-pixels", "color-hist"}
     assert all(0 <= r["map"] <= 1 for r in board)
     per_class = json.loads(vlm(analysed, "sql", "per_class", "--format", "json").out)
-    assert len(per_class) == 2 * 6
+    assert len(per_class) == 2 * N_CLASSES  # two models
     per_mod = json.loads(vlm(analysed, "sql", "per_modality", "--format", "json").out)
     assert {r["modality"] for r in per_mod} == {"dermoscopy", "xray", "ultrasound"}
     conf = json.loads(vlm(analysed, "sql", "neighbor_confusion", "--format", "json").out)
@@ -144,7 +147,7 @@ def test_analyses_with_other_options_are_never_mixed(vlm, analysed):
     agree = json.loads(vlm(analysed, "sql", "model_agreement", "--format", "json").out)
     assert sorted(r["options"] for r in agree) == ["k=3 group-excluded", "k=5 group-excluded"]
     per_class = json.loads(vlm(analysed, "sql", "per_class", "--format", "json").out)
-    assert len(per_class) == 2 * 2 * 6
+    assert len(per_class) == 2 * 2 * N_CLASSES  # two models, two option sets
 
 
 def test_unscored_queries_have_no_knn_verdict(vlm, analysed):

@@ -14,6 +14,7 @@ import pytest
 
 from vlmindex.catalog import parts
 from vlmindex.catalog.workspace import Workspace
+from vlmindex.synth import MODALITIES
 
 
 def _sha(path: Path) -> str:
@@ -120,9 +121,10 @@ def test_views_read_only_their_own_workspace_whatever_its_path(vlm, synth_templa
     vlm(root, "analyze", "-m", "raw-pixels", "-d", "demo", "-k", "3", "--no-probe")
     got = json.loads(vlm(root, "sql", "SELECT model, count(*) AS n FROM embeddings GROUP BY model",
                          "--format", "json").out)
-    assert got == [{"model": "raw-pixels", "n": 24}]
+    n_images = 2 * 2 * sum(len(labels) for labels in MODALITIES.values())  # 2 lesions x 2 views per class
+    assert got == [{"model": "raw-pixels", "n": n_images}]
     nb = json.loads(vlm(root, "sql", "SELECT count(DISTINCT image_id) AS q FROM neighbors", "--format", "json").out)
-    assert nb == [{"q": 24}]
+    assert nb == [{"q": n_images}]
 
 
 @pytest.mark.parametrize("statement", [

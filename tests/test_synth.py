@@ -75,6 +75,11 @@ def test_modalities_and_classes(dataset):
     out, manifest = dataset
     assert len(MODALITIES) >= 3
     assert all(len(labels) >= 2 for labels in MODALITIES.values())
+    # At least two modalities with three or more classes, so a wrong-label overlay there does not
+    # name the true class by elimination.
+    assert sum(len(labels) >= 3 for labels in MODALITIES.values()) >= 2
+    assert MODALITIES["dermoscopy"] == ("naevus", "seborrhoeic-keratosis", "melanoma")
+    assert MODALITIES["ultrasound"] == ("normal", "benign", "malignant")
     all_labels = [label for labels in MODALITIES.values() for label in labels]
     assert len(all_labels) == len(set(all_labels)), "class names must be unique across modalities"
     combos = {(m.modality, m.label) for m in manifest}
@@ -105,10 +110,19 @@ def test_groups_hold_views_and_never_straddle_splits(dataset):
             assert splits.count("train") == LESIONS - expected_test
 
 
+def test_every_class_is_in_train_and_test(dataset, tmp_path):
+    _, manifest = dataset
+    splits = defaultdict(set)
+    for m in manifest:
+        splits[(m.modality, m.label)].add(m.split)
+    assert splits == {(mod, label): {"train", "test"} for mod, labels in MODALITIES.items() for label in labels}
+
+
 def test_tiny_sets_still_have_both_splits(tmp_path):
-    manifest = generate(tmp_path, lesions_per_class=2, views_per_lesion=1, size=32, modalities=["xray"])
-    for label in MODALITIES["xray"]:
-        assert sorted(m.split for m in manifest if m.label == label) == ["test", "train"]
+    manifest = generate(tmp_path, lesions_per_class=2, views_per_lesion=1, size=32)
+    for mod, labels in MODALITIES.items():
+        for label in labels:
+            assert sorted(m.split for m in manifest if m.modality == mod and m.label == label) == ["test", "train"]
 
 
 def test_colour_per_modality(dataset):
@@ -133,6 +147,70 @@ def test_ultrasound_is_a_fan(dataset):
         middle = a[SIZE // 3 : 2 * SIZE // 3, SIZE // 3 : 2 * SIZE // 3]
         assert corner.max() == 0
         assert middle.std() > 5
+
+
+def _auc(positive: list[float], negative: list[float]) -> float:
+    """P(a positive scores above a negative), ties counting half: the Mann–Whitney AUC by a loop."""
+    wins = sum((p > q) + 0.5 * (p == q) for p in positive for q in negative)
+    return wins / (len(positive) * len(negative))
+
+
+def _by_label(out: Path, manifest: list[SynthImage], modality: str, feature) -> dict[str, list[float]]:
+    values: dict[str, list[float]] = defaultdict(list)
+    for m in manifest:
+        if m.modality == modality:
+            values[m.label].append(float(feature(out / m.relpath)))
+    return values
+
+
+def _centre(n: int, radius: float) -> np.ndarray:
+    t = (np.arange(n) + 0.5) / n * 2 - 1
+    return np.hypot(*np.meshgrid(t, t)) < radius
+
+
+def _fine_texture(path: Path) -> float:
+    """Standard deviation of luminance minus its 1-px Gaussian blur over the central disc: the
+    sulci, cysts and plugs of a keratosis against the even brown (and blurred network) of a naevus."""
+    g = np.asarray(load_image(path), dtype=np.float32).mean(axis=-1) / 255
+    return float((g - ndimage.gaussian_filter(g, 1.0))[_centre(g.shape[0], 0.5)].std())
+
+
+def _bright_dots(path: Path) -> float:
+    """99th percentile of a 3-px white top-hat over the central disc: small bright spots
+    (milia-like cysts)."""
+    g = np.asarray(load_image(path), dtype=np.float32).mean(axis=-1) / 255
+    return float(np.percentile(ndimage.white_tophat(g, size=3)[_centre(g.shape[0], 0.5)], 99))
+
+
+def test_keratoses_look_unlike_naevi(dataset):
+    """Seborrhoeic keratoses have a rougher surface and bright cysts where a naevus is even: each
+    statistic ranks a keratosis above a naevus for most pairs of images."""
+    out, manifest = dataset
+    for feature in (_fine_texture, _bright_dots):
+        values = _by_label(out, manifest, "dermoscopy", feature)
+        assert _auc(values["seborrhoeic-keratosis"], values["naevus"]) > 0.85, feature.__name__
+        assert np.median(values["seborrhoeic-keratosis"]) > 1.5 * np.median(values["naevus"]), feature.__name__
+
+
+def _dark_blob(path: Path) -> float:
+    """Largest scale-normalised Laplacian-of-Gaussian response (σ = 6% of the side) in the upper
+    middle of the fan, on the image divided by the median of the glandular layer: positive and
+    large where a hypoechoic mass sits, small over layered tissue."""
+    a = np.asarray(load_image(path), dtype=np.float32).mean(axis=-1)
+    n = a.shape[0]
+    a = a / (np.median(a[int(0.3 * n) : int(0.6 * n), int(0.3 * n) : int(0.7 * n)]) + 1)
+    sigma = 0.06 * n
+    log = sigma**2 * ndimage.gaussian_laplace(a, sigma)
+    return float(log[int(0.25 * n) : int(0.65 * n), int(0.25 * n) : int(0.75 * n)].max())
+
+
+def test_normal_ultrasound_has_no_mass(dataset):
+    """A blob detector finds a dark mass in benign and malignant scans and mostly nothing in
+    normal ones."""
+    out, manifest = dataset
+    values = _by_label(out, manifest, "ultrasound", _dark_blob)
+    for label in ("benign", "malignant"):
+        assert _auc(values[label], values["normal"]) > 0.8, label
 
 
 def _cad_features(path: Path) -> np.ndarray:
@@ -182,14 +260,23 @@ def test_classes_separable_but_not_trivially(dataset):
 
 
 def test_contact_sheet(dataset):
+    """One row per class of every modality, in the order of MODALITIES whatever the manifest's."""
     out, manifest = dataset
     sheet = contact_sheet_for(manifest, out, per_class=3, tile_size=64)
     n_rows = sum(len(v) for v in MODALITIES.values())
+    row_h = 64 + max(12, 64 // 9)
     assert sheet.width == 3 * 64
-    assert sheet.height == n_rows * (64 + max(12, 64 // 9))
-    # The first tile is the first dermoscopy lesion: coloured, unlike the white background.
-    tile = np.asarray(sheet.crop((2, 2, 62, 62)), dtype=np.int16)
-    assert np.abs(tile[..., 0] - tile[..., 2]).mean() > 10
+    assert sheet.height == n_rows * row_h
+    # Rows are (modality, class) in canonical order: the dermoscopy rows come first and are coloured.
+    rows = [(mod, label) for mod, labels in MODALITIES.items() for label in labels]
+    for i, (mod, _label) in enumerate(rows):
+        tile = np.asarray(sheet.crop((2, i * row_h + 2, 62, i * row_h + 62)), dtype=np.int16)
+        coloured = np.abs(tile[..., 0] - tile[..., 2]).mean() > 10
+        assert coloured == (mod == "dermoscopy"), (i, mod)
+    # The CLI reads the manifest back ordered by path (alphabetical classes): the same sheet.
+    by_path = sorted(manifest, key=lambda m: m.relpath)
+    assert by_path != manifest
+    assert contact_sheet_for(by_path, out, per_class=3, tile_size=64).tobytes() == sheet.tobytes()
 
 
 @pytest.mark.parametrize(

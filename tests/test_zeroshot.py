@@ -130,24 +130,32 @@ class ControlledTextTower:
     template of each modality a decoy axis at 100x the length.
 
     Averaging the *normalised* prompt vectors keeps the slot axis dominant; averaging raw ones would
-    let the decoy win. Class i has slot axis i and decoy axis 6 + i.
+    let the decoy win. With C classes, class i has slot axis i and decoy axis C + i. A prompt is
+    matched to its class by filling every template with every class name, not by substring: one
+    class name can be part of another ("benign" in "benign nodule").
     """
 
     def __init__(self, classes: list[str], templates: dict) -> None:
         self.classes = classes
-        self.first = {t[0] for t in templates["templates"].values()}
+        self.dim = 2 * len(classes)
+        first = {t[0] for t in templates["templates"].values()}
+        self.prompts: dict[str, int] = {}
+        self.first: set[str] = set()
+        for template in {t for group in templates["templates"].values() for t in group}:
+            for i, c in enumerate(classes):
+                prompt = template.replace("{label}", label_text(c))
+                assert self.prompts.setdefault(prompt, i) == i, prompt
+                if template in first:
+                    self.first.add(prompt)
         self.calls = 0
 
     def encode_text(self, texts: list[str]) -> np.ndarray:
         self.calls += 1
-        out = np.zeros((len(texts), 12))
+        out = np.zeros((len(texts), self.dim))
         for row, text in enumerate(texts):
-            hits = [i for i, c in enumerate(self.classes) if label_text(c) in text]
-            assert len(hits) == 1, text
-            i = hits[0]
-            is_first = any(text == t.replace("{label}", label_text(self.classes[i])) for t in self.first)
-            if is_first:
-                out[row, 6 + i] = 100.0
+            i = self.prompts[text]
+            if text in self.first:
+                out[row, len(self.classes) + i] = 100.0
             else:
                 out[row, i] = 1.0
         return out
@@ -173,9 +181,9 @@ def test_argmax_over_normalised_prompt_means_within_the_modality(vlm, synth_ws, 
     tower = ControlledTextTower(classes, load_templates())
     clean = []
     for _, label, modality in rows:
-        v = np.zeros(12)
+        v = np.zeros(tower.dim)
         v[axis[label]] = 1.0
-        v[6 + axis[other[label]]] = 0.5  # would win if raw prompt vectors were averaged
+        v[len(classes) + axis[other[label]]] = 0.5  # would win if raw prompt vectors were averaged
         if modality != "dermoscopy":
             v[axis["naevus"]] = 2.0  # would win if classes of every modality competed
         clean.append(v)

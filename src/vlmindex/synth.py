@@ -1,23 +1,35 @@
 """A synthetic multi-modality lesion dataset on which discriminability means something.
 
-Three modalities, each drawn to look like its real counterpart, with two classes that differ the
-way real lesions do:
+Three modalities, each drawn to look like its real counterpart, with classes that differ the way
+real lesions do; two modalities have three classes, so a ``wrong-label`` overlay there writes one
+of two other class names and the written word is not a class marker:
 
 - ``dermoscopy`` (colour): ``naevus`` (round, regular border, one or two even browns, regular
-  pigment network) vs ``melanoma`` (asymmetric, irregular notched border, several colours
-  including black, blue-grey, red and white, atypical network, peripheral dots).
+  pigment network), ``seborrhoeic-keratosis`` (waxy, "stuck on": sharply demarcated, light to dark
+  or yellowish brown, a cerebriform surface of gyri and dark sulci, milia-like cysts as small
+  white dots and comedo-like openings as dark plugs, no pigment network) and ``melanoma``
+  (asymmetric, irregular notched border, several colours including black, blue-grey, red and
+  white, atypical network, peripheral dots).
 - ``xray`` (greyscale chest radiograph): ``benign-nodule`` (small, smooth, round, homogeneous,
-  sometimes calcified) vs ``malignant-mass`` (larger, lobulated, spiculated, uneven density).
-- ``ultrasound`` (greyscale B-mode fan with speckle): ``fibroadenoma`` (oval, circumscribed,
-  wider than tall, thin capsule, posterior enhancement) vs ``carcinoma`` (irregular/angular,
-  taller than wide, echogenic halo, posterior acoustic shadowing).
+  sometimes calcified) vs ``malignant-mass`` (larger, lobulated, spiculated, uneven density). Two
+  classes: a third radiographic class with a real counterpart would be a chest without a nodule,
+  and that would need a name other than ultrasound's ``normal``; one two-class modality also
+  keeps the demo showing the regime where every changed vote goes to the written class.
+- ``ultrasound`` (greyscale B-mode fan with speckle; named as BUSI labels them): ``normal`` (no
+  mass: skin, subcutaneous fat with Cooper's ligaments, glandular tissue with fat lobules,
+  pectoralis), ``benign`` (a fibroadenoma: oval, circumscribed, wider than tall, thin capsule,
+  posterior enhancement) and ``malignant`` (a carcinoma: irregular/angular, taller than wide,
+  echogenic halo, posterior acoustic shadowing).
 
 Every lesion draws a latent *atypia* in [0, 1] (benign ~ Beta(2, 5), malignant ~ Beta(5, 2)) that
 drives all its malignancy cues at once, plus class-dependent size and shape priors that overlap,
 and class-independent position, contrast, colour and background variation. P(atypia > 0.5) is
 about 0.11 for a benign lesion and P(atypia < 0.5) the same for a malignant one, so about one
 lesion in ten looks like the other class: no extractor can be perfect, while a person can tell
-most lesions apart.
+most lesions apart. A seborrhoeic keratosis also draws a latent *keratosis* ~ Beta(5, 2) that
+drives its keratotic cues together; the flat ones (about one in ten) pass for a naevus, and the
+irritated ones (high atypia: darker, a black or blue-grey patch) for a melanoma. About one
+``normal`` breast in seven has a fat lobule large and oval enough to pass for a small benign mass.
 
 Radiographs are collimated views of a chest around the lesion (zoom 1.7–2.3 of the full chest),
 so a nodule is a few percent to a fifth of the field; ultrasound is rendered in beam (depth ×
@@ -53,14 +65,14 @@ from vlmindex.errors import VlmindexError
 from vlmindex.imageio import load_image, save_png
 from vlmindex.sheet import contact_sheet
 
-#: modality -> class names (benign first, then malignant). Names are unique across modalities.
+#: modality -> class names (normal or benign first, malignant last). Names are unique across modalities.
 MODALITIES: dict[str, tuple[str, ...]] = {
-    "dermoscopy": ("naevus", "melanoma"),
+    "dermoscopy": ("naevus", "seborrhoeic-keratosis", "melanoma"),
     "xray": ("benign-nodule", "malignant-mass"),
-    "ultrasound": ("fibroadenoma", "carcinoma"),
+    "ultrasound": ("normal", "benign", "malignant"),
 }
 
-DEFAULT_LESIONS_PER_CLASS = 20
+DEFAULT_LESIONS_PER_CLASS = 15
 DEFAULT_VIEWS_PER_LESION = 3
 DEFAULT_SIZE = 224
 
@@ -105,6 +117,16 @@ def _smooth_noise(rng: np.random.Generator, n: int, cells: float) -> np.ndarray:
     """An n×n smooth random field with about ``cells`` blobs across, zero mean, unit std."""
     k = max(2, int(round(cells))) + 3
     low = rng.standard_normal((k, k)).astype(np.float32)
+    field = np.asarray(Image.fromarray(low, "F").resize((n, n), Image.Resampling.BICUBIC))
+    field = field - field.mean()
+    return field / (field.std() + 1e-6)
+
+
+def _smooth_noise_2d(rng: np.random.Generator, n: int, cells_x: float, cells_y: float) -> np.ndarray:
+    """As :func:`_smooth_noise` with blobs of their own size along each axis (flattened when
+    ``cells_y > cells_x``)."""
+    kx, ky = (max(2, int(round(c))) + 3 for c in (cells_x, cells_y))
+    low = rng.standard_normal((ky, kx)).astype(np.float32)
     field = np.asarray(Image.fromarray(low, "F").resize((n, n), Image.Resampling.BICUBIC))
     field = field - field.mean()
     return field / (field.std() + 1e-6)
@@ -287,6 +309,10 @@ _ATYPICAL = {
     "red": np.array([196, 96, 102], dtype=np.float32) / 255,
     "white": np.array([226, 214, 214], dtype=np.float32) / 255,
 }
+_SK_WAX = np.array([200, 170, 118], dtype=np.float32) / 255  # the yellowish tan of a waxy keratotic surface
+_SK_SHEEN = np.array([226, 204, 160], dtype=np.float32) / 255  # light on the crests of its gyri
+_CYST = np.array([240, 234, 214], dtype=np.float32) / 255  # milia-like cysts
+_PLUG = np.array([50, 36, 30], dtype=np.float32) / 255  # comedo-like openings
 _DERM_EXTENT = 1.45
 
 
@@ -303,14 +329,10 @@ def _draw_hairs(rng: np.random.Generator, n: int, count: int) -> np.ndarray:
     return ndimage.gaussian_filter(np.asarray(canvas, dtype=np.float32) / 255, 0.5)
 
 
-def _derm_base(rng: np.random.Generator, malignant: bool, size: int) -> Base:
-    ext = _DERM_EXTENT
-    n = int(round(size * ext))
-    x, y = _grid(n, ext)
-    px = 2 * ext / n
-    atypia = _atypia(rng, malignant)
-
-    # Skin: a tone, slow blotches (erythema), a crossing furrow texture and fine grain.
+def _derm_skin(rng: np.random.Generator, x: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Skin around a lesion: a tone, slow blotches (erythema), a crossing furrow texture and fine
+    grain. Returns the n×n×3 skin and its tone."""
+    n = x.shape[0]
     w = rng.uniform(0, len(_SKIN_TONES) - 1)
     i = min(int(w), len(_SKIN_TONES) - 2)
     tone = _SKIN_TONES[i] * (1 - (w - i)) + _SKIN_TONES[i + 1] * (w - i)
@@ -327,7 +349,27 @@ def _derm_base(rng: np.random.Generator, malignant: bool, size: int) -> Base:
         furrows = furrows + np.exp(-((np.sin(np.pi * a) / 0.25) ** 2))
     skin *= 1 - rng.uniform(0.02, 0.05) * furrows[..., None]
     skin *= 1 + 0.02 * _smooth_noise(rng, n, n / 3)[..., None]
+    return skin, tone
 
+
+def _spots(rng: np.random.Generator, where: np.ndarray, count: int, sigma: float) -> np.ndarray:
+    """``count`` round spots of about ``sigma`` pixels at random pixels where ``where`` holds,
+    scaled so an isolated spot peaks near 1."""
+    spots = np.zeros(where.shape, np.float32)
+    candidates = np.flatnonzero(where)
+    if count and candidates.size:
+        picked = rng.choice(candidates, size=count)
+        np.add.at(spots.ravel(), picked, 1.0)
+        spots = ndimage.gaussian_filter(spots, sigma) * (2 * np.pi * sigma**2)
+    return np.clip(spots, 0, 1)
+
+
+def _melanocytic(
+    rng: np.random.Generator, malignant: bool, x: np.ndarray, y: np.ndarray, tone: np.ndarray, atypia: float
+) -> tuple[np.ndarray, np.ndarray]:
+    """A naevus or a melanoma: its mask (soft, 0–1) and its n×n×3 pigment."""
+    ext, n = _DERM_EXTENT, x.shape[0]
+    px = 2 * ext / n
     # Outline: naevi near-round; melanomas asymmetric (low harmonics) and notched (high ones).
     r0 = rng.uniform(0.22, 0.46) if not malignant else rng.uniform(0.34, 0.66)
     shape = _random_shape(
@@ -419,8 +461,96 @@ def _derm_base(rng: np.random.Generator, malignant: bool, size: int) -> Base:
         dots = np.clip(dots / (dots.max() + 1e-6) * 1.5, 0, 1)
     dark = np.array([60, 38, 30], np.float32) / 255
     pigment = pigment + (dark - pigment) * (dots * 0.85)[..., None]
+    return mask, pigment
 
-    alpha = (mask * rng.uniform(0.8, 0.97))[..., None]
+
+def _keratosis(
+    rng: np.random.Generator, x: np.ndarray, y: np.ndarray, tone: np.ndarray, atypia: float
+) -> tuple[np.ndarray, np.ndarray]:
+    """A seborrhoeic keratosis: its mask and pigment.
+
+    A latent *keratosis* k ~ Beta(5, 2) sets the relief s = clip((k − 0.25) / 0.6, 0.05, 1), which
+    drives the keratotic cues together: the cerebriform surface (dark sulci along the zero set of a
+    smooth field, between lighter gyri with a waxy sheen), the waxy yellowish tint, milia-like
+    cysts (small bright spots, Poisson(0.5 + 16s) + Poisson(4s)) and comedo-like openings (dark
+    plugs in the sulci, Poisson(0.5 + 12s)). A flat SK (P(k < 0.5) ≈ 0.11, so s < 0.42) passes for
+    a lentigo or a naevus. The border is sharp (stuck on) and there is no pigment network.
+    ``atypia`` (the benign Beta(2, 5)) darkens an irritated SK, roughens its border and may add a
+    black or blue-grey patch, so a few pass for melanoma.
+    """
+    ext, n = _DERM_EXTENT, x.shape[0]
+    px = 2 * ext / n
+    keratosis = float(rng.beta(5, 2))
+    relief = float(np.clip((keratosis - 0.25) / 0.6, 0.05, 1.0))  # ≈ 0 for a flat SK, 1 for a warty one
+    r0 = rng.uniform(0.28, 0.6)
+    shape = _random_shape(
+        rng,
+        cx=rng.normal(0, 0.07),
+        cy=rng.normal(0, 0.07),
+        r0=r0,
+        aspect=1 / (1 + abs(rng.normal(0, 0.25))),
+        angle=rng.uniform(0, np.pi),
+        low_irregularity=0.03 + 0.08 * atypia,
+        high_irregularity=0.006 + 0.02 * relief + 0.04 * atypia**2,
+    )
+    win, rho, _theta, r = _lesion_fields(shape, x, y, 0.1)
+    mask = np.zeros((n, n), np.float32)
+    mask[win] = expit((r - rho) / (px * rng.uniform(0.4, 0.9)))
+    t = np.full((n, n), 5.0, np.float32)
+    t[win] = rho / r
+    inside = expit((0.97 - t) / 0.04)
+
+    # Colour: light to dark brown, drawn towards a waxy yellowish tan the more keratotic it is;
+    # irritated SKs run darker.
+    w = float(np.clip(rng.uniform(0, 2) + 0.8 * atypia, 0, 2))
+    i = min(int(w), 1)
+    main = _BROWNS[i] * (1 - (w - i)) + _BROWNS[i + 1] * (w - i)
+    wax = rng.uniform(0.1, 0.45) * relief * (1 - 0.35 * w)
+    main = main * (1 - wax) + _SK_WAX * wax
+    pigment = np.broadcast_to(main, (n, n, 3)).copy()
+    # Uneven, blotchy browns (no network): lighter and darker lobules.
+    pigment *= (1 + rng.uniform(0.08, 0.2) * _smooth_noise(rng, n, 2.2 * ext / r0))[..., None]
+
+    # Cerebriform surface: gyri (several across the lesion) and the fissures between them.
+    gyri = rng.uniform(4.5, 7.5)
+    f = _smooth_noise(rng, n, gyri * ext / r0)
+    fissure = expit((rng.uniform(0.2, 0.35) - np.abs(f)) / 0.07)
+    crest = np.clip(np.abs(f) - 0.6, 0, 1)
+    pigment *= (1 - rng.uniform(0.35, 0.55) * relief * fissure * inside)[..., None]
+    pigment += (_SK_SHEEN - pigment) * (0.45 * relief * crest * inside)[..., None]
+    # Verrucous grain on the gyri.
+    pigment *= (1 + 0.08 * relief * _smooth_noise(rng, n, n / 5) * inside)[..., None]
+
+    # Irritated SK: a dark or blue-grey patch.
+    if rng.random() < 1.5 * atypia**2:
+        name = ("black", "blue-grey")[int(rng.integers(0, 2))]
+        field = _smooth_noise(rng, n, 2.0 * ext / r0)
+        patch = (expit(6.0 * (field - rng.uniform(0.3, 1.0))) * rng.uniform(0.4, 0.7) * inside)[..., None]
+        pigment = pigment * (1 - patch) + _ATYPICAL[name] * patch
+
+    # Milia-like cysts (bright, some in clusters) and comedo-like openings (dark plugs, larger).
+    where = t < 0.85
+    cysts = _spots(rng, where, int(rng.poisson(0.5 + 16 * relief)), max(0.6, n / 330))
+    cysts = np.maximum(cysts, _spots(rng, where, int(rng.poisson(4 * relief)), max(0.9, n / 200)))
+    plugs = _spots(rng, where & (fissure > 0.3), int(rng.poisson(0.5 + 12 * relief)), max(0.9, n / 160))
+    pigment = pigment + (_PLUG - pigment) * (0.85 * plugs)[..., None]
+    pigment = pigment + (_CYST - pigment) * (0.9 * cysts)[..., None]
+    return mask, pigment
+
+
+def _derm_base(rng: np.random.Generator, label: str, size: int) -> Base:
+    ext = _DERM_EXTENT
+    n = int(round(size * ext))
+    x, y = _grid(n, ext)
+    atypia = _atypia(rng, label == "melanoma")
+    skin, tone = _derm_skin(rng, x, y)
+    if label == "seborrhoeic-keratosis":
+        mask, pigment = _keratosis(rng, x, y, tone, atypia)
+        opacity = rng.uniform(0.92, 1.0)  # a thick keratotic plate hides the skin beneath
+    else:
+        mask, pigment = _melanocytic(rng, label == "melanoma", x, y, tone, atypia)
+        opacity = rng.uniform(0.8, 0.97)
+    alpha = (mask * opacity)[..., None]
     img = skin * (1 - alpha) + pigment * alpha
 
     if rng.random() < 0.55:
@@ -477,7 +607,7 @@ def _band(d: np.ndarray, half: float, soft: float) -> np.ndarray:
     return 0.55 * inside + 0.45 * cortex
 
 
-def _xray_base(rng: np.random.Generator, malignant: bool, size: int) -> Base:
+def _xray_base(rng: np.random.Generator, label: str, size: int) -> Base:
     """A chest radiograph, collimated to the region around the lesion (as a nodule work-up view).
 
     Anatomy is analytic in chest coordinates (the whole chest spans about [-1, 1]²), so only the
@@ -486,6 +616,7 @@ def _xray_base(rng: np.random.Generator, malignant: bool, size: int) -> Base:
     """
     ext = _XRAY_EXTENT
     n = int(round(size * ext))
+    malignant = label == "malignant-mass"
     atypia = _atypia(rng, malignant)
 
     # Patient: body habitus, slight rotation, lung and heart size.
@@ -656,18 +787,19 @@ _US_R0, _US_R1 = 0.66, 2.56
 _US_HALF_ANGLE = 0.52
 
 
-def _us_base(rng: np.random.Generator, malignant: bool, size: int) -> Base:
+def _us_base(rng: np.random.Generator, label: str, size: int) -> Base:
     ext = _US_EXTENT
     n = int(round(size * ext))
     x, y = _grid(n, ext)
     px = 2 * ext / n
-    atypia = _atypia(rng, malignant)
+    malignant = label == "malignant"
+    atypia = _atypia(rng, malignant) if label != "normal" else 0.0
 
     def boundary(depth: float, wobble: float, cells: float) -> np.ndarray:
         return depth + wobble * _smooth_noise_1d(rng, n, cells)[None, :]
 
     skin = boundary(-0.88, 0.01, 3)
-    fat_end = boundary(rng.uniform(-0.7, -0.5), 0.06, 4)
+    fat_end = boundary(rng.uniform(-0.7, -0.45), 0.06, 4)
     gland_end = boundary(rng.uniform(0.25, 0.4), 0.07, 4)
     muscle_start = gland_end + rng.uniform(0.05, 0.12)
     muscle_end = muscle_start + rng.uniform(0.22, 0.3)
@@ -682,6 +814,8 @@ def _us_base(rng: np.random.Generator, malignant: bool, size: int) -> Base:
     retro = below(gland_end) * (1 - below(muscle_start))
     muscle = below(muscle_start) * (1 - below(muscle_end))
     deep = below(muscle_end)
+    # Cooper's ligaments: thin bright curves, the zero set of a smooth field tilted with depth,
+    # bounding the fat lobules; they also run up into the gland.
     ligaments = (1 - np.clip(np.abs(_smooth_noise(rng, n, 7) + 0.3 * y), 0, 1)) ** 10
     texture = np.clip(1 + 0.35 * _smooth_noise(rng, n, 10), 0.2, None)
     striation = 0.6 + 0.4 * np.cos(2 * np.pi * (y + 0.15 * x + 0.02 * _smooth_noise(rng, n, 5)) / 0.045) ** 8
@@ -693,9 +827,35 @@ def _us_base(rng: np.random.Generator, malignant: bool, size: int) -> Base:
         + muscle * 0.25 * striation
         + deep * 0.06
     )
+    # Fat lobules interleave with the gland: hypoechoic islands among its bright tissue.
+    lobules = gland * expit((_smooth_noise_2d(rng, n, 9, 16) - rng.uniform(1.2, 1.9)) / 0.1)
+    echo = echo * (1 - lobules) + lobules * (0.2 + 0.4 * ligaments)
     echo = np.clip(echo, 0, 1)
 
-    # Lesion in the glandular layer: fibroadenoma oval and parallel; carcinoma taller than wide.
+    if label == "normal":
+        # No mass. In about one breast in seven a fat lobule is large and oval enough to pass for
+        # a small benign mass, as fat lobules do on real scans.
+        att = np.zeros((n, n), np.float32)
+        if rng.random() < 0.15:
+            shape = _random_shape(
+                rng,
+                cx=rng.uniform(-0.3, 0.3),
+                cy=rng.uniform(-0.3, 0.0),
+                r0=rng.uniform(0.1, 0.2),
+                aspect=rng.uniform(0.4, 0.7),
+                angle=rng.normal(0, 0.15),
+                low_irregularity=0.05,
+                high_irregularity=0.02,
+            )
+            win, rho, _theta, r = _lesion_fields(shape, x, y, 0.1)
+            lobule = np.zeros((n, n), np.float32)
+            lobule[win] = expit((r - rho) / (px * rng.uniform(2.0, 4.0)))
+            echo = echo * (1 - lobule) + lobule * rng.uniform(0.06, 0.12)
+        return {"echo": echo.astype(np.float32), "attenuation": att, "gain": rng.uniform(-16, -10),
+                "atypia": atypia}
+
+    # A mass in the glandular layer: benign (fibroadenoma) oval and parallel; malignant taller
+    # than wide.
     if malignant:
         width = rng.uniform(0.13, 0.26)
         aspect = 0.95 + 0.6 * atypia + rng.normal(0, 0.12)
@@ -862,9 +1022,9 @@ def generate(
     """Write the synthetic dataset as PNGs under ``out_dir`` and return its manifest.
 
     Files go to ``out_dir/<modality>/<label>/<group_id>_v<k>.png``; ``group_id`` is
-    ``<modality>-<label>-<lesion:03d>``. The defaults (3 modalities × 2 classes × 20 lesions ×
-    3 views = 360 images of 224×224, about 17 MB) take about 15 s of CPU on one core, a quarter
-    of it PNG encoding. Dermoscopy images are RGB; radiographs and ultrasound are 8-bit greyscale
+    ``<modality>-<label>-<lesion:03d>``. The defaults (8 classes over 3 modalities × 15 lesions ×
+    3 views = 360 images of 224×224, about 18 MB) take about 9 s of CPU on one core, a quarter of
+    it PNG encoding. Dermoscopy images are RGB; radiographs and ultrasound are 8-bit greyscale
     PNGs. Files already under ``out_dir`` that the manifest does not name are left alone.
 
     The manifest is ordered by modality (as in :data:`MODALITIES`), class, lesion and view.
@@ -879,9 +1039,9 @@ def generate(
     chosen = _select_modalities(modalities)
     out_dir = Path(out_dir)
     jobs = [
-        (modality, ci, label, lesion)
+        (modality, label, lesion)
         for modality in chosen
-        for ci, label in enumerate(MODALITIES[modality])
+        for label in MODALITIES[modality]
         for lesion in range(lesions_per_class)
     ]
     bar = None
@@ -896,9 +1056,9 @@ def generate(
         for label in MODALITIES[m]
     }
     try:
-        for modality, ci, label, lesion in jobs:
+        for modality, label, lesion in jobs:
             make_base, make_view = _RENDERERS[modality]
-            base = make_base(_rng(seed, modality, label, lesion, 0), ci > 0, size)
+            base = make_base(_rng(seed, modality, label, lesion, 0), label, size)
             group = f"{modality}-{label}-{lesion:03d}"
             split = "test" if lesion in test_sets[(modality, label)] else "train"
             for k in range(views_per_lesion):
@@ -917,21 +1077,27 @@ def generate(
 def contact_sheet_for(
     manifest: Sequence[SynthImage], out_dir: Path, *, per_class: int = 6, tile_size: int = 160
 ) -> Image.Image:
-    """One row per (modality, class): first views of distinct lesions, captioned 'modality/label'.
+    """One row per (modality, class), every class of the manifest shown: first views of distinct
+    lesions, captioned with the class name (unique across modalities; the modality shows).
 
-    If a class has fewer lesions than ``per_class``, further views fill the row.
+    Rows follow :data:`MODALITIES` (modality, then its classes in order), whatever order the
+    manifest is in; classes it does not know come after, in the order first seen. If a class has
+    fewer lesions than ``per_class``, further views fill the row.
     """
     if per_class < 1:
         raise VlmindexError(f"per_class={per_class!r} is not valid: give an integer >= 1.")
     rows: dict[tuple[str, str], list[SynthImage]] = {}
     for item in manifest:
         rows.setdefault((item.modality, item.label), []).append(item)
+    canonical = [(m, label) for m, labels in MODALITIES.items() for label in labels]
+    order = {key: i for i, key in enumerate(canonical)}
     tiles: list[tuple[Image.Image, str]] = []
-    for (modality, label), items in rows.items():
+    for key in sorted(rows, key=lambda k: order.get(k, len(order))):  # stable: unknown keys keep their order
+        items = rows[key]
         first_of_group: dict[str, SynthImage] = {}
         for item in items:
             first_of_group.setdefault(item.group_id, item)
         picked = list(first_of_group.values())[:per_class]
         picked += [i for i in items if i not in picked][: per_class - len(picked)]
-        tiles += [(load_image(Path(out_dir) / i.relpath), f"{modality}/{label}") for i in picked]
+        tiles += [(load_image(Path(out_dir) / i.relpath), key[1]) for i in picked]
     return contact_sheet(tiles, columns=max(1, per_class), tile_size=tile_size)

@@ -89,8 +89,9 @@ def ingest(ctx, name, source, fmt, exclude, group_regex, modality, follow_symlin
 def synth(ctx, name, seed, lesions_per_class, views, size, replace, sheet):
     """Generate the synthetic multi-modality lesion set and ingest it as NAME.
 
-    Dermoscopy-, X-ray- and ultrasound-like images, two or more classes each, several views of
-    every lesion (group ids), train/test split by lesion. Deterministic by --seed.
+    Dermoscopy-like (naevus, seborrhoeic-keratosis, melanoma), chest X-ray-like (benign-nodule,
+    malignant-mass) and breast-ultrasound-like (normal, benign, malignant) images, several views
+    of every lesion (group ids), train/test split by lesion. Deterministic by --seed.
 
     \b
     Example:
