@@ -156,14 +156,14 @@ def test_an_overlay_that_changes_no_pixel_has_no_attack_effect(vlm, attack_ws):
 
 
 def test_a_reading_extractor_follows_wrong_label_far_above_chance(vlm, attack_ws, tmp_path):
-    """The planted reader adds the written class's direction to each image: under wrong-label its
-    kNN vote over the clean gallery follows the written word for the strongly pulled half."""
+    """The planted reader adds the written class's direction to each image, strongly to 90% of them:
+    under wrong-label its kNN vote over the clean gallery follows the written word for those."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
     ws = Workspace(attack_ws)
     for cond in ("clean", "wrong", "random"):
-        ids, vecs, _ = _reader_embeddings(ws, cond)
+        ids, vecs, *_ = _reader_embeddings(ws, cond, strong_share=0.9)
         f = tmp_path / f"{cond}.parquet"
         pq.write_table(pa.table({"image_id": pa.array(ids), "embedding": pa.array(list(vecs), pa.list_(pa.float32()))}),
                        f)
@@ -174,7 +174,7 @@ def test_a_reading_extractor_follows_wrong_label_far_above_chance(vlm, attack_ws
                                             "-k", "5", "--exclude-group", "--n-boot", "200", "--format", "json").out))
     wrong = out["wrong"]["attack_success_rate"]
     chance = out["wrong"]["attack_success_chance"]["value"]
-    assert wrong["value"] > 0.3 and wrong["ci_low"] > 2 * chance, (wrong, chance)
+    assert wrong["value"] > 0.7 and wrong["ci_low"] > 1.8 * chance, (wrong, chance)
     assert wrong["baseline"] == 0.0  # the clean votes are right: none is the written (wrong) class
     assert out["wrong"]["attack_delta_map"]["ci_high"] < 0
     # random-label: the same pull, but only queries written another class than their own count

@@ -163,12 +163,14 @@ def test_extractor_that_sees_the_text_region_clusters_by_string(bias_ws):
     assert fig["shift_cosine_mean"][0] < 0.8 < fig["shift_cosine_mean"][3]
 
 
-def _reader_embeddings(ws: Workspace, condition: str) -> tuple[np.ndarray, np.ndarray, float, float]:
+def _reader_embeddings(ws: Workspace, condition: str, *, strong_share: float = 0.5
+                       ) -> tuple[np.ndarray, np.ndarray, float, float]:
     """A planted "typographic" extractor: a perfect image model plus the text it reads in the pixels.
 
     It reads the overlaid string by re-rendering each class name of the image's modality onto the
     clean image and keeping the one whose pixels match exactly, then adds alpha times the written
-    class's direction to the image's own class direction, alpha 0.5 or 1.5 per image (seeded).
+    class's direction to the image's own class direction, alpha 1.5 for a seeded ``strong_share``
+    of the images and 0.5 for the others.
     Returns ids, vectors, the share of images with alpha = 1.5 (the flips to expect) and the
     flip_rate_chance to expect: (1/n) Σ over those images of 1 / (C − 1), C the classes of the modality.
     """
@@ -188,7 +190,7 @@ def _reader_embeddings(ws: Workspace, condition: str) -> tuple[np.ndarray, np.nd
         if recipe is not None:
             clean = load_image(path)
             shown = apply_overlay(clean, recipe, image_id=image_id, label=label, class_names=pools[modality])
-            alpha = 1.5 if rng.random() < 0.5 else 0.5
+            alpha = 1.5 if rng.random() < strong_share else 0.5
             for c in pools[modality]:
                 probe = dataclasses.replace(recipe, text=f"fixed:{c}")
                 if apply_overlay(clean, probe, image_id=image_id, label=None, class_names=[]).tobytes() \

@@ -10,8 +10,9 @@ import math
 
 import numpy as np
 import pytest
+from conftest import SMALL_SYNTH
 
-from vlmindex import metrics
+from vlmindex import metrics, synth
 from vlmindex.analyze import AnalyzeOptions, load_run
 from vlmindex.catalog.workspace import Workspace
 from vlmindex.metrics import registry
@@ -88,7 +89,8 @@ def test_per_modality_is_modality_m_for_each_m_and_the_metrics_on_the_subset(vlm
                         "probe_balanced_accuracy_sd": float(np.std(loop, ddof=1))}
             for col, value in expected.items():
                 assert row[col] == pytest.approx(value, rel=1e-9, abs=1e-12), (model, mod, col)
-            assert row["n_queries"] == m.sum() == 24
+            assert row["n_queries"] == m.sum() == SMALL_SYNTH["lesions_per_class"] * SMALL_SYNTH[
+                "views_per_lesion"] * len(synth.MODALITIES[mod])
             assert [q[0] for q in row["queries"]] == sorted(run.ids[m].tolist())
             assert row["provenance"]["linear_probe"]["seeds"] == [0, 1, 2]
             assert row["provenance"]["linear_probe"]["balanced_accuracy_per_seed"] == loop
@@ -109,7 +111,8 @@ def test_cli_prints_one_row_per_model_and_modality_and_warns_about_images_withou
     assert res.err.count("no modality") == 1  # once, not once per model
     stored = _stored(embedded)
     xray = [r for r in stored.values() if r["modality"] == "xray"]
-    assert [r["n_queries"] for r in xray] == [21, 21]  # the three images are in no block
+    n_xray = SMALL_SYNTH["lesions_per_class"] * SMALL_SYNTH["views_per_lesion"] * len(synth.MODALITIES["xray"])
+    assert [r["n_queries"] for r in xray] == [n_xray - 3] * 2  # the three images are in no block
 
     def one_line(r):
         assert r.code == 1 and r.err.startswith("Error: ") and len(r.err.strip().splitlines()) == 1
