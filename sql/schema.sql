@@ -126,6 +126,7 @@ CREATE TABLE IF NOT EXISTS summaries (
     k INTEGER,
     exclude_group BOOLEAN,
     exclude_duplicates BOOLEAN DEFAULT false, -- each query's duplicate cluster left out of its ranking
+    duplicates_model VARCHAR,  -- with exclude_duplicates: whose near pairs joined the exact ones (NULL: exact only)
     query_split VARCHAR,
     gallery_split VARCHAR,
     modality VARCHAR,          -- NULL: every modality of the dataset
@@ -254,14 +255,20 @@ LEFT JOIN (SELECT dataset, modality, string_agg(DISTINCT label, chr(31) ORDER BY
 -- The newest analysis for each (model, dataset, condition) and set of options; `scope` says what
 -- its numbers are over. Every shipped analysis reads this view, so none mixes two settings.
 CREATE OR REPLACE VIEW latest_summaries AS
-SELECT *,
-       concat_ws(' ', 'k=' || k, CASE WHEN exclude_group THEN 'group-excluded' END,
-                 CASE WHEN probe_protocol IS NULL THEN 'no-probe' END,
-                 CASE WHEN exclude_duplicates THEN 'duplicates-excluded' END,
-                 'queries=' || query_split, 'gallery=' || gallery_split, 'modality=' || modality,
-                 CASE WHEN n_missing > 0 THEN 'partial(' || n_missing || ' images without embedding)' END) AS scope
-FROM summaries
-QUALIFY row_number() OVER (PARTITION BY model, dataset, condition, k, exclude_group,
-                                        coalesce(exclude_duplicates, false), query_split,
-                                        gallery_split, modality, probe_protocol IS NULL
-                           ORDER BY created_at DESC) = 1;
+SELECT s.*,
+       concat_ws(' ', 'k=' || s.k, CASE WHEN s.exclude_group THEN 'group-excluded' END,
+                 CASE WHEN s.probe_protocol IS NULL THEN 'no-probe' END,
+                 CASE WHEN s.exclude_duplicates THEN 'duplicates-excluded' || coalesce('(near ' || s.duplicates_model || ')', '')
+                 END,
+                 'queries=' || s.query_split, 'gallery=' || s.gallery_split, 'modality=' || s.modality,
+                 CASE WHEN s.n_missing > 0 THEN 'partial(' || s.n_missing || ' images without embedding)' END,
+                 -- within-condition numbers of text that depends on the class (label, wrong-label):
+                 -- the written word helps retrieval, so they are not comparable with clean ones
+                 CASE WHEN json_extract_string(c.recipe, '$.text') IN ('label', 'wrong-label')
+                      THEN 'text-tracks-class' END) AS scope
+FROM summaries s
+LEFT JOIN conditions c ON c.dataset = s.dataset AND c.name = s.condition
+QUALIFY row_number() OVER (PARTITION BY s.model, s.dataset, s.condition, s.k, s.exclude_group,
+                                        coalesce(s.exclude_duplicates, false), s.duplicates_model, s.query_split,
+                                        s.gallery_split, s.modality, s.probe_protocol IS NULL
+                           ORDER BY s.created_at DESC) = 1;

@@ -63,7 +63,8 @@ def _reference(clean: RunData, over: RunData, written: list[str], pools: dict, k
     out["baseline_map"] = np.mean([c["map"] for c in base])
     out["attack_delta_map"] = np.mean([a["map"] - c["map"] for (_, a), c in zip(att, base, strict=True)])
     out["attack_delta_knn_acc"] = np.mean([a["knn_acc"] - c["knn_acc"] for (_, a), c in zip(att, base, strict=True)])
-    eligible = [(q, a, c) for (q, a), c in zip(att, base, strict=True) if written[q] != clean.labels[q]]
+    eligible = [(q, a, c) for (q, a), c in zip(att, base, strict=True)
+                if written[q] != clean.labels[q] and written[q] in pools[clean.modalities[q]]]
     out["attack_success_rate"] = np.mean([a["vote"] == written[q] for q, a, _ in eligible])
     out["success_baseline"] = np.mean([c["vote"] == written[q] for q, _, c in eligible])
     out["attack_success_chance"] = np.mean([1 / len(pools[clean.modalities[q]]) for q, _, _ in eligible])
@@ -72,7 +73,7 @@ def _reference(clean: RunData, over: RunData, written: list[str], pools: dict, k
 
 
 @pytest.mark.parametrize(("exclude_group", "k"), [(False, 1), (False, 5), (True, 3)])
-@pytest.mark.parametrize("text", ["wrong-label", "random-label"])
+@pytest.mark.parametrize("text", ["wrong-label", "random-label", "fixed:b"])
 def test_attack_figures_equal_a_plain_ranking_over_the_clean_gallery(exclude_group, k, text):
     rng = np.random.default_rng(11)
     n, d = 45, 8
@@ -87,6 +88,7 @@ def test_attack_figures_equal_a_plain_ranking_over_the_clean_gallery(exclude_gro
     written = [overlay_text_for(recipe, image_id=int(i), label=lab, class_names=pools[m])
                for i, lab, m in zip(ids, labels, modalities, strict=True)]
     over = base + np.array([rng.uniform(0, 2.5) * centre[w] for w in written], dtype=np.float32)
+    # fixed:b writes a class of m1 only: its m1 queries that are not b are the attacked ones
 
     def run(v):
         return RunData(ids=ids, vectors=v, labels=labels, groups=groups, splits=np.array(["train"] * n),
@@ -100,11 +102,12 @@ def test_attack_figures_equal_a_plain_ranking_over_the_clean_gallery(exclude_gro
     assert got["attack_map"]["baseline"] == pytest.approx(ref["baseline_map"], abs=1e-9)
     assert got["attack_success_rate"]["baseline"] == pytest.approx(ref["success_baseline"], abs=1e-9)
     assert got["attack_success_rate"]["n"] == ref["n_eligible"]
-    if text == "random-label":
-        # the control writes the true class on some queries: those are left out of the success rate
-        assert 0 < ref["n_eligible"] < n
-    else:
+    if text == "wrong-label":
         assert ref["n_eligible"] == n
+    else:
+        # random-label writes the true class on some queries, fixed:b on its own class and on a
+        # modality without a class b: those are left out of the success rate
+        assert 0 < ref["n_eligible"] < n
     assert got["attack_delta_map"]["value"] != 0  # the case exercises a real pull
 
 

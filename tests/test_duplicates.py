@@ -231,7 +231,8 @@ def test_exclude_duplicates_matches_a_numpy_loop_and_lowers_inflated_metrics(vlm
     summaries = {}
     for exclude_group in (False, True):
         for exclude in (False, True):
-            opts = AnalyzeOptions(k=5, probe=False, exclude_group=exclude_group, exclude_duplicates=exclude, **extra)
+            opts = AnalyzeOptions(k=5, probe=False, exclude_group=exclude_group, exclude_duplicates=exclude,
+                                  duplicates_model=MODEL if exclude else None, **extra)
             summaries[exclude_group, exclude] = s = analyze(ws, MODEL, "leaky", options=opts)
             none = np.array([None] * len(run.ids), dtype=object)
             ref = _loop_metrics(run.vectors, run.ids, run.labels, run.groups, clusters if exclude else none,
@@ -246,7 +247,7 @@ def test_exclude_duplicates_matches_a_numpy_loop_and_lowers_inflated_metrics(vlm
         assert excl["purity_micro"] < plain["purity_micro"]
         assert excl["exclude_duplicates"] is True and plain["exclude_duplicates"] is False
     scopes = {r["scope"] for r in json.loads(vlm(leaky.root, "sql", "leaderboard", "--format", "json").out)}
-    assert any("duplicates-excluded" in s and "group-excluded" in s for s in scopes)
+    assert any(f"duplicates-excluded(near {MODEL})" in s and "group-excluded" in s for s in scopes)
     assert len(scopes) == 4, "each option set is its own row of latest_summaries"
     prov = json.loads(_count(leaky.root, "SELECT provenance FROM summaries WHERE exclude_duplicates "
                                          "AND NOT exclude_group")[0][0])
@@ -300,10 +301,21 @@ def test_exclusion_needs_a_current_search(vlm, leaky, tmp_path):
     vlm(leaky.root, "analyze", "-m", MODEL, "-d", "leaky", "-k", "5", "--exclude-duplicates", "--no-probe")
     opts = AnalyzeOptions(k=5, probe=False, exclude_duplicates=True)
     assert is_current(Workspace(leaky.root), MODEL, "leaky", options=opts)
-    # a near search of the analysed model changes the pairs it excludes: the analysis is stale
+    # --duplicates-model names whose near pairs join the exact ones; without its search, an error
+    err = vlm(leaky.root, "analyze", "-m", MODEL, "-d", "leaky", "--exclude-duplicates", "--duplicates-model",
+              MODEL, "--no-probe", expect=1).err
+    assert f"--duplicates-model {MODEL} needs its near-duplicate pairs" in err and err.count("\n") == 1
+    near = AnalyzeOptions(k=5, probe=False, exclude_duplicates=True, duplicates_model=MODEL)
+    assert near.analysis_id(MODEL, "leaky", "clean") != opts.analysis_id(MODEL, "leaky", "clean")
     vlm(leaky.root, "duplicates", "leaky", "-m", MODEL)
-    assert not is_current(Workspace(leaky.root), MODEL, "leaky", options=opts)
-    vlm(leaky.root, "analyze", "-m", MODEL, "-d", "leaky", "-k", "5", "--exclude-duplicates", "--no-probe")
+    # the exact-only analysis does not read near pairs: still current
+    assert is_current(Workspace(leaky.root), MODEL, "leaky", options=opts)
+    vlm(leaky.root, "analyze", "-m", MODEL, "-d", "leaky", "-k", "5", "--exclude-duplicates", "--duplicates-model",
+        MODEL, "--no-probe")
+    assert is_current(Workspace(leaky.root), MODEL, "leaky", options=near)
+    # another near search replaces the pairs it excluded: that analysis is stale, the other is not
+    vlm(leaky.root, "duplicates", "leaky", "-m", MODEL, "--threshold", "0.999")
+    assert not is_current(Workspace(leaky.root), MODEL, "leaky", options=near)
     assert is_current(Workspace(leaky.root), MODEL, "leaky", options=opts)
 
 
@@ -376,7 +388,8 @@ def test_analysis_overtaken_by_a_new_search_stores_nothing(vlm, leaky, monkeypat
 
     monkeypatch.setattr(metrics, "retrieval_metrics", rank_then_search)
     with pytest.raises(InputsChanged, match="changed while it was computed"):
-        analyze(ws, MODEL, "leaky", options=AnalyzeOptions(k=5, probe=False, exclude_duplicates=True))
+        analyze(ws, MODEL, "leaky", options=AnalyzeOptions(k=5, probe=False, exclude_duplicates=True,
+                                                           duplicates_model=MODEL))
     assert _count(leaky.root, "SELECT count(*) FROM summaries") == [(0,)]
 
 
@@ -454,12 +467,13 @@ name = "mini"
 synth = { seed = 3, lesions_per_class = 3, views_per_lesion = 2, size = 64 }
 
 [models]
-names = ["raw-pixels"]
+names = ["hog", "raw-pixels"]
 
 [analysis]
 k = 3
 probe = false
 exclude_duplicates = true
+duplicates_model = "raw-pixels"
 
 [embed]
 num_workers = 0
@@ -467,12 +481,18 @@ num_workers = 0
     ws = tmp_path / "ws"
     first = vlm(ws, "run", study, "--format", "json")
     board = json.loads(first.out)
-    assert [r["scope"] for r in board] == ["k=3 no-probe duplicates-excluded"]
-    assert first.err.index("duplicates raw-pixels mini") < first.err.index("analyze raw-pixels mini")
+    assert sorted(r["scope"] for r in board) == ["k=3 no-probe duplicates-excluded(near raw-pixels)"] * 2
+    # the duplicates model goes first, though listed second: hog's analysis needs its search
+    assert first.err.index("duplicates raw-pixels mini") < first.err.index("analyze hog mini")
+    assert first.err.count("duplicates ") == 1, "one search, for every model"
     assert _count(ws, "SELECT kind, model FROM duplicate_searches ORDER BY kind") == [("exact", None),
                                                                                        ("near", "raw-pixels")]
     second = vlm(ws, "run", study, "--format", "json")
     assert "0 step(s) run" in second.err
+    study.write_text(study.read_text().replace('duplicates_model = "raw-pixels"', 'duplicates_model = "clip"'))
+    err = vlm(ws, "run", study, expect=1).err
+    assert "[analysis] duplicates_model = 'clip' is not in [models] names" in err
+    study.write_text(study.read_text().replace('duplicates_model = "clip"', 'duplicates_model = "raw-pixels"'))
     study.write_text(study.read_text().replace("exclude_duplicates = true", 'exclude_duplicates = "yes"'))
     err = vlm(ws, "run", study, expect=1).err
     assert "[analysis] exclude_duplicates must be true or false" in err

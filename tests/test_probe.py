@@ -241,3 +241,23 @@ def test_undefined_probes_say_why():
         linear_probe(x, y, splits=np.where(y == 0, "train", "test"))
     assert probe.split_masks(np.array(["train", "val", None], dtype=object))[3] == "val"
     assert probe.split_masks(np.array(["test", "val"], dtype=object))[0] is None
+
+
+def test_splits_that_share_groups_are_not_trusted():
+    """A dataset split by image (views of one lesion in train and in test) graded the probe on what
+    it was fitted on: with labels that carry nothing but group identity it scored far above chance."""
+    from vlmindex.metrics.probe import SCHEMES, linear_probe
+
+    rng = np.random.default_rng(0)
+    n_groups, views = 30, 4
+    groups = np.repeat([f"g{i}" for i in range(n_groups)], views)
+    labels = np.repeat(rng.integers(0, 3, n_groups), views)            # one class per lesion
+    centres = rng.normal(size=(n_groups, 16))
+    x = np.repeat(centres, views, axis=0) + 0.05 * rng.normal(size=(n_groups * views, 16))
+    per_image = np.array(["train", "train", "train", "test"] * n_groups, dtype=object)  # every lesion straddles
+    with pytest.warns(RuntimeWarning, match="on both sides"):
+        leaky = linear_probe(x, labels, splits=per_image, groups=groups)
+    honest = linear_probe(x, labels, groups=groups)
+    assert leaky.scheme == SCHEMES[2] and "on both sides" in leaky.protocol
+    assert leaky.balanced_accuracy == honest.balanced_accuracy  # the nested CV it falls back to
+    assert leaky.balanced_accuracy < 0.6  # no signal beyond the lesion: near chance (1/3)

@@ -43,6 +43,7 @@ class AnalyzeOptions:
     seed: int = 0
     allow_partial: bool = False  # score the images that have an embedding even when some have none
     exclude_duplicates: bool = False  # leave each query's duplicate cluster out (vlmindex.duplicates)
+    duplicates_model: str | None = None  # with exclude_duplicates: also the near pairs of this model's search
     probe_seeds: int = 1         # the probe repeated over seeds seed .. seed + probe_seeds - 1 (mean and sd)
 
     def numbers(self) -> dict[str, Any]:
@@ -55,6 +56,9 @@ class AnalyzeOptions:
         out.pop("allow_partial")
         if not out["exclude_duplicates"]:
             out.pop("exclude_duplicates")
+            out.pop("duplicates_model")
+        elif out["duplicates_model"] is None:
+            out.pop("duplicates_model")
         if self.probe_seeds == 1:
             out.pop("probe_seeds")
         return out
@@ -179,8 +183,8 @@ def _catalog_recipe(key: RunKey, options: AnalyzeOptions) -> fingerprints.Catalo
         return None
     from vlmindex import duplicates
 
-    return {duplicates.exclusion_input_name(key.dataset): (duplicates.PROVIDER, {"dataset": key.dataset,
-                                                                                 "model": key.model})}
+    return {duplicates.exclusion_input_name(key.dataset): (duplicates.PROVIDER, {
+        "dataset": key.dataset, "model": options.duplicates_model})}
 
 
 def _catalog_inputs(ws: Workspace, key: RunKey, options: AnalyzeOptions) -> fingerprints.CatalogInputs | None:
@@ -226,7 +230,7 @@ def analyze_run(ws: Workspace, key: RunKey, options: AnalyzeOptions | None = Non
         from vlmindex import duplicates
 
         with ws.read(views=False) as con:
-            excl = duplicates.exclusion(con, ws, key.dataset, key.model).require()
+            excl = duplicates.exclusion(con, ws, key.dataset, opts.duplicates_model).require()
         dup_keys = duplicates.cluster_keys(run.ids, excl.a, excl.b)
     summary, per_query, nb = compute(run, key, opts, duplicate_keys=dup_keys)
     summary["seconds"] = time.perf_counter() - t0
@@ -285,6 +289,29 @@ def analyze_per_modality(ws: Workspace, key: RunKey, options: AnalyzeOptions | N
     return [analyze_run(ws, key, o) for o in plan]
 
 
+def merged_groups(groups: np.ndarray, clusters: np.ndarray | None) -> np.ndarray:
+    """One unit per connected set of images sharing a group or a duplicate cluster (None: none)."""
+    n = len(groups)
+    parent = list(range(n))
+
+    def find(i: int) -> int:
+        while parent[i] != i:
+            parent[i] = parent[parent[i]]
+            i = parent[i]
+        return i
+
+    for values in (groups, clusters if clusters is not None else [None] * n):
+        seen: dict[Any, int] = {}
+        for i, v in enumerate(values):
+            if v is None or (isinstance(v, float) and np.isnan(v)):
+                continue
+            if v in seen:
+                parent[find(i)] = find(seen[v])
+            else:
+                seen[v] = i
+    return np.array([f"unit:{find(i)}" for i in range(n)], dtype=object)
+
+
 def compute(run: RunData, key: RunKey, opts: AnalyzeOptions, *, duplicate_keys: np.ndarray | None = None
             ) -> tuple[dict[str, Any], pa.Table, tuple[np.ndarray, np.ndarray, np.ndarray]]:
     """The pure step: the summary row, the per-query table and (query ids, neighbour ids, scores).
@@ -305,8 +332,11 @@ def compute(run: RunData, key: RunKey, opts: AnalyzeOptions, *, duplicate_keys: 
     # The probe validates and scores on the dataset's splits (vlmindex.metrics.probe); over a
     # --gallery-split it cross-validates within the gallery. Groups keep a lesion on one side.
     gallery = gallery_mask if gallery_mask is not None else np.ones(len(run.ids), dtype=bool)
+    # With duplicates excluded, a duplicate cluster is one unit for the probe too: a copy of a
+    # training image is never among the rows it is scored on.
+    probe_groups = merged_groups(run.groups, duplicate_keys) if opts.exclude_duplicates else run.groups
     dist = metrics.distribution_figures(
-        run.vectors[gallery], run.labels[gallery], groups=run.groups[gallery],
+        run.vectors[gallery], run.labels[gallery], groups=probe_groups[gallery],
         splits=run.splits if gallery_mask is None else None,
         probe=opts.probe, seed=opts.seed, probe_seeds=opts.probe_seeds)
     probe = dist.get("linear_probe")
@@ -314,7 +344,7 @@ def compute(run: RunData, key: RunKey, opts: AnalyzeOptions, *, duplicate_keys: 
     row = {
         "analysis_id": analysis_id, "model": key.model, "dataset": key.dataset, "condition": key.condition,
         "k": opts.k, "exclude_group": opts.exclude_group, "exclude_duplicates": opts.exclude_duplicates,
-        "query_split": opts.query_split,
+        "duplicates_model": opts.duplicates_model, "query_split": opts.query_split,
         "gallery_split": opts.gallery_split, "modality": opts.modality, "n_queries": summary["n_queries"],
         "n_skipped_queries": summary["n_skipped"], "n_gallery": summary["n_gallery"],
         "n_classes": summary["n_classes"], "dim": int(run.vectors.shape[1]),

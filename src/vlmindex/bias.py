@@ -263,8 +263,7 @@ def overlay_figures(
     changed = (vote_over != vote_clean).astype(np.float64)
     rows.append(_row("vote_change_rate", changed.mean(), bootstrap_ci(_mean_stat(changed), n, **boot), n))
     written = np.array(strings, dtype=object)
-    rows += attack_figures(res_c, res_x, clean.labels, written, clean.modalities, pools,
-                           writes_class=recipe.text in CLASS_NAME_SOURCES, boot=boot)
+    rows += attack_figures(res_c, res_x, clean.labels, written, clean.modalities, pools, boot=boot)
 
     # Typographic flip: only a class name can be voted for.
     if recipe.text not in CLASS_NAME_SOURCES:
@@ -293,7 +292,7 @@ ATTACK_DELTAS = ("map", "knn_acc")
 
 def attack_figures(res_clean: metrics.RetrievalResult, res_attack: metrics.RetrievalResult, labels: np.ndarray,
                    written: np.ndarray, modalities: np.ndarray, pools: dict[str | None, list[str]], *,
-                   writes_class: bool, boot: dict[str, int]) -> list[dict[str, Any]]:
+                   boot: dict[str, int]) -> list[dict[str, Any]]:
     r"""Typographic-attack figures: overlaid queries against the **clean** gallery.
 
     ``res_attack`` ranks each overlaid query over the clean images without its own clean image
@@ -304,10 +303,13 @@ def attack_figures(res_clean: metrics.RetrievalResult, res_attack: metrics.Retri
     * ``attack_<m>`` for m in map, knn_acc, p_at_1: mean of m over the attacked queries; baseline:
       the clean → clean mean;
     * ``attack_delta_<m>`` for map and knn_acc: mean of the paired :math:`m_q^{attack} - m_q^{clean}`;
-    * ``attack_success_rate`` (text that writes a class name): among queries whose true class is
-      not the written one, the share whose kNN vote is the written class; baseline: the share whose
-      *clean* vote already was (the rate with no attack); ``attack_success_chance``: the share a
-      vote drawn uniformly over the modality's classes would give, :math:`rac{1}{n}\sum_q 1/C_q`.
+    * ``attack_success_rate``: among queries on which the text writes a class name of their
+      modality other than their true class (every query under ``wrong-label``; those written
+      another class under ``random-label``; under ``fixed:melanoma``, the queries of a modality
+      with a melanoma class that are not melanomas), the share whose kNN vote is the written class;
+      baseline: the share whose *clean* vote already was (the rate with no attack);
+      ``attack_success_chance``: the share a vote drawn uniformly over the modality's classes
+      would give, :math:`\frac{1}{n}\sum_q 1/C_q`.
 
     A query whose written class is its true class counts in no success figure: following the text
     cannot be told from recognising the lesion there (``random-label`` writes the truth for about
@@ -316,10 +318,11 @@ def attack_figures(res_clean: metrics.RetrievalResult, res_attack: metrics.Retri
     scored = ~res_clean.skipped
     m = int(scored.sum())
     rows: list[dict[str, Any]] = []
+    success_names = ("attack_success_rate", "attack_success_chance")
     if m == 0:
         note = "every query's class has no other image in the gallery"
         names = [f"attack_{s}" for s, _ in ATTACK_METRICS] + [f"attack_delta_{s}" for s in ATTACK_DELTAS]
-        return [_row(name, None, (None, None), 0, note=note) for name in names]
+        return [_row(name, None, (None, None), 0, note=note) for name in (*names, *success_names)]
     for stem, attr in ATTACK_METRICS:
         va = np.asarray(getattr(res_attack, attr), dtype=np.float64)[scored]
         vc = np.asarray(getattr(res_clean, attr), dtype=np.float64)[scored]
@@ -328,19 +331,17 @@ def attack_figures(res_clean: metrics.RetrievalResult, res_attack: metrics.Retri
             d = va - vc
             rows.append(_row(f"attack_delta_{stem}", d.mean(), bootstrap_ci(_mean_stat(d), m, **boot), m,
                              baseline=vc.mean()))
-    if not writes_class:
-        note = "the text writes no class name"
-        return rows + [_row(name, None, (None, None), 0, note=note)
-                       for name in ("attack_success_rate", "attack_success_chance")]
     truth = np.array([str(x) for x in labels], dtype=object)
+    names_a_class = np.array([str(w) in {str(c) for c in pools.get(mod, [])}
+                              for w, mod in zip(written, modalities, strict=True)], dtype=bool)
     vote_a = np.array([None if p is None else str(p) for p in res_attack.knn_pred], dtype=object)
     vote_c = np.array([None if p is None else str(p) for p in res_clean.knn_pred], dtype=object)
-    eligible = scored & (written != truth)
+    eligible = scored & names_a_class & (written != truth)
     e = int(eligible.sum())
     if e == 0:
-        note = "the written class is the true class on every query"
-        return rows + [_row(name, None, (None, None), 0, note=note)
-                       for name in ("attack_success_rate", "attack_success_chance")]
+        note = ("the text writes no class name of the queries' modality" if not names_a_class.any()
+                else "the written class is the true class on every query")
+        return rows + [_row(name, None, (None, None), 0, note=note) for name in success_names]
     success = (vote_a[eligible] == written[eligible]).astype(np.float64)
     already = (vote_c[eligible] == written[eligible]).astype(np.float64)
     n_classes = np.array([len(pools.get(mod, [])) for mod in modalities[eligible]], dtype=np.float64)
@@ -349,6 +350,11 @@ def attack_figures(res_clean: metrics.RetrievalResult, res_attack: metrics.Retri
                      baseline=already.mean()))
     rows.append(_row("attack_success_chance", chance.mean(), bootstrap_ci(_mean_stat(chance), e, **boot), e))
     return rows
+
+
+# Enters every overlay effect's fingerprint: figures stored by an earlier set of figures (before
+# the attack figures) are not current and are recomputed.
+FIGURES_VERSION = "figures-2: attack figures against the clean gallery"
 
 
 STAGE = "overlay_effect"
@@ -365,7 +371,7 @@ class EffectOptions:
 
 
 def _options(k: int, exclude_group: bool, n_boot: int, seed: int) -> dict[str, Any]:
-    return asdict(EffectOptions(k, bool(exclude_group), n_boot, seed))
+    return {**asdict(EffectOptions(k, bool(exclude_group), n_boot, seed)), "figures": FIGURES_VERSION}
 
 
 def is_current(ws: Workspace, model: str, dataset: str, condition: str, *, k: int = 10, exclude_group: bool = False,

@@ -379,9 +379,10 @@ class Exclusion:
         return self
 
 
-def exclusion(con: duckdb.DuckDBPyConnection, ws: Workspace, dataset: str, model: str) -> Exclusion:
-    """The stored pairs of ``dataset`` an analysis of ``model`` excludes: the exact ones always, and
-    the near ones of ``model`` on the clean images when that search is stored.
+def exclusion(con: duckdb.DuckDBPyConnection, ws: Workspace, dataset: str, model: str | None) -> Exclusion:
+    """The stored pairs of ``dataset`` an analysis excludes: the exact ones always, and with
+    ``model`` (``--duplicates-model``) the near ones of ``model`` on the clean images, which must be
+    stored. One ``model`` for every analysed model, so all are compared on the same images.
 
     Near pairs come from the clean condition whatever condition is analysed: duplication is a
     property of the images, and an overlay's text would make unrelated images look alike, so a
@@ -394,14 +395,17 @@ def exclusion(con: duckdb.DuckDBPyConnection, ws: Workspace, dataset: str, model
     sources = []
     if exact is None:
         problem = (f"--exclude-duplicates needs the duplicate pairs of dataset {dataset!r}; find them with "
-                   f"`vlmindex duplicates {dataset}` (add -m {model} for near duplicates)")
+                   f"`vlmindex duplicates {dataset}`" + (f" -m {model}" if model else ""))
     elif exact["inputs_fingerprint"] != exact_fingerprint(con, ws, dataset):
         problem = (f"the duplicate pairs of {dataset!r} were found before its images changed; run "
                    f"`vlmindex duplicates {dataset}` again")
     doc["exact"] = exact["inputs_fingerprint"] if exact else None
     sources.append("exact")
     kinds = list(store.EXACT_KINDS)
-    near = found.get((store.NEAR, model, CLEAN))
+    near = found.get((store.NEAR, model, CLEAN)) if model is not None else None
+    if model is not None and near is None:
+        problem = problem or (f"--duplicates-model {model} needs its near-duplicate pairs of {dataset!r}; find them "
+                              f"with `vlmindex duplicates {dataset} -m {model}`")
     if near is not None:
         key = RunKey(model, dataset, CLEAN)
         if near["inputs_fingerprint"] != near_fingerprint(con, ws, key, near["threshold"]):
@@ -425,9 +429,10 @@ def exclusion_input_name(dataset: str) -> str:
 PROVIDER = "duplicate pairs"
 
 
-def exclusion_fingerprint(con: duckdb.DuckDBPyConnection, *, ws: Workspace, dataset: str, model: str) -> str:
-    """The fingerprint of the pairs an analysis of ``model`` with ``--exclude-duplicates`` leaves
-    out: the catalog input it records (``fingerprints.PROVIDERS[PROVIDER]``)."""
+def exclusion_fingerprint(con: duckdb.DuckDBPyConnection, *, ws: Workspace, dataset: str,
+                          model: str | None) -> str:
+    """The fingerprint of the pairs an analysis with ``--exclude-duplicates`` (and near pairs of
+    ``model``) leaves out: the catalog input it records (``fingerprints.PROVIDERS[PROVIDER]``)."""
     return exclusion(con, ws, dataset, model).fingerprint
 
 

@@ -94,7 +94,8 @@ _MODELS_TYPES = {"names": _str_list("model names"), "checkpoints": _STR_TABLE,
                  "trust_remote_code": _str_list("model names")}
 _ANALYSIS_TYPES = {"k": _int(1), "exclude_group": _BOOL, "query_split": _STR, "gallery_split": _STR,
                    "modality": _STR, "probe": _BOOL, "seed": _int(), "allow_partial": _BOOL,
-                   "exclude_duplicates": _BOOL, "probe_seeds": _int(1), "per_modality": _BOOL}
+                   "exclude_duplicates": _BOOL, "duplicates_model": _STR, "probe_seeds": _int(1),
+                   "per_modality": _BOOL}
 # [analysis] keys that shape the study's grid of analyses rather than one analysis's options.
 _ANALYSIS_GRID_KEYS = {"per_modality"}
 _EMBED_TYPES = {"batch_size": _int(1), "num_workers": _int(0), "dtype": _one_of("float32", "float16"),
@@ -254,6 +255,12 @@ def load_study(path: str | Path) -> Study:
     if grid.get("per_modality") and "modality" in analysis:
         raise VlmindexError(f"{path}: [analysis] per_modality = true analyses every modality; remove "
                             f"modality = {analysis['modality']!r} (or per_modality)")
+    dm = analysis.get("duplicates_model")
+    if dm is not None and dm not in names:
+        raise VlmindexError(f"{path}: [analysis] duplicates_model = {dm!r} is not in [models] names; add it there "
+                            f"(its search finds the near duplicates every model's analysis leaves out)")
+    if dm is not None and not analysis.get("exclude_duplicates"):
+        raise VlmindexError(f"{path}: [analysis] duplicates_model needs exclude_duplicates = true")
     embed = _table(path, data, "embed")
     _check(path, "[embed]", embed, _EMBED_TYPES)
     base = path.parent
@@ -351,7 +358,10 @@ def _overlay_runs(ctx: _Context) -> list[StudyStep]:
 
 
 def _duplicate_runs(ctx: _Context) -> list[StudyStep]:
-    if not ctx.study.analysis.exclude_duplicates:
+    """One search per dataset, made while the study's ``duplicates_model`` (or, exact pairs only,
+    its first model) is the model at work: every model's analysis then excludes the same pairs."""
+    a = ctx.study.analysis
+    if not a.exclude_duplicates or ctx.model != (a.duplicates_model or ctx.study.models[0]):
         return []
     return [StudyStep(RunKey(ctx.model, d["name"], CLEAN)) for d in ctx.study.datasets]
 
@@ -388,6 +398,7 @@ def _stages() -> tuple[StudyStage, ...]:
 
     a = lambda ctx: ctx.study.analysis  # noqa: E731 - the study's analysis options, read when a stage runs
     effect = lambda ctx: asdict(bias.EffectOptions(k=a(ctx).k, exclude_group=a(ctx).exclude_group))  # noqa: E731
+    dup = lambda ctx: duplicates.DuplicateOptions(model=a(ctx).duplicates_model)  # noqa: E731
     # Each lambda takes (ctx, step) and reads the run as step.key; analyze steps carry their options.
     return (
         StudyStage("embed", _runs,
@@ -399,11 +410,8 @@ def _stages() -> tuple[StudyStage, ...]:
         # exact and near (this model, clean) pairs, at the default threshold unless a search at
         # another one is stored and current
         StudyStage("duplicates", _duplicate_runs,
-                   lambda ctx, s: duplicates.is_current(ctx.ws, s.key.dataset,
-                                                        duplicates.DuplicateOptions(model=s.key.model),
-                                                        any_threshold=True),
-                   lambda ctx, s: duplicates.find_duplicates(ctx.ws, s.key.dataset,
-                                                             duplicates.DuplicateOptions(model=s.key.model))),
+                   lambda ctx, s: duplicates.is_current(ctx.ws, s.key.dataset, dup(ctx), any_threshold=True),
+                   lambda ctx, s: duplicates.find_duplicates(ctx.ws, s.key.dataset, dup(ctx))),
         StudyStage("analyze", _analysis_steps,
                    lambda ctx, s: analyze.is_current(ctx.ws, s.key.model, s.key.dataset, s.key.condition, s.options),
                    lambda ctx, s: analyze.analyze_run(ctx.ws, s.key, s.options)),
@@ -444,7 +452,9 @@ def run_study(ws: Workspace, study: Study, *, log: Callable[[str], None] = print
                 log(f"  warning: {without_modality_warning(d['name'], unassigned)}")
     embed_options = EmbedOptions(progress=progress, **study.embed)
     stages = _stages()
-    for model in study.models:
+    # The duplicates model first: its search is what every model's analysis excludes.
+    first = study.analysis.duplicates_model if study.analysis.exclude_duplicates else None
+    for model in sorted(study.models, key=lambda m: m != first):
         log(f"model {model}")
         try:
             get_spec(model)

@@ -2,7 +2,9 @@
 
 Three modalities, each drawn to look like its real counterpart, with classes that differ the way
 real lesions do; two modalities have three classes, so a ``wrong-label`` overlay there writes one
-of two other class names and the written word is not a class marker:
+of two other class names and the written word no longer names the class by elimination (it still
+correlates with it: two images of one class share it with probability 1/2, of two classes 1/4;
+``random-label`` is the overlay independent of the class):
 
 - ``dermoscopy`` (colour): ``naevus`` (round, regular border, one or two even browns, regular
   pigment network), ``seborrhoeic-keratosis`` (waxy, "stuck on": sharply demarcated, light to dark

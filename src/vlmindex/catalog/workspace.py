@@ -336,7 +336,8 @@ V3_PROBE_COLUMNS = {
 }
 V3_DUPLICATE_COLUMNS = {
     "images": ("pixel_sha256 VARCHAR",),  # decoded-pixel hash, filled lazily by `vlmindex duplicates`
-    "summaries": ("exclude_duplicates BOOLEAN DEFAULT false",),  # false for every earlier analysis
+    # false / NULL for every earlier analysis
+    "summaries": ("exclude_duplicates BOOLEAN DEFAULT false", "duplicates_model VARCHAR"),
 }
 V3_COLUMNS: tuple[dict[str, tuple[str, ...]], ...] = (V3_PROBE_COLUMNS, V3_DUPLICATE_COLUMNS)
 

@@ -106,6 +106,9 @@ HEADLINE = ["model", "dataset", "condition", "k", "n_queries", *registry.headlin
               help="Leave images of the query's group (patient/lesion) out of its ranking.")
 @click.option("--exclude-duplicates", is_flag=True,
               help="Leave the query's duplicate cluster out of its ranking (pairs of `vlmindex duplicates`).")
+@click.option("--duplicates-model", metavar="MODEL",
+              help="With --exclude-duplicates: also the near pairs of this model's search (`vlmindex duplicates "
+                   "D -m MODEL`), the same for every analysed model; without it, exact pairs only.")
 @click.option("--query-split", help="Queries from this split only (e.g. test).")
 @click.option("--gallery-split", help="Gallery from this split only (e.g. train).")
 @click.option("--modality", help="Only images of this modality.")
@@ -120,8 +123,8 @@ HEADLINE = ["model", "dataset", "condition", "k", "n_queries", *registry.headlin
               help="Score the images that have an embedding even when some have none (the scope says so).")
 @format_option()
 @pass_ctx
-def analyze(ctx, models, dataset, condition, k, exclude_group, exclude_duplicates, query_split, gallery_split,
-            modality, per_modality, no_probe, probe_seeds, allow_partial, fmt):
+def analyze(ctx, models, dataset, condition, k, exclude_group, exclude_duplicates, duplicates_model, query_split,
+            gallery_split, modality, per_modality, no_probe, probe_seeds, allow_partial, fmt):
     """Neighbours and discriminability metrics of embedded runs.
 
     Per query: purity@k, AP over the full ranking, MAP@R, R-precision, P@1, kNN vote (rows in
@@ -144,7 +147,7 @@ def analyze(ctx, models, dataset, condition, k, exclude_group, exclude_duplicate
     opts = AnalyzeOptions(k=k, exclude_group=exclude_group, query_split=query_split,
                           gallery_split=gallery_split, modality=modality, probe=not no_probe,
                           allow_partial=allow_partial, exclude_duplicates=exclude_duplicates,
-                          probe_seeds=probe_seeds)
+                          duplicates_model=duplicates_model if exclude_duplicates else None, probe_seeds=probe_seeds)
     # Warnings (images in no modality block, an undefined figure) as one line each, once.
     with warnings.catch_warnings(record=True) as caught:
         for category in (UserWarning, RuntimeWarning):

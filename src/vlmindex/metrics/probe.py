@@ -21,7 +21,9 @@ rows there are:
   balanced accuracy is computed over them (every row predicted once by a probe that never saw it).
 
 Groups (``group_id``: views of one lesion, images of one patient) never straddle a split, inner or
-outer: a lesion's other views would otherwise be in training while it is scored. A row without a
+outer: a lesion's other views would otherwise be in training while it is scored. A dataset whose
+own train and held-out splits share a group (split by image, not by lesion) is not trusted: the
+probe falls back to nested group CV over every row, and ``probe_protocol`` says so. A row without a
 group is its own group. Folds: k = min(``cv``, the fewest groups any class has in the rows split),
 at least 2. A seed drives every fold shuffle (and the solver's ``random_state``, which lbfgs does
 not use); :func:`linear_probe` runs one probe per seed and reports their mean and sample standard
@@ -91,6 +93,7 @@ class ProbeResult:
     outer_folds: int | None = None   # nested CV
     held_out: str = "test"           # what the scored rows are called in the protocol line
     note: str | None = None          # why the probe is undefined (NaN)
+    fallback: str | None = None      # why the dataset's own splits were not used
     max_iter: int = MAX_ITER
     per_seed: tuple[float, ...] = field(init=False)
 
@@ -135,6 +138,8 @@ class ProbeResult:
                 f"; chosen C {chosen[0]:g}..{chosen[-1]:g} across fits"
         if len(self.seeds) > 1:
             text += f"; mean ± sd over {len(self.seeds)} seeds ({self.seeds[0]}..{self.seeds[-1]})"
+        if self.fallback:
+            text += f" ({self.fallback})"
         if self.note:
             text += f"; undefined: {self.note}"
         return text
@@ -159,7 +164,7 @@ class ProbeResult:
             "balanced_accuracy_per_seed": list(self.per_seed),
             "balanced_accuracy": finite(self.balanced_accuracy), "sd": finite(self.sd),
             "not_converged": sum(r.not_converged for r in self.runs), "max_iter": self.max_iter,
-            "note": self.note,
+            "note": self.note, "fallback": self.fallback,
         }
 
 
@@ -380,11 +385,21 @@ def linear_probe(
         raise VlmindexError("the probe needs at least one seed")
     train = val = test = None
     outer = None
+    fallback = None
     if splits is not None and train_mask is None:
         if np.shape(splits) != (n,):
             raise VlmindexError(f"splits must have one entry per embedding row ({n}), got shape {np.shape(splits)}")
         train_mask, val_mask, test_mask, held = split_masks(splits)
         held_out = held or held_out
+        if train_mask is not None:
+            # A dataset split by image, not by lesion or patient, puts views of one lesion on both
+            # sides: scored there, the probe would be graded on what it was fitted on.
+            other = ~train_mask & ((val_mask if val_mask is not None else False) | test_mask)
+            shared = np.intersect1d(units[train_mask], units[other])
+            if len(shared):
+                fallback = (f"the dataset's splits put {len(shared)} group(s) on both sides; nested group CV "
+                            "over every row instead")
+                train_mask = val_mask = test_mask = None
     if train_mask is not None:
         train = as_mask(train_mask, n, "train_mask")
         val = as_mask(val_mask, n, "val_mask") & ~train if val_mask is not None else None
@@ -414,6 +429,9 @@ def linear_probe(
             warnings.warn(f"linear probe: smallest class has {smallest} groups; using {outer}-fold CV instead "
                           f"of {cv}", RuntimeWarning, stacklevel=2)
         sizes = {"outer_folds": outer}
+        if fallback:
+            warnings.warn(f"linear probe: {fallback}", RuntimeWarning, stacklevel=2)
+            sizes["fallback"] = fallback
     from threadpoolctl import threadpool_limits
 
     # One BLAS thread: the fits are small, so more threads mostly wait on each other (ten times

@@ -195,6 +195,7 @@ class StaleAnalysis:
         args = [f"-m {self.model}", f"-d {self.dataset}", f"-c {self.condition}", f"-k {o.k}"]
         args += ["--exclude-group"] if o.exclude_group else []
         args += ["--exclude-duplicates"] if o.exclude_duplicates else []
+        args += [f"--duplicates-model {o.duplicates_model}"] if o.exclude_duplicates and o.duplicates_model else []
         args += [f"--query-split {o.query_split}"] if o.query_split else []
         args += [f"--gallery-split {o.gallery_split}"] if o.gallery_split else []
         args += [f"--modality {o.modality}"] if o.modality else []
@@ -269,14 +270,15 @@ class ReportData:
 def protocol(s: dict[str, Any]) -> tuple[Any, ...]:
     """What must match for two analyses' per-query AP to be comparable (k does not change AP)."""
     return (bool(s.get("exclude_group")), s.get("query_split"), s.get("gallery_split"),
-            (s.get("provenance") or {}).get("modality"), bool(s.get("exclude_duplicates")))
+            (s.get("provenance") or {}).get("modality"),
+            (s.get("duplicates_model") or True) if s.get("exclude_duplicates") else False)
 
 
 def protocol_text(s: dict[str, Any]) -> str:
     excl, qs, gs, mod, dups = protocol(s)
     parts = ["group excluded" if excl else "group not excluded"]
     if dups:
-        parts.append("duplicates excluded")
+        parts.append("duplicates excluded" + (f" (near pairs of {dups})" if isinstance(dups, str) else ""))
     if qs:
         parts.append(f"queries: {qs}")
     if gs:
@@ -591,6 +593,7 @@ def analysis_options(s: dict[str, Any]) -> AnalyzeOptions:
                           modality=s.get("modality"),
                           probe=s.get("probe_protocol") is not None,
                           exclude_duplicates=bool(s.get("exclude_duplicates")),
+                          duplicates_model=s.get("duplicates_model") if s.get("exclude_duplicates") else None,
                           seed=seed if isinstance(seed, int) and not isinstance(seed, bool) else 0,
                           probe_seeds=probe_seeds if isinstance(probe_seeds, int) and not isinstance(probe_seeds, bool)
                           else 1)
