@@ -11,7 +11,7 @@ $(BIN)/vlmindex: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
 	$(BIN)/pip install --quiet $(TORCH)
-	$(BIN)/pip install --quiet '.[test,ocr]'
+	$(BIN)/pip install --quiet '.[test,ocr,serve,explore]'
 	@touch $@
 
 install: $(BIN)/vlmindex
@@ -34,6 +34,7 @@ bench: install
 	$(BIN)/python benchmarks/bench_metrics.py
 	$(BIN)/python benchmarks/bench_embed.py
 	$(BIN)/python benchmarks/bench_index.py
+	$(BIN)/python benchmarks/bench_serve.py
 
 clean:
 	rm -rf $(VENV) build dist vlmindex-workspace

@@ -60,3 +60,27 @@ def synth_ws(synth_template, tmp_path) -> Path:
     root.mkdir()
     shutil.copy(synth_template / "catalog.duckdb", root / "catalog.duckdb")
     return root
+
+
+SERVED_MODELS = ("hog", "raw-pixels")
+
+
+@pytest.fixture(scope="session")
+def served_ws(synth_template, tmp_path_factory) -> Path:
+    """The small synthetic set embedded by two offline models, clean and with the label burned in
+    ('lbl'), indexed, and analysed (k = 5, group excluded): what `serve` and `explore` are pointed at.
+    Tests that write to a workspace copy it first."""
+    from vlmindex.cli import main
+
+    def cli(*args: object) -> None:
+        main(["-w", str(root), *map(str, args)])
+
+    root = tmp_path_factory.mktemp("served") / "ws"
+    root.mkdir()
+    shutil.copy(synth_template / "catalog.duckdb", root / "catalog.duckdb")
+    cli("overlay", "add", "demo", "lbl", "--text", "label")
+    for cond in ("clean", "lbl"):
+        cli("embed", "-m", ",".join(SERVED_MODELS), "-d", "demo", "-c", cond, "--workers", "0")
+        cli("index", "build", "-m", ",".join(SERVED_MODELS), "-d", "demo", "-c", cond)
+    cli("analyze", "-m", ",".join(SERVED_MODELS), "-d", "demo", "-k", "5", "--exclude-group", "--no-probe")
+    return root

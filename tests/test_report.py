@@ -16,7 +16,7 @@ import pytest
 from scipy.stats import wilcoxon
 
 from vlmindex.analyze import is_current
-from vlmindex.catalog import RunKey
+from vlmindex.catalog import RunKey, results
 from vlmindex.catalog.embeddings import read_run
 from vlmindex.catalog.workspace import Workspace
 from vlmindex.metrics import project_2d
@@ -200,9 +200,10 @@ def test_report_is_self_contained(report_ws):
     _, out = report_ws
     html = out.read_text(encoding="utf-8")
     dom = _parse(html)
-    external = [r for r in dom.refs if not r[2].startswith("#")]
+    external = [r for r in dom.refs if not r[2].startswith("#")
+                and not (r[0] == "img" and r[1] == "src" and r[2].startswith("data:image/png;base64,"))]
     assert external == [], f"external references: {external}"
-    assert not re.search(r"@import|url\(|<script|<link|<img|<iframe", html, re.I)
+    assert not re.search(r"@import|url\(|<script|<link|<iframe", html, re.I)
     # Only the SVG namespace URI may look like a URL; it is an identifier, never fetched.
     assert set(re.findall(r"https?://[^\s\"'<>]+", html)) <= {"http://www.w3.org/2000/svg"}
     assert "Content-Security-Policy" in html and "default-src 'none'" in html
@@ -239,12 +240,12 @@ def test_report_renders_in_headless_chromium(report_ws, tmp_path):
     assert res.stdout.count("<circle") > 100  # the projections' points survived rendering
 
     png = tmp_path / "report.png"
-    res = _browser(exe, tmp_path / "profile", f"--screenshot={png}", "--window-size=1400,4000", url)
+    res = _browser(exe, tmp_path / "profile", f"--screenshot={png}", "--window-size=1400,6000", url)
     assert res.returncode == 0 and png.exists(), res.stderr[-2000:]
     if os.environ.get("VLMINDEX_REPORT_SCREENSHOT"):  # to look at it: a person checks what a test cannot
         shutil.copy(png, os.environ["VLMINDEX_REPORT_SCREENSHOT"])
     img = np.asarray(Image.open(png).convert("RGB"))
-    assert img.shape == (4000, 1400, 3)
+    assert img.shape == (6000, 1400, 3)
     # Painted, not blank: the palette's first colour (bars, legend, points) shows up on screen.
     blue = np.all(np.abs(img.astype(int) - (0x00, 0x72, 0xB2)) < 12, axis=-1)
     assert blue.sum() > 500
@@ -455,3 +456,37 @@ def test_report_is_deterministic(report_ws):
     second, _ = build_report(Workspace(root), opts)
     strip = re.compile(r"Report made [0-9T:-]+")
     assert strip.sub("", first) == strip.sub("", second)
+
+
+def test_confused_queries_are_the_lowest_purity_with_their_stored_neighbours(report_ws):
+    """Each model's strips: its 4 lowest purity@k queries (stored rows), each with the neighbour file's
+    top-k, frames marked by whether the neighbour's catalog label is the query's."""
+    root, out = report_ws
+    html = out.read_text(encoding="utf-8")
+    section = html[html.index("id='confused'"):html.index("id='overlay-effects'")]
+    ws = Workspace(root)
+    with ws.read() as con:
+        from vlmindex.catalog import datasets as catalog_datasets
+
+        labels = {r[0]: r[1] for r in catalog_datasets.images(con, "demo", columns=("image_id", "label"))}
+        clean = [s for s in results.latest_summaries(con, "demo") if s["condition"] == "clean"
+                 and s["modality"] is None]
+        per_model = {s["model"]: results.query_metric_table(con, s["analysis_id"]).to_pylist() for s in clean}
+    assert sorted(per_model) == sorted(MODELS)
+    strips = [re.match(r" data-query='(\d+)' data-purity='([0-9.]+)'>(.*)", part, re.S).groups()
+              for part in section.split("<div class='strip'")[1:]]
+    assert len(strips) == 4 * len(MODELS)
+    for m, model in enumerate(sorted(MODELS, key=lambda x: section.index(f"data-model='{x}'"))):
+        rows = sorted(per_model[model], key=lambda r: (r["purity_at_k"], r["ap"], r["image_id"]))[:4]
+        mine = strips[4 * m:4 * m + 4]
+        assert [int(q) for q, _, _ in mine] == [r["image_id"] for r in rows]
+        assert [float(p) for _, p, _ in mine] == [round(r["purity_at_k"], 4) for r in rows]
+        key = RunKey(model, "demo", "clean")
+        aid = next(s["analysis_id"] for s in clean if s["model"] == model)
+        nb = results.read_neighbors(ws, key, aid).to_pylist()
+        for q, _, body in mine:
+            figs = re.findall(r"<figure class='(\w+)' data-image-id='(\d+)'><img src='data:image/png;base64,", body)
+            assert figs[0] == ("query", q)
+            want = [r["neighbor_id"] for r in nb if r["image_id"] == int(q)]
+            assert [int(i) for _, i in figs[1:]] == want and len(want) == 5
+            assert [c for c, _ in figs[1:]] == ["same" if labels[i] == labels[int(q)] else "other" for i in want]

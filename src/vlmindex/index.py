@@ -255,9 +255,13 @@ def is_current(ws: Workspace, key: RunKey) -> bool:
     return info.inputs_fingerprint == now and info.checksum == file_sha256(path)
 
 
-def load_index(ws: Workspace, model: str, dataset: str,
-               condition: str = "clean") -> tuple[faiss.Index, IndexInfo]:
-    """Load an index, refusing one that is missing, damaged, or older than its embeddings."""
+def load_index(ws: Workspace, model: str, dataset: str, condition: str = "clean", *,
+               mmap: bool = False) -> tuple[faiss.Index, IndexInfo]:
+    """Load an index, refusing one that is missing, damaged, or older than its embeddings.
+
+    With ``mmap`` the file is memory-mapped read-only where FAISS allows (flat and IVF codes stay
+    on disk, pages shared between processes) after its checksum was verified on the same file.
+    """
     key = RunKey(model, dataset, condition)
     path = ws.index_path(model, dataset, condition)
     sidecar = path.with_suffix(".json")
@@ -268,12 +272,17 @@ def load_index(ws: Workspace, model: str, dataset: str,
         if not path.exists() or not sidecar.exists():
             raise VlmindexError(f"no index for {model!r} on {dataset}/{condition}; build it with `{build_cmd}`")
         info = IndexInfo.load(sidecar)
-        data = path.read_bytes()
+        if mmap:
+            before = path.stat()
+            checksum, data = file_sha256(path), None
+        else:
+            data = path.read_bytes()
+            checksum = hashlib.sha256(data).hexdigest()
         now = _stage_fingerprint(key, run_fingerprint(con, ws, key))
     if info is not None and info.inputs_fingerprint is None:
         raise VlmindexError(f"the index of {model!r} on {dataset}/{condition} was built by an older vlmindex that "
                             f"recorded no fingerprint of its inputs; rebuild it with `{build_cmd}`")
-    if info is None or hashlib.sha256(data).hexdigest() != info.checksum:
+    if info is None or checksum != info.checksum:
         raise VlmindexError(f"the index file {path} is damaged (its checksum is not the one recorded when it "
                             f"was built); rebuild it with `{build_cmd} --force`")
     if info.inputs_fingerprint != now:
@@ -282,12 +291,33 @@ def load_index(ws: Workspace, model: str, dataset: str,
             f"since it was built); rebuild it with `{build_cmd}`"
         )
     try:
-        index = faiss.deserialize_index(np.frombuffer(data, dtype=np.uint8))
+        if data is not None:
+            index = faiss.deserialize_index(np.frombuffer(data, dtype=np.uint8))
+        else:
+            index = faiss.read_index(str(path), faiss.IO_FLAG_MMAP | faiss.IO_FLAG_READ_ONLY)
+            after = path.stat()
+            if (after.st_ino, after.st_size, after.st_mtime_ns) != (before.st_ino, before.st_size, before.st_mtime_ns):
+                raise IndexReplaced(f"the index of {key} was replaced while it was being opened; open it again")
     except RuntimeError:
         raise VlmindexError(f"the index file {path} cannot be read by FAISS; rebuild it with "
                             f"`{build_cmd} --force`") from None
     _set_search_params(index, info.kind, info.params)
     return index, info
+
+
+class IndexReplaced(VlmindexError):
+    """An ``index build`` renamed a new file into place between the checksum and the mapping."""
+
+
+def list_indexes(ws: Workspace) -> list[IndexInfo]:
+    """The sidecars of every index file in the workspace (unreadable ones left out), by model,
+    dataset and condition."""
+    found = []
+    for sidecar in sorted((ws.root / "indexes").glob("*/*/*.json")):
+        info = IndexInfo.load(sidecar)
+        if info is not None and sidecar.with_suffix(".faiss").exists():
+            found.append(info)
+    return sorted(found, key=lambda i: (i.dataset, i.model, i.condition != "clean", i.condition))
 
 
 def file_sha256(path: Path) -> str:

@@ -19,20 +19,35 @@ from vlmindex.models import LoadOptions
 
 def embed_files(extractor, paths: list[Path], batch_size: int = 32) -> np.ndarray:
     """Embed image files with the extractor's own preprocessing (the one the index was built with)."""
-    tensors = []
+    images = []
     for p in paths:
         try:
-            tensors.append(extractor.preprocess(load_image(p)))
+            images.append(load_image(p))
         except FileNotFoundError:
             raise VlmindexError(f"query image {p} does not exist") from None
         except Exception as exc:  # noqa: BLE001 - any decode failure is the user's file
             raise VlmindexError(f"cannot read query image {p}: {exc}") from None
+    return embed_images(extractor, images, batch_size)
+
+
+def embed_images(extractor, images: list, batch_size: int = 32) -> np.ndarray:
+    """Embed decoded RGB images with the extractor's own preprocessing."""
+    tensors = [extractor.preprocess(img) for img in images]
     out = []
     with torch.inference_mode():
         for i in range(0, len(tensors), batch_size):
             batch = torch.stack(tensors[i:i + batch_size]).to(extractor.device)
             out.append(extractor.encode_image(batch).float().cpu().numpy())
     return np.concatenate(out)
+
+
+def check_weights(extractor, key: RunKey, indexed_with: str | None) -> None:
+    """Refuse to compare a query embedded with other weights than those that embedded the run."""
+    if indexed_with and extractor.weights_sha256 != indexed_with:
+        raise VlmindexError(
+            f"the weights loaded for {key.model!r} (sha256 {str(extractor.weights_sha256)[:12]}…) are not those "
+            f"that embedded {key.dataset}/{key.condition} ({indexed_with[:12]}…); pass the --checkpoint the index "
+            "was built from")
 
 
 def query(ws: Workspace, images: list[Path], model: str, dataset: str, condition: str = "clean", *,
@@ -49,11 +64,7 @@ def query(ws: Workspace, images: list[Path], model: str, dataset: str, condition
     get_spec(model)
     index, info = load_index(ws, model, dataset, condition)
     extractor = load.load(model)
-    indexed_with = newest_weights(ws, RunKey(model, dataset, condition))
-    if indexed_with and extractor.weights_sha256 != indexed_with:
-        raise VlmindexError(
-            f"the weights loaded for {model!r} (sha256 {str(extractor.weights_sha256)[:12]}…) are not those that "
-            f"embedded {dataset}/{condition} ({indexed_with[:12]}…); pass the --checkpoint the index was built from")
+    check_weights(extractor, RunKey(model, dataset, condition), newest_weights(ws, RunKey(model, dataset, condition)))
     vectors = embed_files(extractor, [Path(p) for p in images])
     if vectors.shape[1] != info.dim:
         raise VlmindexError(

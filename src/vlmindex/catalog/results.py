@@ -19,6 +19,7 @@ import pyarrow as pa
 from vlmindex.catalog import parts
 from vlmindex.catalog.keys import RunKey
 from vlmindex.catalog.workspace import Workspace, transaction
+from vlmindex.errors import VlmindexError
 
 # Tables whose rows carry an ``inputs_fingerprint``.
 FINGERPRINTED = ("summaries", "overlay_effects", "zeroshot_results")
@@ -223,3 +224,31 @@ def neighbor_table(key: RunKey, analysis_id: str, fingerprint: str, query_ids: n
 
 def neighbors_path(ws: Workspace, key: RunKey, analysis_id: str) -> Path:
     return ws.neighbors_dir(key.model, key.dataset, key.condition) / f"{analysis_id}.parquet"
+
+
+def read_neighbors(ws: Workspace, key: RunKey, analysis_id: str) -> pa.Table:
+    """``image_id, rank, neighbor_id, score`` of one analysis's neighbour file, by query then rank."""
+    import pyarrow.parquet as pq
+
+    path = neighbors_path(ws, key, analysis_id)
+    if not path.exists():
+        raise VlmindexError(f"analysis {analysis_id} has no neighbour file ({path}); rerun `vlmindex analyze "
+                            f"{key.cli_args()}`")
+    table = pq.read_table(path, columns=["image_id", "rank", "neighbor_id", "score"])
+    return table.sort_by([("image_id", "ascending"), ("rank", "ascending")])
+
+
+def query_metric_table(con: duckdb.DuckDBPyConnection, analysis_id: str) -> pa.Table:
+    """``image_id, purity_at_k, ap, knn_pred, knn_correct`` of one analysis's queries, as Arrow."""
+    return con.sql("SELECT image_id, purity_at_k, ap, knn_pred, knn_correct FROM query_metrics "
+                   "WHERE analysis_id = ? ORDER BY image_id", params=[analysis_id]).to_arrow_table()
+
+
+def detected_text(con: duckdb.DuckDBPyConnection, dataset: str, condition: str) -> dict[int, str | None]:
+    """``image_id -> recognised text`` of the current OCR rows (empty string: read, no text found)."""
+    rows = con.execute(
+        "SELECT t.image_id, CASE WHEN t.has_text THEN t.text ELSE '' END FROM text_detections t "
+        "JOIN image_pixels x ON x.dataset = t.dataset AND x.condition = t.condition "
+        "AND x.image_id = t.image_id AND x.pixels IS NOT DISTINCT FROM t.pixels "
+        "WHERE t.dataset = ? AND t.condition = ? AND t.error IS NULL", [dataset, condition]).fetchall()
+    return {int(r[0]): r[1] for r in rows}

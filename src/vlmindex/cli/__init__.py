@@ -60,6 +60,7 @@ def _register() -> None:
         duplicate_cmds,
         embed_cmds,
         index_cmds,
+        look_cmds,
         model_cmds,
         overlay_cmds,
         report_cmds,

@@ -25,17 +25,19 @@ from typing import Any
 
 import numpy as np
 
-from vlmindex import __version__, duplicates
+from vlmindex import __version__, duplicates, thumbnails
 from vlmindex.analyze import AnalyzeOptions
 from vlmindex.catalog import RunKey, Workspace, results
 from vlmindex.catalog import duplicates as duplicate_store
 from vlmindex.catalog.datasets import dataset_summaries
+from vlmindex.catalog.datasets import images_by_id as catalog_images_by_id
 from vlmindex.catalog.embeddings import read_run
 from vlmindex.catalog.fingerprints import stale_analyses
 from vlmindex.errors import VlmindexError
 from vlmindex.metrics import registry
 from vlmindex.metrics.statistics import PairedResult, bootstrap_mean_ci, holm, paired_comparison
 from vlmindex.report.options import ReportOptions
+from vlmindex.thumbnails import THUMBNAIL_PX
 
 # (summaries column, header, higher is better, definition shown as a tooltip)
 LEADERBOARD_COLUMNS: tuple[tuple[str, str, bool, str], ...] = registry.headline()
@@ -231,6 +233,37 @@ class DatasetDuplicates:
 
 
 @dataclass
+class Neighbour:
+    image_id: int
+    label: str | None
+    score: float
+    same_class: bool
+    thumbnail: str | None  # PNG data: URI; None when the file cannot be read
+
+
+@dataclass
+class ConfusedQuery:
+    """A query with low purity@k and the neighbours that made it so."""
+
+    image_id: int
+    label: str | None
+    purity: float
+    thumbnail: str | None
+    neighbours: list[Neighbour]
+
+
+@dataclass
+class ConfusedStrips:
+    """The most confused queries of one model's clean analysis of a dataset."""
+
+    model: str
+    dataset: str
+    analysis_id: str
+    scope: str
+    queries: list[ConfusedQuery]
+
+
+@dataclass
 class ReportData:
     """Everything one report shows, computed once by :func:`collect`."""
 
@@ -256,6 +289,7 @@ class ReportData:
     unchecked: list[str] = field(default_factory=list)  # analysis ids whose options could not be rebuilt
     notes: list[str] = field(default_factory=list)      # for the command line, not the page
     duplicates: list[DatasetDuplicates] = field(default_factory=list)  # reported datasets with stored pairs
+    confused: list[ConfusedStrips] = field(default_factory=list)  # per (dataset, model): lowest purity@k queries
 
     @property
     def projections(self) -> list[ProjectionPanel]:
@@ -608,27 +642,9 @@ def _stale(ws: Workspace, summaries: list[dict[str, Any]]) -> tuple[list[StaleAn
                           s.get("inputs_fingerprint")) for s in summaries if s["analysis_id"] in ids], []
 
 
-THUMBNAIL_PX = 64
-
-
 def thumbnail_uri(path: str | Path, size: int = THUMBNAIL_PX) -> str | None:
-    """A PNG ``data:`` URI of the image at ``path`` shrunk to fit ``size`` × ``size`` (what a report
-    may embed: it fetches nothing); None when the file cannot be read."""
-    import base64
-    import io
-
-    from PIL import Image
-
-    from vlmindex.imageio import load_image
-
-    try:
-        img = load_image(path)
-    except Exception:  # noqa: BLE001 - a missing or damaged file shows as a gap, not a failed report
-        return None
-    img.thumbnail((size, size), Image.Resampling.LANCZOS)
-    buf = io.BytesIO()
-    img.save(buf, format="PNG", optimize=True)
-    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode("ascii")
+    """A PNG ``data:`` URI of the image at ``path`` (what a report may embed: it fetches nothing)."""
+    return thumbnails.file_uri(path, size)
 
 
 def _duplicates(con: Any, ws: Workspace, datasets: list[str], top: int) -> list[DatasetDuplicates]:
@@ -656,6 +672,47 @@ def _duplicates(con: Any, ws: Workspace, datasets: list[str], top: int) -> list[
     return out
 
 
+def _confused(con: Any, ws: Workspace, summaries: list[dict[str, Any]], per_query: dict[str, QueryArrays],
+              top: int, max_k: int = 10) -> list[ConfusedStrips]:
+    """For each model's first clean all-modality analysis of each dataset: the ``top`` queries of
+    lowest purity@k (then lowest AP, then image id), each with its stored top-k neighbours."""
+    if top < 1:
+        return []
+    out, seen = [], set()
+    for s in summaries:
+        key = (s["dataset"], s["model"])
+        if s["condition"] != "clean" or s["modality"] is not None or key in seen or s["analysis_id"] not in per_query:
+            continue
+        seen.add(key)
+        qa = per_query[s["analysis_id"]]
+        order = np.lexsort((qa.image_id, np.nan_to_num(qa.ap, nan=np.inf), qa.purity))[:top]
+        try:
+            nb = results.read_neighbors(ws, RunKey(s["model"], s["dataset"], "clean"), s["analysis_id"])
+        except VlmindexError:
+            continue  # an analysis without its neighbour file shows no strips rather than failing the report
+        q_ids = nb.column("image_id").to_numpy()
+        chosen = {int(qa.image_id[i]) for i in order}
+        rows = [r for r in nb.filter(_mask(q_ids, chosen)).to_pylist() if r["rank"] <= max_k]
+        meta = catalog_images_by_id(con, {*chosen, *(r["neighbor_id"] for r in rows)}, ("path", "label"))
+        queries = []
+        for i in order:
+            qid = int(qa.image_id[i])
+            path, label = meta.get(qid, (None, None))
+            nbs = [Neighbour(r["neighbor_id"], meta.get(r["neighbor_id"], (None, None))[1], float(r["score"]),
+                             meta.get(r["neighbor_id"], (None, None))[1] == label,
+                             thumbnail_uri(meta[r["neighbor_id"]][0]) if r["neighbor_id"] in meta else None)
+                   for r in rows if r["image_id"] == qid]
+            queries.append(ConfusedQuery(qid, label, float(qa.purity[i]), thumbnail_uri(path) if path else None, nbs))
+        out.append(ConfusedStrips(s["model"], s["dataset"], s["analysis_id"], s.get("scope") or "", queries))
+    return out
+
+
+def _mask(values: np.ndarray, keep: set[int]) -> Any:
+    import pyarrow as pa
+
+    return pa.array(np.isin(values, np.fromiter(keep, dtype=np.int64)))
+
+
 def collect(ws: Workspace, options: ReportOptions | None = None) -> ReportData:
     """Read and compute everything a report shows; raises when nothing has been analysed."""
     opts = options or ReportOptions()
@@ -675,6 +732,7 @@ def collect(ws: Workspace, options: ReportOptions | None = None) -> ReportData:
         datasets = _datasets(con, summaries)
         effects = _overlay_effects(con, opts.dataset)
         dups = _duplicates(con, ws, [d.name for d in datasets], opts.duplicate_pairs)
+        confused = _confused(con, ws, summaries, per_query, opts.confused_queries)
     has_overlay_runs = any(s["condition"] != "clean" for s in summaries)
     # ΔAP is the fallback of stored figures only: its bootstraps cost time the page would not show.
     ap_deltas, ap_skipped = _ap_deltas(summaries, per_query, opts) if not effects and has_overlay_runs else ([], [])
@@ -688,4 +746,4 @@ def collect(ws: Workspace, options: ReportOptions | None = None) -> ReportData:
         overlay_effects=effects, has_overlay_runs=has_overlay_runs, ap_deltas=ap_deltas,
         ap_delta_skipped=ap_skipped, comparisons=comparisons, single_model=single,
         provenance=[ProvenanceRow(s, _index_text(ws, s)) for s in summaries], stale=stale,
-        unchecked=unchecked, notes=notes, duplicates=dups)
+        unchecked=unchecked, notes=notes, duplicates=dups, confused=confused)

@@ -20,6 +20,7 @@ class ReportOptions:
     alpha: float = 0.05  # family-wise error rate of the Holm-corrected comparisons
     seed: int = 0
     duplicate_pairs: int = 12  # top duplicate pairs shown per dataset (cross-split first, then by score)
+    confused_queries: int = 4  # per model and dataset: lowest purity@k queries shown with their neighbours
 
     def check(self) -> None:
         """Raise on options no report can be made with (the CLI's choices already exclude them)."""

@@ -2,7 +2,8 @@
 
 Pure string building: no catalog, no statistics; every number comes from the data step. Sections,
 each a ``<section id=...>`` (:data:`SECTIONS`): overview, leaderboard, per-class purity heatmaps,
-2-D projections per model (clean and overlaid images together), overlay effects with confidence
+2-D projections per model (clean and overlaid images together), each model's most confused queries
+with their neighbours as thumbnail strips, overlay effects with confidence
 intervals, paired comparisons between models on the same queries, duplicate image pairs (thumbnails
 as PNG ``data:`` URIs) and the provenance of every number. Everything is inline (CSS from
 ``style.css`` in ``<style>``, plots as SVG from :mod:`vlmindex.report.plots`) and a
@@ -35,6 +36,7 @@ SECTIONS: tuple[tuple[str, str], ...] = (
     ("leaderboard", "Leaderboard"),
     ("per-class", "Per-class purity"),
     ("projections", "2-D projections"),
+    ("confused", "Most confused queries"),
     ("overlay-effects", "Overlay effects"),
     ("comparisons", "Paired comparisons"),
     ("duplicates", "Duplicates and leakage"),
@@ -411,6 +413,31 @@ def _duplicates(data: ReportData) -> str:
     return "".join(out)
 
 
+def _confused(data: ReportData) -> str:
+    if not data.confused:
+        return ("<p class='note'>No clean analysis over all modalities with a neighbour file: run "
+                "<code>vlmindex analyze</code> on the clean condition to see the queries models confuse.</p>")
+    out = ["<p>For each model, the queries of lowest purity@k in its clean analysis, each followed by its "
+           "top-k neighbours as the analysis ranked them (its exclusions applied). A green frame: same class as "
+           "the query; red: another class.</p>"]
+    for c in data.confused:
+        out.append(f"<h3 data-model='{esc(c.model)}'>{esc(c.model)} <span class='sub'>{esc(c.dataset)} · "
+                   f"{esc(c.scope)}</span></h3>")
+        for q in c.queries:
+            cells = [_thumb(q.thumbnail, q.image_id, f"query · {q.label}", "query")]
+            cells += [_thumb(n.thumbnail, n.image_id, f"{n.label} · {n.score:.3f}", "same" if n.same_class else
+                             "other") for n in q.neighbours]
+            out.append(f"<div class='strip' data-query='{q.image_id}' data-purity='{q.purity:.4f}'>"
+                       f"<div class='why'>purity@k {q.purity:.2f}</div>{''.join(cells)}</div>")
+    return "".join(out)
+
+
+def _thumb(uri: str | None, image_id: int, caption: str, kind: str) -> str:
+    pic = (f"<img src='{esc(uri)}' alt='image {image_id}'>" if uri else
+           f"<span class='gap' title='image {image_id}: file not readable'></span>")
+    return f"<figure class='{kind}' data-image-id='{image_id}'>{pic}<figcaption>{esc(caption)}</figcaption></figure>"
+
+
 def _versions_text(v: dict[str, Any] | None) -> str:
     if not v:
         return "–"
@@ -466,6 +493,7 @@ def render(data: ReportData, options: ReportOptions | None = None) -> str:
         "leaderboard": _leaderboard(data, opts),
         "per-class": _per_class(data),
         "projections": _projections(data, opts),
+        "confused": _confused(data),
         "overlay-effects": _overlay_section(data, opts),
         "comparisons": _comparisons(data, opts),
         "duplicates": _duplicates(data),

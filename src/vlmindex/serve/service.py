@@ -1,0 +1,613 @@
+"""The nearest-neighbour service behind ``vlmindex serve``, without any web framework.
+
+Read-only over a workspace. What it keeps in memory, and why each is safe with writers at work:
+
+- an index snapshot per (model, dataset, condition): the FAISS index (memory-mapped where FAISS
+  allows), its sidecar, and the catalog rows of the images it holds, all read under one catalog
+  connection after the file's checksum and the run's fingerprint were checked. A cheap signature
+  of the files a writer touches (the index pair, the run's folder, the catalog) is compared on
+  every request; when it moved, the snapshot is checked again from scratch. A snapshot that
+  became stale is never served; while a writer holds the catalog the last verified snapshot is
+  served and says so (``"verified": false``).
+- loaded models, at most ``Limits.max_models`` (least recently used goes first): each loads once
+  per process.
+- thumbnails, by (image, its sha256, condition recipe, size).
+
+Queries that arrive together on one index are searched together (one pass over the vectors for
+all of them): under concurrent clients that is what keeps the latency flat.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import hashlib
+import io
+import queue
+import threading
+from collections import OrderedDict
+from collections.abc import Callable, Iterator
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from vlmindex import index as vlm_index
+from vlmindex import thumbnails
+from vlmindex.catalog import CLEAN, RunKey, Workspace, results
+from vlmindex.catalog import conditions as catalog_conditions
+from vlmindex.catalog import datasets as catalog_datasets
+from vlmindex.catalog.embeddings import newest_weights
+from vlmindex.errors import VlmindexError, WorkspaceBusy
+from vlmindex.models import LoadOptions
+
+IMAGE_FIELDS = ("image_id", "dataset", "path", "sha256", "pixel_sha256", "label", "split", "group_id", "modality")
+LEADERBOARD_FIELDS = ("analysis_id", "model", "condition", "modality", "scope", "k", "n_queries", "map_micro",
+                      "map_macro", "purity_micro", "knn_acc_macro", "p_at_1_micro", "silhouette",
+                      "probe_balanced_accuracy", "created_at")
+
+
+class ServiceError(Exception):
+    """A request the service refuses, with its HTTP status and, for unknown names, the valid ones."""
+
+    status = 400
+
+    def __init__(self, message: str, choices: list[str] | None = None) -> None:
+        super().__init__(message)
+        self.message, self.choices = message, choices
+
+
+class BadRequest(ServiceError):
+    status = 400
+
+
+class NotFound(ServiceError):
+    status = 404
+
+
+class Conflict(ServiceError):
+    status = 409
+
+
+class TooLarge(ServiceError):
+    status = 413
+
+
+class Busy(ServiceError):
+    status = 503
+
+
+@dataclass(frozen=True)
+class Limits:
+    max_bytes: int = 20 * 1024 * 1024   # an upload larger than this is refused (413)
+    max_pixels: int = 50_000_000        # width × height of an upload, checked before decoding
+    max_k: int = 100
+    max_models: int = 4                 # models kept loaded at once
+    thumbnail_cache: int = 4096
+
+
+@dataclass(frozen=True)
+class ImageMeta:
+    image_id: int
+    dataset: str
+    path: str
+    sha256: str | None
+    pixel_sha256: str | None
+    label: str | None
+    split: str | None
+    group_id: str | None
+    modality: str | None
+
+    def public(self) -> dict[str, Any]:
+        """What a response may say about an image: never its file-system path."""
+        return {"image_id": self.image_id, "dataset": self.dataset, "label": self.label, "split": self.split,
+                "group_id": self.group_id, "modality": self.modality}
+
+
+def _stat(path: Path) -> tuple[int, int, int] | None:
+    try:
+        st = path.stat()
+    except OSError:
+        return None
+    return st.st_ino, st.st_size, st.st_mtime_ns
+
+
+class _Batcher:
+    """One worker thread per index: it takes every query waiting and searches them in one call.
+
+    It holds the index (``owner``) whose memory ``search`` reads, so a snapshot replaced while a
+    request is still searching it is not unmapped under that request.
+    """
+
+    def __init__(self, search: Callable[[np.ndarray, int], tuple[np.ndarray, np.ndarray]], owner: Any) -> None:
+        self._search, self._owner = search, owner
+        self._lock = threading.Lock()
+        self._closed = False
+        self.inbox: queue.SimpleQueue[tuple[np.ndarray, int, Future] | None] = queue.SimpleQueue()
+        self.thread = threading.Thread(target=self._run, daemon=True, name="vlmindex-search")
+        self.thread.start()
+
+    def search(self, vector: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        done: Future = Future()
+        with self._lock:
+            closed = self._closed
+            if not closed:
+                self.inbox.put((vector, k, done))
+        if closed:  # a request that took the snapshot just before it was replaced: answer it here
+            scores, ids = self._search(vector[None, :], k)
+            return scores[0, :k], ids[0, :k]
+        return done.result()
+
+    def close(self) -> None:
+        with self._lock:  # nothing is queued after this: the worker answers all before it stops
+            self._closed = True
+            self.inbox.put(None)
+
+    def _run(self) -> None:
+        while True:
+            first = self.inbox.get()
+            if first is None:
+                return
+            batch = [first]
+            while True:
+                try:
+                    item = self.inbox.get_nowait()
+                except queue.Empty:
+                    break
+                if item is None:
+                    self._answer(batch)
+                    return
+                batch.append(item)
+            self._answer(batch)
+
+    def _answer(self, batch: list[tuple[np.ndarray, int, Future]]) -> None:
+        try:
+            k = max(k for _, k, _ in batch)
+            scores, ids = self._search(np.stack([v for v, _, _ in batch]), k)
+        except Exception as exc:  # noqa: BLE001 - each waiting request gets the error, none hangs
+            for _, _, fut in batch:
+                fut.set_exception(exc)
+            return
+        for row, (_, kq, fut) in enumerate(batch):
+            fut.set_result((scores[row, :kq], ids[row, :kq]))
+
+
+RESCORE_MARGIN = 1e-4  # above float32 rounding of a 512..4096-d dot product of unit vectors
+
+
+def exact_top_k(vectors: np.ndarray, ids: np.ndarray, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Top-``k`` by inner product over the rows of ``vectors`` (unit rows: cosine), exactly.
+
+    All queries are scored in one float32 matrix product (a batch costs hardly more than one
+    query: the scan over the vectors is what takes the time); every vector within
+    :data:`RESCORE_MARGIN` of the k-th score is then scored again in float64, and those decide.
+    So a query's result never depends on what else was in its batch, and the order is score
+    descending, then ``image_id`` ascending among equal scores (the analyses' tie rule), also at
+    the k-th place.
+    """
+    q = vlm_index.normalise(queries)
+    k = min(k, len(ids))
+    n = len(ids)
+    fast = (vectors @ q[0])[None, :] if len(q) == 1 else (vectors @ q.T).T
+    out_s = np.empty((len(q), k), np.float32)
+    out_i = np.empty((len(q), k), np.int64)
+    for r, s in enumerate(fast):
+        kth = np.partition(s, n - k)[n - k]
+        cand = np.flatnonzero(s >= kth - RESCORE_MARGIN)
+        exact = vectors[cand].astype(np.float64) @ q[r].astype(np.float64)
+        order = np.lexsort((ids[cand], -exact))[:k]
+        out_s[r], out_i[r] = exact[order], ids[cand[order]]
+    return out_s, out_i
+
+
+@dataclass
+class _Snapshot:
+    key: RunKey
+    index: Any
+    info: vlm_index.IndexInfo
+    signature: tuple
+    weights: str | None
+    positions: dict[int, int]
+    batcher: _Batcher
+    verified: bool = True
+    vectors: dict[int, np.ndarray] = field(default_factory=dict)
+
+    def vector(self, image_id: int) -> np.ndarray | None:
+        """The stored (indexed) vector of an image, reconstructed from the index."""
+        if image_id in self.vectors:
+            return self.vectors[image_id]
+        pos = self.positions.get(image_id)
+        if pos is None:
+            return None
+        inner = self.index.index if hasattr(self.index, "id_map") else self.index
+        import faiss
+
+        inner = faiss.downcast_index(inner)
+        try:
+            v = np.asarray(inner.reconstruct(pos), dtype=np.float32)
+        except RuntimeError:  # IVF without a direct map: make one once
+            faiss.extract_index_ivf(inner).make_direct_map()
+            v = np.asarray(inner.reconstruct(pos), dtype=np.float32)
+        self.vectors[image_id] = v
+        return v
+
+
+@dataclass(frozen=True)
+class _CatalogState:
+    signature: tuple
+    datasets: list[str]
+    conditions: dict[str, list[str]]
+    indexes: list[vlm_index.IndexInfo]
+
+
+class NeighbourService:
+    """Datasets, indexes, leaderboards, neighbours and thumbnails of one workspace, read-only."""
+
+    def __init__(self, ws: Workspace, *, limits: Limits | None = None, load: LoadOptions | None = None) -> None:
+        self.ws = ws.require()
+        self.limits = limits or Limits()
+        self.load = load or LoadOptions()
+        self._lock = threading.Lock()
+        self._snapshots: dict[RunKey, _Snapshot] = {}
+        self._key_locks: dict[RunKey, threading.Lock] = {}
+        self._models: OrderedDict[str, tuple[Any, threading.Lock]] = OrderedDict()
+        self._model_lock = threading.Lock()
+        self._meta: dict[int, ImageMeta] = {}
+        self._by_sha: dict[tuple[str, str], int] = {}
+        self._meta_signature: dict[str, tuple] = {}
+        self._catalog: _CatalogState | None = None
+        self.thumbnail = functools.lru_cache(maxsize=self.limits.thumbnail_cache)(self._thumbnail)
+
+    # -- catalog reads ------------------------------------------------------------------------------
+    def _catalog_signature(self) -> tuple:
+        root = self.ws.root
+        return _stat(root / "catalog.duckdb"), _stat(root / "catalog.duckdb.wal")
+
+    def _indexes_signature(self) -> tuple:
+        return tuple((str(p), _stat(p)) for p in sorted((self.ws.root / "indexes").glob("*/*/*.json")))
+
+    def _state(self) -> _CatalogState:
+        """Dataset and condition names and the index sidecars, read again only after a write."""
+        sig = (self._catalog_signature(), self._indexes_signature())
+        state = self._catalog
+        if state is not None and state.signature == sig:
+            return state
+        try:
+            with self.ws.read(views=False, wait=2.0) as con:
+                names = catalog_datasets.dataset_names(con)
+                conds = {d: [CLEAN, *(n for n in catalog_conditions.names(con, d) if n != CLEAN)] for d in names}
+        except WorkspaceBusy:
+            if state is not None:
+                return state
+            raise Busy(f"workspace {self.ws.root} is busy; try again in a moment") from None
+        self._catalog = _CatalogState(sig, names, conds, vlm_index.list_indexes(self.ws))
+        return self._catalog
+
+    def datasets(self) -> list[dict[str, Any]]:
+        with self._reading() as con:
+            rows = catalog_datasets.dataset_summaries(con)
+        return [{k: v for k, v in r.items() if k not in ("source", "options")} for r in rows]
+
+    def dataset_names(self) -> list[str]:
+        return list(self._state().datasets)
+
+    def require_dataset(self, dataset: str) -> None:
+        names = self.dataset_names()
+        if dataset not in names:
+            raise NotFound(f"unknown dataset {dataset!r}", names)
+
+    def condition_names(self, dataset: str) -> list[str]:
+        return list(self._state().conditions.get(dataset, [CLEAN]))
+
+    def indexes(self, dataset: str) -> list[vlm_index.IndexInfo]:
+        return [i for i in self._state().indexes if i.dataset == dataset]
+
+    def models(self, dataset: str) -> list[dict[str, Any]]:
+        """Each model with an index on ``dataset``: its conditions, kind, size and whether current."""
+        self.require_dataset(dataset)
+        out: dict[str, dict[str, Any]] = {}
+        for info in self.indexes(dataset):
+            key = RunKey(info.model, info.dataset, info.condition)
+            try:
+                current = vlm_index.is_current(self.ws, key)
+            except WorkspaceBusy:
+                current = None
+            entry = out.setdefault(info.model, {"model": info.model, "conditions": []})
+            entry["conditions"].append({"condition": info.condition, "kind": info.kind, "count": info.count,
+                                        "dim": info.dim, "built_at": info.built_at, "current": current})
+        return list(out.values())
+
+    def leaderboard(self, dataset: str) -> list[dict[str, Any]]:
+        self.require_dataset(dataset)
+        with self._reading(views=True) as con:
+            rows = results.latest_summaries(con, dataset)
+        return [{f: (str(r[f]) if f == "created_at" and r.get(f) is not None else r.get(f))
+                 for f in LEADERBOARD_FIELDS} for r in rows]
+
+    @contextlib.contextmanager
+    def _reading(self, *, views: bool = False) -> Iterator[Any]:
+        """A short read-only catalog connection; a writer holding it too long is a 503, not a 500."""
+        try:
+            with self.ws.read(views=views, wait=5.0) as con:
+                yield con
+        except WorkspaceBusy as exc:
+            raise Busy(str(exc)) from None
+
+    def _dataset_meta(self, dataset: str) -> None:
+        """Load (or refresh after a catalog write) the image rows of ``dataset``."""
+        sig = self._catalog_signature()
+        if self._meta_signature.get(dataset) == sig:
+            return
+        try:
+            with self.ws.read(views=False, wait=2.0) as con:
+                rows = catalog_datasets.images(con, dataset, columns=IMAGE_FIELDS)
+        except WorkspaceBusy:
+            if dataset in self._meta_signature:
+                return  # a writer is at work: the rows read last stay until it has finished
+            raise Busy(f"workspace {self.ws.root} is busy; try again in a moment") from None
+        with self._lock:
+            for key in [k for k, i in self._by_sha.items() if k[0] == dataset]:
+                del self._by_sha[key]
+            for r in rows:
+                m = ImageMeta(*r)
+                self._meta[m.image_id] = m
+                if m.sha256:
+                    self._by_sha[(dataset, m.sha256)] = m.image_id
+                if m.pixel_sha256:
+                    self._by_sha[(dataset, "pixels:" + m.pixel_sha256)] = m.image_id
+            self._meta_signature[dataset] = sig
+
+    def image(self, image_id: int) -> ImageMeta:
+        """The catalog row of an image; while a writer holds the catalog, the one read last."""
+        m = self._meta.get(image_id)
+        if m is not None and self._meta_signature.get(m.dataset) == self._catalog_signature():
+            return m
+        try:
+            with self._reading() as con:
+                row = catalog_datasets.images_by_id(con, [image_id], IMAGE_FIELDS[1:]).get(image_id)
+        except Busy:
+            if m is not None:
+                return m
+            raise
+        if row is None:
+            self._meta.pop(image_id, None)
+            raise NotFound(f"no image with image_id {image_id} in this workspace")
+        m = ImageMeta(image_id, *row)
+        self._meta[image_id] = m
+        return m
+
+    # -- indexes --------------------------------------------------------------------------------------
+    def _signature(self, key: RunKey) -> tuple:
+        path = self.ws.index_path(key.model, key.dataset, key.condition)
+        run_dir = self.ws.embeddings_dir(key.model, key.dataset, key.condition)
+        return _stat(path), _stat(path.with_suffix(".json")), _stat(run_dir), self._catalog_signature()
+
+    def snapshot(self, key: RunKey) -> _Snapshot:
+        """The verified index of ``key``, reloaded when anything it was read from changed."""
+        with self._lock:
+            key_lock = self._key_locks.setdefault(key, threading.Lock())
+        with key_lock:
+            sig = self._signature(key)
+            snap = self._snapshots.get(key)
+            if snap is not None and snap.signature == sig:
+                return snap
+            try:
+                fresh = self._open(key, sig)
+            except WorkspaceBusy:
+                if snap is not None:
+                    snap.verified = False  # served as last verified while a writer holds the catalog
+                    return snap
+                raise Busy(f"workspace {self.ws.root} is busy; try again in a moment") from None
+            except VlmindexError as exc:
+                self._drop(key)
+                raise Conflict(str(exc)) from None
+            self._drop(key)
+            self._snapshots[key] = fresh
+            return fresh
+
+    def _drop(self, key: RunKey) -> None:
+        old = self._snapshots.pop(key, None)
+        if old is not None:
+            old.batcher.close()
+
+    def _open(self, key: RunKey, sig: tuple) -> _Snapshot:
+        import faiss
+
+        for _ in range(3):
+            try:
+                index, info = vlm_index.load_index(self.ws, key.model, key.dataset, key.condition, mmap=True)
+                break
+            except vlm_index.IndexReplaced:
+                sig = self._signature(key)
+        else:
+            raise Busy(f"the index of {key} keeps being rebuilt; try again in a moment")
+        ids = faiss.vector_to_array(index.id_map) if hasattr(index, "id_map") else np.arange(index.ntotal)
+        weights = newest_weights(self.ws, key)
+        inner = faiss.downcast_index(index.index) if hasattr(index, "id_map") else index
+        if isinstance(inner, faiss.IndexFlat) and inner.ntotal > 0:
+            # the flat index's own (memory-mapped) vectors, scored in batches by one matrix product:
+            # on few cores several times FAISS's query-by-query scan, and an explicit tie rule
+            xb = faiss.rev_swig_ptr(inner.get_xb(), inner.ntotal * inner.d).reshape(inner.ntotal, inner.d)
+            batcher = _Batcher(functools.partial(exact_top_k, xb, ids.astype(np.int64)), index)
+        else:
+            batcher = _Batcher(lambda q, k: vlm_index.search(index, q, k), index)
+        return _Snapshot(key, index, info, sig, weights, {int(i): p for p, i in enumerate(ids.tolist())}, batcher)
+
+    # -- models -----------------------------------------------------------------------------------------
+    def extractor(self, model: str) -> tuple[Any, threading.Lock]:
+        """The loaded model, loading it once. Loads are serial: two threads building one model at
+        once would interleave their draws from torch's global RNG (seeded weights would differ)."""
+        with self._model_lock:
+            if model in self._models:
+                self._models.move_to_end(model)
+                return self._models[model]
+            try:
+                loaded = (self.load.load(model), threading.Lock())
+            except VlmindexError as exc:
+                raise Conflict(f"model {model!r} cannot embed an uploaded image here: {exc}") from None
+            self._models[model] = loaded
+            while len(self._models) > self.limits.max_models:
+                self._models.popitem(last=False)
+            return loaded
+
+    # -- requests ---------------------------------------------------------------------------------------
+    def _resolve(self, dataset: str, models: list[str] | None, condition: str, k: int) -> list[RunKey]:
+        self.require_dataset(dataset)
+        if not 1 <= k <= self.limits.max_k:
+            raise BadRequest(f"k={k}: choose 1..{self.limits.max_k}")
+        conditions = self.condition_names(dataset)
+        if condition not in conditions:
+            raise NotFound(f"unknown condition {condition!r} for dataset {dataset!r}", conditions)
+        indexed = sorted({i.model for i in self.indexes(dataset) if i.condition == condition})
+        if not indexed:
+            raise NotFound(f"no model has an index on {dataset}/{condition}; build one with `vlmindex index build "
+                           f"-m MODEL -d {dataset} -c {condition}`", [])
+        chosen = models or indexed
+        unknown = [m for m in chosen if m not in indexed]
+        if unknown:
+            raise NotFound(f"no index of {', '.join(map(repr, unknown))} on {dataset}/{condition}", indexed)
+        return [RunKey(m, dataset, condition) for m in chosen]
+
+    def decode_upload(self, data: bytes) -> tuple[Any, str]:
+        """The RGB image of an upload and its sha256, within the byte and pixel limits."""
+        from PIL import Image, UnidentifiedImageError
+
+        from vlmindex.imageio import load_image
+
+        if len(data) > self.limits.max_bytes:
+            raise TooLarge(f"the upload is {len(data)} bytes; the limit is {self.limits.max_bytes}")
+        if not data:
+            raise BadRequest("the upload is empty; send an image file as 'file'")
+        try:
+            with Image.open(io.BytesIO(data)) as probe:
+                w, h = probe.size
+        except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError):
+            raise BadRequest("the upload is not an image that can be decoded (PNG, JPEG, TIFF, BMP, ...)") from None
+        if w * h > self.limits.max_pixels:
+            raise TooLarge(f"the upload is {w}×{h} = {w * h} pixels; the limit is {self.limits.max_pixels}")
+        try:
+            img = load_image(io.BytesIO(data))
+        except Exception:  # noqa: BLE001 - any decoder failure is a bad upload
+            raise BadRequest("the upload is not an image that can be decoded (it is truncated or damaged)") from None
+        return img, hashlib.sha256(data).hexdigest()
+
+    def knn(self, dataset: str, *, models: list[str] | None = None, condition: str = CLEAN, k: int = 10,
+            image_id: int | None = None, upload: bytes | None = None, label: str | None = None) -> dict[str, Any]:
+        """Each model's top ``k`` for one query: a catalog image (its indexed vector) or an upload
+        (embedded with each model's own preprocessing). A query found in the catalog (same file
+        bytes, or same decoded pixels) is marked as such, and its own group flagged in the results."""
+        from vlmindex.imageio import pixels_sha256
+        from vlmindex.query import check_weights, embed_images
+
+        keys = self._resolve(dataset, models, condition, k)
+        self._dataset_meta(dataset)
+        img = None
+        if image_id is not None:
+            meta = self.image(image_id)
+            if meta.dataset != dataset:
+                raise NotFound(f"image_id {image_id} is not in dataset {dataset!r} (it is in {meta.dataset!r})")
+            query: dict[str, Any] = {"in_catalog": True, **meta.public()}
+        elif upload is not None:
+            img, sha = self.decode_upload(upload)
+            found = self._by_sha.get((dataset, sha)) or self._by_sha.get((dataset, "pixels:" + pixels_sha256(img)))
+            query = ({"in_catalog": True, **self._meta[found].public()} if found is not None
+                     else {"in_catalog": False, "image_id": None, "label": label, "group_id": None})
+            query["sha256"] = sha
+        else:
+            raise BadRequest("give either an uploaded image ('file') or an 'image_id'")
+        if label is not None and not query.get("label"):
+            query["label"] = label
+        out: dict[str, list[dict[str, Any]]] = {}
+        indexes: dict[str, dict[str, Any]] = {}
+        for key in keys:
+            snap = self.snapshot(key)
+            if image_id is not None:
+                vector = snap.vector(image_id)
+                if vector is None:
+                    raise Conflict(f"image_id {image_id} has no embedding in the index of {key}; run `vlmindex embed "
+                                   f"{key.cli_args()}` and `vlmindex index build {key.cli_args()}`")
+            else:
+                extractor, lock = self.extractor(key.model)
+                try:
+                    check_weights(extractor, key, snap.weights)
+                except VlmindexError as exc:
+                    raise Conflict(str(exc)) from None
+                shown = img
+                if condition != CLEAN:
+                    shown = self._overlay_upload(img, dataset, condition, query)
+                with lock:
+                    vector = embed_images(extractor, [shown])[0]
+            scores, ids = snap.batcher.search(np.asarray(vector, dtype=np.float32), k)
+            out[key.model] = self._rows(ids, scores, query, condition)
+            indexes[key.model] = {"kind": snap.info.kind, "count": snap.info.count, "built_at": snap.info.built_at,
+                                  "verified": snap.verified}
+        return {"query": query, "condition": condition, "k": k, "results": out, "indexes": indexes}
+
+    def _overlay_upload(self, img: Any, dataset: str, condition: str, query: dict[str, Any]) -> Any:
+        """An upload under an overlay condition gets the condition's text, as its gallery did."""
+        from vlmindex.overlay import apply_overlay, get_condition
+
+        with self._reading() as con:
+            recipe = get_condition(con, dataset, condition)
+            pools = catalog_datasets.class_pools(con, dataset)
+        if recipe.needs_labels and not query.get("label"):
+            raise BadRequest(f"condition {condition!r} writes the image's class; give the upload's 'label'")
+        names = tuple(pools.get(query.get("modality"), []) or sorted({c for v in pools.values() for c in v}))
+        return apply_overlay(img, recipe, image_id=int(query.get("image_id") or 0), label=query.get("label"),
+                             class_names=names)
+
+    def _rows(self, ids: np.ndarray, scores: np.ndarray, query: dict[str, Any], condition: str) -> list[dict]:
+        rows = []
+        for rank, (i, s) in enumerate(zip(ids.tolist(), scores.tolist(), strict=True), start=1):
+            if i < 0:
+                continue
+            m = self.image(int(i))
+            row = {"rank": rank, "image_id": m.image_id, "score": round(float(s), 6), "label": m.label,
+                   "split": m.split, "group_id": m.group_id, "modality": m.modality,
+                   "thumbnail_url": f"/api/images/{m.image_id}/thumbnail"
+                                    + (f"?condition={condition}" if condition != CLEAN else ""),
+                   "is_query": query.get("in_catalog", False) and m.image_id == query.get("image_id"),
+                   "same_group": bool(query.get("group_id")) and m.group_id == query.get("group_id"),
+                   "same_class": None if not query.get("label") else m.label == query["label"]}
+            rows.append(row)
+        return rows
+
+    # -- thumbnails ---------------------------------------------------------------------------------------
+    def thumbnail_png(self, image_id: int, condition: str = CLEAN, size: int = thumbnails.THUMBNAIL_PX) -> bytes:
+        if not thumbnails.MIN_PX <= size <= thumbnails.MAX_PX:
+            raise BadRequest(f"size={size}: choose {thumbnails.MIN_PX}..{thumbnails.MAX_PX}")
+        meta = self.image(image_id)
+        if condition != CLEAN:
+            names = self.condition_names(meta.dataset)
+            if condition not in names:
+                raise NotFound(f"unknown condition {condition!r} for dataset {meta.dataset!r}", names)
+        return self.thumbnail(meta, condition, size)
+
+    def _thumbnail(self, meta: ImageMeta, condition: str, size: int) -> bytes:
+        from vlmindex.overlay import get_condition
+
+        recipe, names = None, ()
+        if condition != CLEAN:
+            with self._reading() as con:
+                recipe = get_condition(con, meta.dataset, condition)
+                names = tuple(catalog_datasets.class_pools(con, meta.dataset).get(meta.modality, []))
+        ref = thumbnails.ImageRef(meta.image_id, meta.path, meta.sha256, meta.label, meta.modality)
+        try:
+            return thumbnails.render(ref, size=size, recipe=recipe, class_names=names)
+        except Exception as exc:  # noqa: BLE001 - the file changed or vanished under the catalog
+            raise Conflict(f"image {meta.image_id} cannot be shown: {type(exc).__name__}: {exc}") from None
+
+    def close(self) -> None:
+        for key in list(self._snapshots):
+            self._drop(key)
+
+
+def explore_app(ws: Workspace, key: RunKey) -> Path | None:
+    """The static explorer published for ``key`` in the workspace, when there is one."""
+    from vlmindex.explore import app_dir
+
+    path = app_dir(ws, key)
+    return path if (path / "index.html").is_file() else None
+

@@ -1,0 +1,398 @@
+"""`vlmindex serve`: every route, every refusal, neighbours checked against a plain numpy ranking,
+and a service that keeps answering (never with a stale or damaged index) while writers work."""
+
+from __future__ import annotations
+
+import io
+import os
+import shutil
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+import numpy as np
+import pytest
+from fastapi.testclient import TestClient
+from PIL import Image
+
+from vlmindex.catalog import RunKey, Workspace
+from vlmindex.catalog import datasets as catalog_datasets
+from vlmindex.catalog.embeddings import read_run
+from vlmindex.index import normalise
+from vlmindex.serve import Limits, NeighbourService, create_app
+from vlmindex.thumbnails import shrink
+
+MODELS = ("hog", "raw-pixels")  # conftest.SERVED_MODELS
+
+
+@pytest.fixture
+def client(served_ws):
+    service = NeighbourService(Workspace(served_ws))
+    with TestClient(create_app(service)) as c:
+        yield c
+    service.close()
+
+
+def _images(ws: Path) -> list[tuple]:
+    with Workspace(ws).read(views=False) as con:
+        return catalog_datasets.images(con, "demo", columns=("image_id", "path", "label", "group_id", "modality"))
+
+
+def _png(img: Image.Image) -> bytes:
+    buf = io.BytesIO()
+    img.save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def test_datasets_models_and_leaderboard(client, served_ws):
+    ds = client.get("/api/datasets").json()["datasets"]
+    assert [d["name"] for d in ds] == ["demo"] and ds[0]["images"] == 72
+    assert "source" not in ds[0]  # a file-system path never leaves the server
+
+    models = client.get("/api/models", params={"dataset": "demo"}).json()["models"]
+    assert sorted(m["model"] for m in models) == sorted(MODELS)
+    for m in models:
+        assert sorted(c["condition"] for c in m["conditions"]) == ["clean", "lbl"]
+        assert all(c["current"] is True and c["count"] == 72 for c in m["conditions"])
+
+    rows = client.get("/api/leaderboard", params={"dataset": "demo"}).json()["rows"]
+    from vlmindex.catalog import results
+
+    with Workspace(served_ws).read() as con:
+        stored = {s["analysis_id"]: s for s in results.latest_summaries(con, "demo")}
+    assert {r["analysis_id"] for r in rows} == set(stored) and len(rows) == 2
+    for r in rows:
+        assert r["map_micro"] == pytest.approx(stored[r["analysis_id"]]["map_micro"])
+        assert r["scope"] == stored[r["analysis_id"]]["scope"]
+
+
+def test_knn_by_image_id_matches_a_numpy_ranking_and_starts_with_itself(client, served_ws):
+    ws = Workspace(served_ws)
+    meta = {r[0]: r for r in _images(served_ws)}
+    for model in MODELS:
+        run = read_run(ws, RunKey(model, "demo", "clean"))
+        x = normalise(run.vectors)
+        for q in (0, 17, 71):
+            image_id = int(run.ids[q])
+            out = client.post("/api/knn", json={"image_id": image_id, "dataset": "demo", "models": model,
+                                                "k": 8}).json()
+            got = out["results"][model]
+            assert got[0]["image_id"] == image_id and got[0]["score"] == pytest.approx(1.0, abs=1e-5)
+            assert got[0]["is_query"] and out["query"]["in_catalog"]
+            scores = x @ x[q]
+            want = np.argsort(-scores, kind="stable")[:8]
+            np.testing.assert_allclose([r["score"] for r in got], scores[want], atol=1e-5)
+            # ties aside (equal scores may come in either order), the same images
+            assert {r["image_id"] for r in got if r["score"] > scores[want][-1] + 1e-5} <= set(run.ids[want].tolist())
+            for r in got:
+                assert r["label"] == meta[r["image_id"]][2]
+                assert r["same_group"] == (meta[r["image_id"]][3] == meta[image_id][3])
+                assert r["same_class"] == (meta[r["image_id"]][2] == meta[image_id][2])
+                assert r["thumbnail_url"] == f"/api/images/{r['image_id']}/thumbnail"
+
+
+def test_upload_of_a_catalog_image_is_recognised_and_embedded_with_each_models_preprocessing(client, served_ws):
+    image_id, path, label, group, _ = _images(served_ws)[5]
+    data = Path(path).read_bytes()
+    out = client.post("/api/knn", data={"dataset": "demo", "k": "5"}, files={"file": ("q.png", data)}).json()
+    assert out["query"]["in_catalog"] and out["query"]["image_id"] == image_id and out["query"]["label"] == label
+    assert sorted(out["results"]) == sorted(MODELS)
+    for model in MODELS:
+        rows = out["results"][model]
+        assert len(rows) == 5 and rows[0]["image_id"] == image_id and rows[0]["score"] == pytest.approx(1, abs=1e-5)
+        assert [r["same_group"] for r in rows] == [r["group_id"] == group for r in rows]
+
+    # the same pixels in another file (other compression): found by the decoded-pixel hash
+    again = io.BytesIO()
+    Image.open(io.BytesIO(data)).save(again, format="PNG", compress_level=0)
+    assert again.getvalue() != data
+    out = client.post("/api/knn", data={"dataset": "demo", "k": "3"}, files={"file": ("q.png", again.getvalue())})
+    assert out.json()["query"]["image_id"] == image_id
+
+
+def test_upload_outside_the_catalog(client, served_ws):
+    _, path, label, _, _ = _images(served_ws)[5]
+    flipped = _png(Image.open(path).transpose(Image.Transpose.FLIP_LEFT_RIGHT))
+    out = client.post("/api/knn", data={"dataset": "demo", "k": "4", "models": "hog"},
+                      files={"file": ("q.png", flipped)}).json()
+    assert out["query"]["in_catalog"] is False and list(out["results"]) == ["hog"]
+    assert all(r["same_class"] is None and not r["is_query"] for r in out["results"]["hog"])
+    out = client.post("/api/knn", data={"dataset": "demo", "k": "4", "models": "hog", "label": label},
+                      files={"file": ("q.png", flipped)}).json()
+    assert [r["same_class"] for r in out["results"]["hog"]] == [r["label"] == label for r in out["results"]["hog"]]
+    # under a condition that writes the class, an unknown image needs its class
+    res = client.post("/api/knn", data={"dataset": "demo", "condition": "lbl"}, files={"file": ("q.png", flipped)})
+    assert res.status_code == 400 and "label" in res.json()["error"]
+    res = client.post("/api/knn", data={"dataset": "demo", "condition": "lbl", "label": label},
+                      files={"file": ("q.png", flipped)})
+    assert res.status_code == 200 and res.json()["condition"] == "lbl"
+
+
+def test_thumbnails_show_the_pixels_embedded(client, served_ws):
+    from vlmindex.imageio import load_image
+    from vlmindex.overlay import apply_overlay, get_condition
+
+    image_id, path, label, _, modality = _images(served_ws)[3]
+    clean = client.get(f"/api/images/{image_id}/thumbnail", params={"size": 48})
+    assert clean.status_code == 200 and clean.headers["content-type"] == "image/png"
+    assert clean.content == shrink(load_image(path), 48)
+    over = client.get(f"/api/images/{image_id}/thumbnail", params={"size": 64, "condition": "lbl"})
+    with Workspace(served_ws).read(views=False) as con:
+        recipe = get_condition(con, "demo", "lbl")
+        names = tuple(catalog_datasets.class_pools(con, "demo")[modality])
+    want = apply_overlay(load_image(path), recipe, image_id=image_id, label=label, class_names=names)
+    assert over.content == shrink(want, 64)
+    assert np.abs(np.asarray(Image.open(io.BytesIO(over.content)), dtype=int)
+                  - np.asarray(Image.open(io.BytesIO(shrink(load_image(path), 64))), dtype=int)).max() > 50
+
+
+@pytest.mark.parametrize("method,url,kwargs,status,needle", [
+    ("get", "/api/models", {"params": {"dataset": "nope"}}, 404, "unknown dataset"),
+    ("get", "/api/models", {"params": {"dataset": "../../etc"}}, 404, "unknown dataset"),
+    ("get", "/api/leaderboard", {"params": {"dataset": "demo/../../x"}}, 404, "unknown dataset"),
+    ("get", "/api/models", {}, 400, "dataset"),
+    ("post", "/api/knn", {"json": {"image_id": 1, "dataset": "nope"}}, 404, "unknown dataset"),
+    ("post", "/api/knn", {"json": {"image_id": 1, "dataset": "demo", "models": "../hog"}}, 404, "no index"),
+    ("post", "/api/knn", {"json": {"image_id": 1, "dataset": "demo", "condition": "../../catalog"}}, 404,
+     "unknown condition"),
+    ("post", "/api/knn", {"json": {"image_id": 1, "dataset": "demo"}}, 404, "no image with image_id 1"),
+    ("post", "/api/knn", {"json": {"image_id": "../../etc/passwd", "dataset": "demo"}}, 400, "not an integer"),
+    ("post", "/api/knn", {"json": {"image_id": 1, "dataset": "demo", "k": 0}}, 400, "k=0"),
+    ("post", "/api/knn", {"json": [1, 2]}, 400, "JSON body must be an object"),
+    ("post", "/api/knn", {"content": b"{not json"}, 400, "neither JSON"),
+    ("post", "/api/knn", {"json": {"dataset": "demo"}}, 400, "image_id"),
+    ("post", "/api/knn", {"data": {"dataset": "demo"}, "files": {"file": ("x.png", b"not an image")}}, 400,
+     "can be decoded"),
+    ("get", "/api/images/1/thumbnail", {}, 404, "no image with image_id 1"),
+    ("get", "/api/images/..%2F..%2Fcatalog.duckdb/thumbnail", {}, 404, ""),
+    ("get", "/api/images/abc/thumbnail", {}, 400, "image_id"),
+    ("get", "/explore/hog", {"params": {"dataset": "../demo"}}, 404, "unknown dataset"),
+    ("get", "/explore/hog/demo/clean/..%2F..%2F..%2F..%2Fcatalog.duckdb", {}, 404, "explorer"),
+    ("get", "/explore/..%2F..%2Fcatalog.duckdb", {"params": {"dataset": "demo"}}, 404, ""),
+    ("get", "/explore/hog/demo/..%2F..%2Fembeddings/index.html", {}, 404, "unknown condition"),
+])
+def test_refusals_are_one_line_json_with_the_status(client, method, url, kwargs, status, needle):
+    res = getattr(client, method)(url, **kwargs)
+    assert res.status_code == status, res.text
+    body = res.json()
+    assert set(body) <= {"error", "choices"} and "\n" not in body["error"] and needle in body["error"]
+    assert "SQLite" not in res.text and "DUCK" not in res.text  # never file content
+
+
+def test_unknown_names_list_the_valid_choices(client, served_ws):
+    image_id = _images(served_ws)[0][0]
+    res = client.post("/api/knn", json={"image_id": image_id, "dataset": "demo", "models": "clip"})
+    assert res.status_code == 404 and res.json()["choices"] == sorted(MODELS)
+    res = client.post("/api/knn", json={"image_id": image_id, "dataset": "demo", "condition": "typo"})
+    assert res.status_code == 404 and res.json()["choices"] == ["clean", "lbl"]
+    res = client.get(f"/api/images/{image_id}/thumbnail", params={"condition": "typo"})
+    assert res.status_code == 404 and res.json()["choices"] == ["clean", "lbl"]
+    res = client.get(f"/api/images/{image_id}/thumbnail", params={"size": 4096})
+    assert res.status_code == 400 and "size=4096" in res.json()["error"]
+
+
+def test_uploads_over_the_byte_or_pixel_limit_get_413(served_ws):
+    _, path, *_ = _images(served_ws)[0]
+    data = Path(path).read_bytes()
+    service = NeighbourService(Workspace(served_ws), limits=Limits(max_bytes=len(data) - 1))
+    with TestClient(create_app(service)) as c:
+        res = c.post("/api/knn", data={"dataset": "demo"}, files={"file": ("q.png", data)})
+        assert res.status_code == 413 and "limit" in res.json()["error"]
+        big = b"x" * (len(data) + 200_000)  # over the limit and the form's overhead: refused before parsing
+        res = c.post("/api/knn", data={"dataset": "demo"}, files={"file": ("q.png", big)})
+        assert res.status_code == 413
+    service = NeighbourService(Workspace(served_ws), limits=Limits(max_pixels=32 * 32))
+    with TestClient(create_app(service)) as c:
+        res = c.post("/api/knn", data={"dataset": "demo"}, files={"file": ("q.png", data)})
+        assert res.status_code == 413 and "pixels" in res.json()["error"]
+    truncated = data[: len(data) // 2]
+    with TestClient(create_app(NeighbourService(Workspace(served_ws)))) as c:
+        res = c.post("/api/knn", data={"dataset": "demo"}, files={"file": ("q.png", truncated)})
+        assert res.status_code == 400 and "decoded" in res.json()["error"]
+
+
+def test_models_load_once_and_the_cache_is_bounded(served_ws, monkeypatch):
+    from vlmindex.models import LoadOptions
+
+    loads: list[str] = []
+    real = LoadOptions.load
+
+    def counting(self, name):
+        loads.append(name)
+        return real(self, name)
+
+    monkeypatch.setattr(LoadOptions, "load", counting)
+    _, path, *_ = _images(served_ws)[0]
+    data = Path(path).read_bytes()
+    service = NeighbourService(Workspace(served_ws), limits=Limits(max_models=1))
+    with TestClient(create_app(service)) as c:
+        for _ in range(3):
+            assert c.post("/api/knn", data={"dataset": "demo", "models": "hog"},
+                          files={"file": ("q.png", data)}).status_code == 200
+        assert loads == ["hog"]
+        c.post("/api/knn", data={"dataset": "demo", "models": "raw-pixels"}, files={"file": ("q.png", data)})
+        assert loads == ["hog", "raw-pixels"] and list(service._models) == ["raw-pixels"]
+
+
+def test_indexes_are_memory_mapped(served_ws, monkeypatch):
+    import faiss
+
+    flags: list[int] = []
+    real = faiss.read_index
+    monkeypatch.setattr(faiss, "read_index", lambda path, flag=0: flags.append(flag) or real(path, flag))
+    service = NeighbourService(Workspace(served_ws))
+    image_id = _images(served_ws)[0][0]
+    out = service.knn("demo", models=["hog"], image_id=image_id, k=3)
+    assert out["results"]["hog"][0]["image_id"] == image_id
+    assert flags and all(f & faiss.IO_FLAG_MMAP for f in flags)
+    service.close()
+
+
+def _env() -> dict[str, str]:
+    src = str(Path(__file__).resolve().parents[1] / "src")
+    return {**os.environ, "PYTHONPATH": src + os.pathsep + os.environ.get("PYTHONPATH", "")}
+
+
+def _copy_ws(served_ws: Path, dest: Path) -> Path:
+    """A private copy of the workspace (images stay where the catalog says they are)."""
+    shutil.copytree(served_ws, dest, ignore=shutil.ignore_patterns(".lock", "explore"))
+    return dest
+
+
+def test_index_rebuilt_while_serving_never_fails_a_request(served_ws, tmp_path):
+    root = _copy_ws(served_ws, tmp_path / "ws")
+    image_id = _images(root)[0][0]
+    service = NeighbourService(Workspace(root))
+    errors: list[str] = []
+    stop = threading.Event()
+
+    def hammer():
+        with TestClient(create_app(service)) as c:
+            while not stop.is_set():
+                res = c.post("/api/knn", json={"image_id": image_id, "dataset": "demo", "k": 3})
+                if res.status_code != 200 or res.json()["results"]["hog"][0]["image_id"] != image_id:
+                    errors.append(f"{res.status_code} {res.text[:200]}")
+
+    threads = [threading.Thread(target=hammer) for _ in range(3)]
+    for t in threads:
+        t.start()
+    try:
+        for _ in range(3):  # another process, as a user's `index build` beside `serve` would be
+            subprocess.run([sys.executable, "-m", "vlmindex", "-w", str(root), "index", "build", "-m", "hog",
+                            "-d", "demo", "--force"], check=True, capture_output=True, env=_env())
+    finally:
+        stop.set()
+        for t in threads:
+            t.join()
+    service.close()
+    assert errors == []
+
+
+def test_a_stale_or_damaged_index_is_refused_not_served(served_ws, tmp_path):
+    root = _copy_ws(served_ws, tmp_path / "ws")
+    ws = Workspace(root)
+    image_id = _images(root)[0][0]
+    service = NeighbourService(ws)
+    with TestClient(create_app(service)) as c:
+        assert c.post("/api/knn", json={"image_id": image_id, "dataset": "demo", "k": 3}).status_code == 200
+        # damaged in place (not an atomic replacement): the checksum says so
+        path = ws.index_path("hog", "demo", "clean")
+        raw = bytearray(path.read_bytes())
+        raw[-64:] = b"\0" * 64
+        path.write_bytes(bytes(raw))
+        res = c.post("/api/knn", json={"image_id": image_id, "dataset": "demo", "models": "hog"})
+        assert res.status_code == 409 and "damaged" in res.json()["error"]
+        # the other model is untouched and still answers
+        assert c.post("/api/knn", json={"image_id": image_id, "dataset": "demo", "models": "raw-pixels"}
+                      ).status_code == 200
+        # embeddings that changed after the index was built: stale, refused
+        subprocess.run([sys.executable, "-m", "vlmindex", "-w", str(root), "index", "build", "-m", "hog",
+                        "-d", "demo", "--force"], check=True, capture_output=True, env=_env())
+        assert c.post("/api/knn", json={"image_id": image_id, "dataset": "demo", "models": "hog"}).status_code == 200
+        part = sorted(ws.embeddings_dir("raw-pixels", "demo", "clean").glob("*.parquet"))[0]
+        part.unlink()
+        res = c.post("/api/knn", json={"image_id": image_id, "dataset": "demo", "models": "raw-pixels"})
+        assert res.status_code == 409 and "stale" in res.json()["error"]
+    service.close()
+
+
+def test_exact_top_k_matches_a_plain_sort_ties_included():
+    from vlmindex.serve.service import exact_top_k
+
+    rng = np.random.default_rng(0)
+    # few distinct directions: many exactly equal scores, also across the k-th place
+    base = normalise(rng.normal(size=(4, 8)))
+    vectors = base[rng.integers(0, 4, size=60)]
+    ids = rng.choice(10**12, size=60, replace=False).astype(np.int64)
+    queries = rng.normal(size=(5, 8)).astype(np.float32)
+    scores, got = exact_top_k(vectors, ids, queries, 7)
+    q = normalise(queries)
+    for r in range(len(q)):
+        s = [sum(float(a) * float(b) for a, b in zip(row, q[r], strict=True)) for row in vectors]  # a plain loop
+        want = sorted(range(60), key=lambda j: (-s[j], ids[j]))[:7]
+        assert got[r].tolist() == ids[want].tolist()
+        np.testing.assert_allclose(scores[r], [s[j] for j in want], atol=1e-6)
+    for r in range(len(q)):  # alone, a query gets the very same scores as in a batch
+        one_s, one_i = exact_top_k(vectors, ids, queries[r:r + 1], 7)
+        assert one_i[0].tolist() == got[r].tolist() and one_s[0].tobytes() == scores[r].tobytes()
+    many = rng.normal(size=(19, 8)).astype(np.float32)  # more than one batch
+    s19, i19 = exact_top_k(vectors, ids, many, 7)
+    for r in range(19):
+        one_s, one_i = exact_top_k(vectors, ids, many[r:r + 1], 7)
+        assert one_i[0].tolist() == i19[r].tolist() and one_s[0].tobytes() == s19[r].tobytes()
+
+
+def test_concurrent_first_uploads_load_a_model_once(served_ws, monkeypatch):
+    """Found by the load benchmark: two requests loading one model at once both built it, their
+    seeded draws from torch's global RNG interleaved, and the untrained ViT got other weights."""
+    import time as _time
+
+    from vlmindex.models import LoadOptions
+
+    loads: list[str] = []
+    real = LoadOptions.load
+
+    def slow(self, name):
+        loads.append(name)
+        _time.sleep(0.3)  # a real checkpoint takes seconds: the window two requests fall into
+        return real(self, name)
+
+    monkeypatch.setattr(LoadOptions, "load", slow)
+    _, path, *_ = _images(served_ws)[0]
+    data = Path(path).read_bytes()
+    service = NeighbourService(Workspace(served_ws))
+    codes: list[int] = []
+
+    def upload():
+        with TestClient(create_app(service)) as c:
+            codes.append(c.post("/api/knn", data={"dataset": "demo", "models": "hog"},
+                                files={"file": ("q.png", data)}).status_code)
+
+    threads = [threading.Thread(target=upload) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert codes == [200] * 4 and loads == ["hog"]
+
+
+def test_a_replaced_snapshot_still_answers_the_requests_that_hold_it():
+    """A request may take a snapshot just before another replaces it (and closes its search
+    thread): it must get its neighbours, not wait forever."""
+    from vlmindex.serve.service import _Batcher, exact_top_k
+
+    rng = np.random.default_rng(1)
+    vectors = normalise(rng.normal(size=(50, 6)))
+    ids = np.arange(50, dtype=np.int64) * 7
+    batcher = _Batcher(lambda q, k: exact_top_k(vectors, ids, q, k), owner=vectors)
+    before = batcher.search(vectors[3], 4)
+    queued = [threading.Thread(target=lambda: batcher.search(vectors[5], 4)) for _ in range(5)]
+    for t in queued:
+        t.start()
+    batcher.close()
+    for t in queued:
+        t.join(timeout=10)
+        assert not t.is_alive()
+    after = batcher.search(vectors[3], 4)  # after close: answered in the calling thread
+    assert after[1].tolist() == before[1].tolist() and after[1][0] == 21
