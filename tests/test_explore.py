@@ -21,8 +21,10 @@ KEY = RunKey("hog", "demo", "clean")
 
 
 @pytest.fixture(scope="module")
-def table(served_ws):
-    built = build_table(Workspace(served_ws), KEY, ExploreOptions(seed=3, thumbnail_px=40))
+def table(served_ws, tmp_path_factory):
+    copy = tmp_path_factory.mktemp("explore") / "ws"  # the session's workspace is shared: write to a copy
+    shutil.copytree(served_ws, copy, ignore=shutil.ignore_patterns(".lock", "explore"))
+    built = build_table(Workspace(copy), KEY, ExploreOptions(seed=3, thumbnail_px=40))
     return built, pq.read_table(built.path)
 
 

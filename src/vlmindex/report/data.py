@@ -678,10 +678,12 @@ def _confused(con: Any, ws: Workspace, summaries: list[dict[str, Any]], per_quer
     lowest purity@k (then lowest AP, then image id), each with its stored top-k neighbours."""
     if top < 1:
         return []
+    stale = stale_analyses(con, ws)  # the neighbour file of a stale analysis is of other vectors
     out, seen = [], set()
     for s in summaries:
         key = (s["dataset"], s["model"])
-        if s["condition"] != "clean" or s["modality"] is not None or key in seen or s["analysis_id"] not in per_query:
+        if (s["condition"] != "clean" or s["modality"] is not None or key in seen
+                or s["analysis_id"] not in per_query or s["analysis_id"] in stale):
             continue
         seen.add(key)
         qa = per_query[s["analysis_id"]]
@@ -699,7 +701,7 @@ def _confused(con: Any, ws: Workspace, summaries: list[dict[str, Any]], per_quer
             qid = int(qa.image_id[i])
             path, label = meta.get(qid, (None, None))
             nbs = [Neighbour(r["neighbor_id"], meta.get(r["neighbor_id"], (None, None))[1], float(r["score"]),
-                             meta.get(r["neighbor_id"], (None, None))[1] == label,
+                             label is not None and meta.get(r["neighbor_id"], (None, None))[1] == label,
                              thumbnail_uri(meta[r["neighbor_id"]][0]) if r["neighbor_id"] in meta else None)
                    for r in rows if r["image_id"] == qid]
             queries.append(ConfusedQuery(qid, label, float(qa.purity[i]), thumbnail_uri(path) if path else None, nbs))

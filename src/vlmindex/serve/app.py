@@ -37,9 +37,12 @@ def _int(value: Any, name: str, default: int | None = None) -> int | None:
     if value in (None, ""):
         return default
     try:
-        return int(value)
+        number = int(value)
     except (TypeError, ValueError):
         raise BadRequest(f"{name}={value!r} is not an integer") from None
+    if not 0 <= number < 2**63:  # image ids are BIGINT hashes, k a small count
+        raise BadRequest(f"{name}={value!r} is out of range")
+    return number
 
 
 def _models(value: Any) -> list[str] | None:
@@ -84,6 +87,11 @@ def create_app(service: NeighbourService) -> FastAPI:
     async def _http(_: Request, exc: StarletteHTTPException) -> JSONResponse:
         return _error(exc.status_code, str(exc.detail))
 
+    @app.exception_handler(Exception)
+    async def _unexpected(_: Request, exc: Exception) -> JSONResponse:
+        # a bug, not the caller's fault: still one line of JSON, and no paths or traceback
+        return _error(500, service.public(f"internal error: {type(exc).__name__}"))
+
     @app.get("/api/datasets")
     def datasets() -> dict[str, Any]:
         return {"datasets": service.datasets()}
@@ -104,14 +112,14 @@ def create_app(service: NeighbourService) -> FastAPI:
         body = await _body(request, service.limits.max_bytes + FORM_OVERHEAD)
         if kind.startswith("multipart/form-data"):
             request._body = body  # the form parser replays the body already read (and measured)
-            form = await request.form(max_files=1, max_fields=16)
-            for name, value in form.multi_items():
-                if name == "file":
-                    if not hasattr(value, "read"):
-                        raise BadRequest("'file' must be an uploaded file")
-                    upload = await value.read()
-                else:
-                    params[name] = value
+            async with request.form(max_files=1, max_fields=16) as form:
+                for name, value in form.multi_items():
+                    if name == "file":
+                        if not hasattr(value, "read"):
+                            raise BadRequest("'file' must be an uploaded file")
+                        upload = await value.read()
+                    else:
+                        params[name] = value
             if upload is None:
                 raise BadRequest("the form has no 'file'; send the image as a file field named 'file'")
             if len(upload) > service.limits.max_bytes:
@@ -138,8 +146,8 @@ def create_app(service: NeighbourService) -> FastAPI:
             label=str(params["label"]) if params.get("label") else None))
 
     @app.get("/api/images/{image_id}/thumbnail")
-    def thumbnail(image_id: int, condition: str = CLEAN, size: int = 96) -> Response:
-        png = service.thumbnail_png(image_id, condition, size)
+    def thumbnail(image_id: str, condition: str = CLEAN, size: str = "96") -> Response:
+        png = service.thumbnail_png(_int(image_id, "image_id"), condition, _int(size, "size"))
         return Response(png, media_type="image/png", headers={"Cache-Control": "private, max-age=300"})
 
     @app.get("/explore/{model}")

@@ -28,7 +28,7 @@ import threading
 from collections import OrderedDict
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -42,6 +42,9 @@ from vlmindex.catalog import datasets as catalog_datasets
 from vlmindex.catalog.embeddings import newest_weights
 from vlmindex.errors import VlmindexError, WorkspaceBusy
 from vlmindex.models import LoadOptions
+
+READ_WAIT = 0.5  # seconds a request waits for a writer holding the catalog before a cached answer or a 503
+BUSY = "the workspace is busy (another vlmindex process is writing to it); try again in a moment"
 
 IMAGE_FIELDS = ("image_id", "dataset", "path", "sha256", "pixel_sha256", "label", "split", "group_id", "modality")
 LEADERBOARD_FIELDS = ("analysis_id", "model", "condition", "modality", "scope", "k", "n_queries", "map_micro",
@@ -174,6 +177,18 @@ class _Batcher:
             fut.set_result((scores[row, :kq], ids[row, :kq]))
 
 
+def _approximate_top_k(index: Any, k_fixed: int, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """FAISS search of an approximate index, always for ``k_fixed`` results (refinement and probes
+    scale with k: a query's answer must not depend on the k of others in its batch), then score
+    descending and image_id ascending among equal scores."""
+    scores, ids = vlm_index.search(index, queries, k_fixed)
+    out_s, out_i = np.empty_like(scores), np.empty_like(ids)
+    for r in range(len(scores)):
+        order = np.lexsort((np.where(ids[r] < 0, np.iinfo(np.int64).max, ids[r]), -scores[r]))
+        out_s[r], out_i[r] = scores[r][order], ids[r][order]
+    return out_s[:, :k], out_i[:, :k]
+
+
 RESCORE_MARGIN = 1e-4  # above float32 rounding of a 512..4096-d dot product of unit vectors
 
 
@@ -212,26 +227,17 @@ class _Snapshot:
     positions: dict[int, int]
     batcher: _Batcher
     verified: bool = True
-    vectors: dict[int, np.ndarray] = field(default_factory=dict)
 
     def vector(self, image_id: int) -> np.ndarray | None:
-        """The stored (indexed) vector of an image, reconstructed from the index."""
-        if image_id in self.vectors:
-            return self.vectors[image_id]
-        pos = self.positions.get(image_id)
-        if pos is None:
-            return None
-        inner = self.index.index if hasattr(self.index, "id_map") else self.index
+        """The indexed vector of an image, read back from indexes that store vectors exactly
+        (flat, HNSW); None for others (IVF needs a direct map, PQ codes are approximate)."""
         import faiss
 
-        inner = faiss.downcast_index(inner)
-        try:
-            v = np.asarray(inner.reconstruct(pos), dtype=np.float32)
-        except RuntimeError:  # IVF without a direct map: make one once
-            faiss.extract_index_ivf(inner).make_direct_map()
-            v = np.asarray(inner.reconstruct(pos), dtype=np.float32)
-        self.vectors[image_id] = v
-        return v
+        pos = self.positions.get(image_id)
+        if pos is None or self.info.kind not in ("flat", "hnsw"):
+            return None
+        inner = faiss.downcast_index(self.index.index if hasattr(self.index, "id_map") else self.index)
+        return np.asarray(inner.reconstruct(pos), dtype=np.float32)
 
 
 @dataclass(frozen=True)
@@ -240,6 +246,7 @@ class _CatalogState:
     datasets: list[str]
     conditions: dict[str, list[str]]
     indexes: list[vlm_index.IndexInfo]
+    recipes: dict[tuple[str, str], str | None]  # (dataset, condition) -> recipe JSON
 
 
 class NeighbourService:
@@ -258,6 +265,8 @@ class NeighbourService:
         self._by_sha: dict[tuple[str, str], int] = {}
         self._meta_signature: dict[str, tuple] = {}
         self._catalog: _CatalogState | None = None
+        self._current: dict[RunKey, tuple[tuple, bool]] = {}
+        self._load_lock = threading.Lock()
         self.thumbnail = functools.lru_cache(maxsize=self.limits.thumbnail_cache)(self._thumbnail)
 
     # -- catalog reads ------------------------------------------------------------------------------
@@ -275,14 +284,16 @@ class NeighbourService:
         if state is not None and state.signature == sig:
             return state
         try:
-            with self.ws.read(views=False, wait=2.0) as con:
+            with self.ws.read(views=False, wait=READ_WAIT) as con:
                 names = catalog_datasets.dataset_names(con)
                 conds = {d: [CLEAN, *(n for n in catalog_conditions.names(con, d) if n != CLEAN)] for d in names}
+                recipes = {(d, c): catalog_conditions.recipe_json(con, d, c) for d in names for c in conds[d]
+                           if c != CLEAN}
         except WorkspaceBusy:
             if state is not None:
                 return state
-            raise Busy(f"workspace {self.ws.root} is busy; try again in a moment") from None
-        self._catalog = _CatalogState(sig, names, conds, vlm_index.list_indexes(self.ws))
+            raise Busy(BUSY) from None
+        self._catalog = _CatalogState(sig, names, conds, vlm_index.list_indexes(self.ws), recipes)
         return self._catalog
 
     def datasets(self) -> list[dict[str, Any]]:
@@ -310,14 +321,27 @@ class NeighbourService:
         out: dict[str, dict[str, Any]] = {}
         for info in self.indexes(dataset):
             key = RunKey(info.model, info.dataset, info.condition)
-            try:
-                current = vlm_index.is_current(self.ws, key)
-            except WorkspaceBusy:
-                current = None
+            current = self._is_current(key)
             entry = out.setdefault(info.model, {"model": info.model, "conditions": []})
             entry["conditions"].append({"condition": info.condition, "kind": info.kind, "count": info.count,
                                         "dim": info.dim, "built_at": info.built_at, "current": current})
         return list(out.values())
+
+    def _is_current(self, key: RunKey) -> bool | None:
+        """Whether the index is current (None: a writer holds the catalog); the hash of the file is
+        computed again only when something it depends on moved."""
+        sig = self._signature(key)
+        hit = self._current.get(key)
+        if hit is not None and hit[0] == sig:
+            return hit[1]
+        try:
+            with self.ws.read(views=False, wait=READ_WAIT):
+                pass  # is_current waits long; ask first whether a writer is at work
+            current = vlm_index.is_current(self.ws, key)
+        except WorkspaceBusy:
+            return None
+        self._current[key] = (sig, current)
+        return current
 
     def leaderboard(self, dataset: str) -> list[dict[str, Any]]:
         self.require_dataset(dataset)
@@ -328,12 +352,17 @@ class NeighbourService:
 
     @contextlib.contextmanager
     def _reading(self, *, views: bool = False) -> Iterator[Any]:
-        """A short read-only catalog connection; a writer holding it too long is a 503, not a 500."""
+        """A short read-only catalog connection; a writer holding the catalog is a quick 503
+        (callers with a cached answer use that instead), never a request left hanging."""
         try:
-            with self.ws.read(views=views, wait=5.0) as con:
+            with self.ws.read(views=views, wait=READ_WAIT) as con:
                 yield con
-        except WorkspaceBusy as exc:
-            raise Busy(str(exc)) from None
+        except WorkspaceBusy:
+            raise Busy(BUSY) from None
+
+    def public(self, message: str) -> str:
+        """``message`` without the server's file-system paths (errors go to whoever asked)."""
+        return message.replace(str(self.ws.root), "<workspace>")
 
     def _dataset_meta(self, dataset: str) -> None:
         """Load (or refresh after a catalog write) the image rows of ``dataset``."""
@@ -341,15 +370,17 @@ class NeighbourService:
         if self._meta_signature.get(dataset) == sig:
             return
         try:
-            with self.ws.read(views=False, wait=2.0) as con:
+            with self.ws.read(views=False, wait=READ_WAIT) as con:
                 rows = catalog_datasets.images(con, dataset, columns=IMAGE_FIELDS)
         except WorkspaceBusy:
             if dataset in self._meta_signature:
                 return  # a writer is at work: the rows read last stay until it has finished
-            raise Busy(f"workspace {self.ws.root} is busy; try again in a moment") from None
+            raise Busy(BUSY) from None
         with self._lock:
-            for key in [k for k, i in self._by_sha.items() if k[0] == dataset]:
+            for key in [k for k in self._by_sha if k[0] == dataset]:
                 del self._by_sha[key]
+            for image_id in [i for i, m in self._meta.items() if m.dataset == dataset]:
+                del self._meta[image_id]  # images removed since (ingest --replace) must not linger
             for r in rows:
                 m = ImageMeta(*r)
                 self._meta[m.image_id] = m
@@ -396,13 +427,15 @@ class NeighbourService:
             try:
                 fresh = self._open(key, sig)
             except WorkspaceBusy:
-                if snap is not None:
-                    snap.verified = False  # served as last verified while a writer holds the catalog
+                # the last verified snapshot answers only while its own files are untouched (the
+                # writer is busy elsewhere in the catalog); a moved run or index may be stale: 503
+                if snap is not None and snap.signature[:3] == sig[:3]:
+                    snap.verified = False
                     return snap
-                raise Busy(f"workspace {self.ws.root} is busy; try again in a moment") from None
+                raise Busy(BUSY) from None
             except VlmindexError as exc:
                 self._drop(key)
-                raise Conflict(str(exc)) from None
+                raise Conflict(self.public(str(exc))) from None
             self._drop(key)
             self._snapshots[key] = fresh
             return fresh
@@ -417,12 +450,14 @@ class NeighbourService:
 
         for _ in range(3):
             try:
-                index, info = vlm_index.load_index(self.ws, key.model, key.dataset, key.condition, mmap=True)
+                index, info = vlm_index.load_index(self.ws, key.model, key.dataset, key.condition, mmap=True,
+                                                   wait=READ_WAIT)
                 break
             except vlm_index.IndexReplaced:
                 sig = self._signature(key)
         else:
             raise Busy(f"the index of {key} keeps being rebuilt; try again in a moment")
+
         ids = faiss.vector_to_array(index.id_map) if hasattr(index, "id_map") else np.arange(index.ntotal)
         weights = newest_weights(self.ws, key)
         inner = faiss.downcast_index(index.index) if hasattr(index, "id_map") else index
@@ -432,24 +467,31 @@ class NeighbourService:
             xb = faiss.rev_swig_ptr(inner.get_xb(), inner.ntotal * inner.d).reshape(inner.ntotal, inner.d)
             batcher = _Batcher(functools.partial(exact_top_k, xb, ids.astype(np.int64)), index)
         else:
-            batcher = _Batcher(lambda q, k: vlm_index.search(index, q, k), index)
+            batcher = _Batcher(functools.partial(_approximate_top_k, index, self.limits.max_k), index)
         return _Snapshot(key, index, info, sig, weights, {int(i): p for p, i in enumerate(ids.tolist())}, batcher)
 
     # -- models -----------------------------------------------------------------------------------------
     def extractor(self, model: str) -> tuple[Any, threading.Lock]:
-        """The loaded model, loading it once. Loads are serial: two threads building one model at
-        once would interleave their draws from torch's global RNG (seeded weights would differ)."""
+        """The loaded model, loading it once. Loads are serial (``_load_lock``): two threads
+        building one model at once would interleave their draws from torch's global RNG (seeded
+        weights would differ). Models already loaded are handed out meanwhile."""
         with self._model_lock:
             if model in self._models:
                 self._models.move_to_end(model)
                 return self._models[model]
+        with self._load_lock:
+            with self._model_lock:
+                if model in self._models:  # loaded by the request we waited for
+                    return self._models[model]
             try:
                 loaded = (self.load.load(model), threading.Lock())
             except VlmindexError as exc:
-                raise Conflict(f"model {model!r} cannot embed an uploaded image here: {exc}") from None
-            self._models[model] = loaded
-            while len(self._models) > self.limits.max_models:
-                self._models.popitem(last=False)
+                raise Conflict(f"model {model!r} cannot embed an uploaded image here: {self.public(str(exc))}"
+                               ) from None
+            with self._model_lock:
+                self._models[model] = loaded
+                while len(self._models) > self.limits.max_models:
+                    self._models.popitem(last=False)
             return loaded
 
     # -- requests ---------------------------------------------------------------------------------------
@@ -483,7 +525,10 @@ class NeighbourService:
         try:
             with Image.open(io.BytesIO(data)) as probe:
                 w, h = probe.size
-        except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError):
+        except Image.DecompressionBombError:  # PIL's own limit, far above ours: too large, not broken
+            raise TooLarge(f"the upload declares more pixels than PIL opens; the limit is {self.limits.max_pixels}"
+                           ) from None
+        except (UnidentifiedImageError, OSError, ValueError):
             raise BadRequest("the upload is not an image that can be decoded (PNG, JPEG, TIFF, BMP, ...)") from None
         if w * h > self.limits.max_pixels:
             raise TooLarge(f"the upload is {w}×{h} = {w * h} pixels; the limit is {self.limits.max_pixels}")
@@ -524,7 +569,9 @@ class NeighbourService:
         for key in keys:
             snap = self.snapshot(key)
             if image_id is not None:
-                vector = snap.vector(image_id)
+                vector = snap.vector(image_id) if image_id in snap.positions else None
+                if vector is None and image_id in snap.positions:
+                    vector = self._stored_vector(key, image_id)
                 if vector is None:
                     raise Conflict(f"image_id {image_id} has no embedding in the index of {key}; run `vlmindex embed "
                                    f"{key.cli_args()}` and `vlmindex index build {key.cli_args()}`")
@@ -544,6 +591,15 @@ class NeighbourService:
             indexes[key.model] = {"kind": snap.info.kind, "count": snap.info.count, "built_at": snap.info.built_at,
                                   "verified": snap.verified}
         return {"query": query, "condition": condition, "k": k, "results": out, "indexes": indexes}
+
+    def _stored_vector(self, key: RunKey, image_id: int) -> np.ndarray | None:
+        from vlmindex.catalog.embeddings import read_run
+
+        try:
+            run = read_run(self.ws, key, ids=np.array([image_id]))
+        except WorkspaceBusy:
+            raise Busy(BUSY) from None
+        return run.vectors[0] if len(run.ids) else None
 
     def _overlay_upload(self, img: Any, dataset: str, condition: str, query: dict[str, Any]) -> Any:
         """An upload under an overlay condition gets the condition's text, as its gallery did."""
@@ -579,25 +635,29 @@ class NeighbourService:
         if not thumbnails.MIN_PX <= size <= thumbnails.MAX_PX:
             raise BadRequest(f"size={size}: choose {thumbnails.MIN_PX}..{thumbnails.MAX_PX}")
         meta = self.image(image_id)
+        recipe_json = None
         if condition != CLEAN:
             names = self.condition_names(meta.dataset)
             if condition not in names:
                 raise NotFound(f"unknown condition {condition!r} for dataset {meta.dataset!r}", names)
-        return self.thumbnail(meta, condition, size)
+            recipe_json = self._state().recipes.get((meta.dataset, condition))
+        # the recipe is in the key: `overlay add --replace` changes what the thumbnail shows
+        return self.thumbnail(meta, condition, recipe_json, size)
 
-    def _thumbnail(self, meta: ImageMeta, condition: str, size: int) -> bytes:
-        from vlmindex.overlay import get_condition
+    def _thumbnail(self, meta: ImageMeta, condition: str, recipe_json: str | None, size: int) -> bytes:
+        from vlmindex.overlay import OverlayRecipe
 
         recipe, names = None, ()
-        if condition != CLEAN:
+        if recipe_json is not None:
+            recipe = OverlayRecipe.from_json(recipe_json)
             with self._reading() as con:
-                recipe = get_condition(con, meta.dataset, condition)
                 names = tuple(catalog_datasets.class_pools(con, meta.dataset).get(meta.modality, []))
         ref = thumbnails.ImageRef(meta.image_id, meta.path, meta.sha256, meta.label, meta.modality)
         try:
             return thumbnails.render(ref, size=size, recipe=recipe, class_names=names)
-        except Exception as exc:  # noqa: BLE001 - the file changed or vanished under the catalog
-            raise Conflict(f"image {meta.image_id} cannot be shown: {type(exc).__name__}: {exc}") from None
+        except Exception:  # noqa: BLE001 - the file changed or vanished under the catalog
+            raise Conflict(f"image {meta.image_id} cannot be shown: its file is missing, unreadable or changed "
+                           "since it was ingested; re-ingest its dataset") from None
 
     def close(self) -> None:
         for key in list(self._snapshots):
