@@ -14,6 +14,7 @@ different models side by side as if distances between them meant something.
 
 from __future__ import annotations
 
+import json
 import shutil
 import subprocess
 import sys
@@ -202,8 +203,6 @@ def build_table(ws: Workspace, key: RunKey, options: ExploreOptions | None = Non
                   "umap": {"seed": options.seed, "n_neighbors": min(options.n_neighbors, len(ids) - 1),
                            "min_dist": options.min_dist, "metric": "cosine"},
                   "explore_version": EXPLORE_VERSION, "run_fingerprint": run.fingerprint}
-    import json
-
     table = table.replace_schema_metadata({"vlmindex": json.dumps(provenance)})
     path = write_table_atomic(table, table_path(ws, key, summary["analysis_id"]))
     return ExploreTable(path, summary["analysis_id"], len(ids), int(summary["k"]), summary.get("scope") or "")

@@ -12,6 +12,7 @@ import json
 import mimetypes
 from importlib import resources
 from typing import Any
+from urllib.parse import quote
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -155,7 +156,8 @@ def create_app(service: NeighbourService) -> FastAPI:
         """The model's published explorer, or how to open one."""
         key = _indexed(service, model, dataset, condition)
         if explore_app(service.ws, key) is not None:
-            return RedirectResponse(f"/explore/{model}/{dataset}/{condition}/")
+            names = (quote(n, safe="") for n in (model, dataset, condition))  # names may hold '/', '#', '?'
+            return RedirectResponse("/explore/" + "/".join(names) + "/")
         cmd = f"vlmindex explore -m {model} -d {dataset} -c {condition}"
         return HTMLResponse(_explore_hint(model, dataset, condition, cmd))
 

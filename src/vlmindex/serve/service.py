@@ -31,6 +31,7 @@ from concurrent.futures import Future
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote
 
 import numpy as np
 
@@ -623,7 +624,7 @@ class NeighbourService:
             row = {"rank": rank, "image_id": m.image_id, "score": round(float(s), 6), "label": m.label,
                    "split": m.split, "group_id": m.group_id, "modality": m.modality,
                    "thumbnail_url": f"/api/images/{m.image_id}/thumbnail"
-                                    + (f"?condition={condition}" if condition != CLEAN else ""),
+                                    + (f"?condition={quote(condition, safe='')}" if condition != CLEAN else ""),
                    "is_query": query.get("in_catalog", False) and m.image_id == query.get("image_id"),
                    "same_group": bool(query.get("group_id")) and m.group_id == query.get("group_id"),
                    "same_class": None if not query.get("label") else m.label == query["label"]}
