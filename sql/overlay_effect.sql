@@ -12,10 +12,11 @@
 -- near_cos = mean cosine of a clean image to its nearest clean neighbour, for scale).
 -- text_share: neighbours carrying the query's overlaid string (text_share_clean: the same among its
 -- clean neighbours); text_lift = text_share / chance. vote_change: share of kNN votes over the
--- clean gallery that the overlay changes. flip_rate: wrong-label / label text only;
+-- clean gallery that the overlay changes. flip_rate: text that writes a class name (label,
+-- wrong-label, random-label);
 -- flip_base = share whose clean vote already was the written class; flip_chance = the flip rate if
--- changed votes fell on random other classes of the modality (with two classes per modality every
--- change of vote is toward the written class, so flips cannot be told from disruption).
+-- changed votes fell on random other classes of the modality (with two classes in a modality every
+-- change of vote is toward the written class, so flips cannot be told from disruption there).
 -- NULL: see overlay_effects.note.
 WITH f AS (
     SELECT *, printf('[%.4f, %.4f]', ci_low, ci_high) AS ci

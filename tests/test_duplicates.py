@@ -533,3 +533,11 @@ def test_file_changed_since_ingest_is_reported_not_hashed(vlm, leaky):
     _, summary = _pairs(vlm, leaky.root)
     assert "1 images compared by file bytes only" in summary and "changed since it was ingested" in summary
     assert _count(leaky.root, "SELECT pixel_sha256 FROM images WHERE sha256 = 'not-the-file'") == [(None,)]
+
+
+def test_a_model_without_embeddings_is_named_with_the_ones_that_have_some(served_ws, vlm):
+    res = vlm(served_ws, "duplicates", "demo", "-m", "nonexist", expect=1)
+    assert res.err.count("\n") == 1 and "'nonexist' is not a model of `vlmindex models`" in res.err
+    assert "models with embeddings there: hog, raw-pixels" in res.err
+    res = vlm(served_ws, "analyze", "-m", "color-hist", "-d", "demo", expect=1)
+    assert "run `vlmindex embed --model color-hist" in res.err and "hog, raw-pixels" in res.err

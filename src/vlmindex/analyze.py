@@ -102,8 +102,7 @@ def load(ws: Workspace, key: RunKey, modality: str | None = None) -> RunData:
         rows = catalog_datasets.images(con, key.dataset, columns=("image_id", "label", "group_id", "split", "modality"),
                                        labelled=True, modality=modality)
     if len(emb.ids) == 0 and len(emb.zero_ids) == 0:
-        raise VlmindexError(f"no embeddings for model {key.model!r} on {key.dataset}/{key.condition}; run "
-                            f"`vlmindex embed {key.cli_args()}` first")
+        raise store.no_embeddings(ws, key)
     if not rows:
         raise VlmindexError(f"dataset {key.dataset!r} has no labelled images" +
                             (f" of modality {modality!r}" if modality else ""))

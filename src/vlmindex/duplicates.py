@@ -297,8 +297,7 @@ def _search_near(ws: Workspace, key: RunKey, options: DuplicateOptions) -> int:
     with ws.read(views=False) as con:
         emb = run_store.read_run(ws, key, con=con)
     if len(emb.ids) == 0 and len(emb.zero_ids) == 0:
-        raise VlmindexError(f"no embeddings for model {key.model!r} on {key.dataset}/{key.condition}; run "
-                            f"`vlmindex embed {key.cli_args()}` first")
+        raise run_store.no_embeddings(ws, key)
     fp = fingerprints.combine(STAGE, {key: emb.fingerprint}, options.near_numbers())
     pairs = near_pairs(emb.ids, emb.vectors, options.threshold,
                        max_pairs=MAX_PAIRS_PER_IMAGE * max(len(emb.ids), 1))
@@ -323,8 +322,7 @@ def find_duplicates(ws: Workspace, dataset: str, options: DuplicateOptions | Non
                                 "see `vlmindex overlay list`")
     key = RunKey(opts.model, dataset, opts.condition) if opts.model is not None else None
     if key is not None and run_store.current_count(ws, key) == 0:
-        raise VlmindexError(f"no embeddings for model {key.model!r} on {key.dataset}/{key.condition}; run "
-                            f"`vlmindex embed {key.cli_args()}` first")
+        raise run_store.no_embeddings(ws, key)
     hashed, unhashed = fill_pixel_hashes(ws, dataset)
     _search_exact(ws, dataset)
     searches = [store.EXACT]

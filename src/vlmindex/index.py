@@ -23,7 +23,7 @@ import numpy as np
 
 from vlmindex.catalog import RunKey, Workspace, fingerprints
 from vlmindex.catalog import datasets as catalog_datasets
-from vlmindex.catalog.embeddings import read_run, run_fingerprint
+from vlmindex.catalog.embeddings import no_embeddings, read_run, run_fingerprint
 from vlmindex.catalog.workspace import atomic_write_bytes, atomic_write_json
 from vlmindex.errors import VlmindexError
 
@@ -213,8 +213,7 @@ def build_index(ws: Workspace, model: str, dataset: str, condition: str = "clean
     if len(run.ids) == 0:
         with ws.read(views=False) as con:
             catalog_datasets.require_dataset(con, dataset)
-        raise VlmindexError(f"no embeddings for model {model!r} on {dataset}/{condition}; run "
-                            f"`vlmindex embed {key.cli_args()}` first")
+        raise no_embeddings(ws, key)
     fingerprint = _stage_fingerprint(key, run.fingerprint)
     path = ws.index_path(model, dataset, condition)
     sidecar = path.with_suffix(".json")

@@ -112,7 +112,7 @@ def export_embeddings(ws: Workspace, model: str, dataset: str, out: Path, *, con
     run = store.read_run(ws, RunKey(model, dataset, condition))
     ids, matrix = run.ids, run.vectors
     if len(ids) == 0:
-        raise VlmindexError(f"no embeddings for model {model!r} on {dataset}/{condition}")
+        raise store.no_embeddings(ws, RunKey(model, dataset, condition))
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     if out.suffix == ".npy":

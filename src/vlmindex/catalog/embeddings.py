@@ -438,3 +438,26 @@ def remove_run(ws: Workspace, key: RunKey) -> int:
             stale = dependencies.drop_rows(con, ws, key.dataset, key.condition, model=key.model, change="embeddings")
         dependencies.remove_files([*stale, directory])
     return n
+
+
+def no_embeddings(ws: Workspace, key: RunKey) -> VlmindexError:
+    """The one error for a run with no embeddings: names the models that have some on that
+    dataset and condition, and says whether the name is one ``vlmindex embed`` knows."""
+    from vlmindex.models import get_spec
+
+    try:
+        get_spec(key.model)
+        known = True
+    except VlmindexError:
+        known = False
+    try:
+        with ws.read(views=False) as con:
+            have = [r[0] for r in con.execute("SELECT DISTINCT model FROM runs WHERE dataset = ? AND condition = ? "
+                                              "ORDER BY 1", [key.dataset, key.condition]).fetchall()]
+    except VlmindexError:
+        have = []
+    what = (f"run `vlmindex embed {key.cli_args()}` first" if known else
+            f"{key.model!r} is not a model of `vlmindex models` (imported embeddings keep the name given to "
+            "`vlmindex embeddings import`)")
+    embedded = f"; models with embeddings there: {', '.join(have)}" if have else ""
+    return VlmindexError(f"no embeddings for model {key.model!r} on {key.dataset}/{key.condition}; {what}{embedded}")

@@ -33,11 +33,15 @@ ZEROSHOT_COLUMNS = ["model", "condition", "modality", "n", "n_classes", "accurac
 def overlay_effect(ctx, models, dataset, conditions, k, exclude_group, n_boot, seed, allow_partial, fmt):
     """Bias figures of overlay conditions against clean, with bootstrap 95% intervals.
 
-    Metric deltas (overlay - clean, paired per image), embedding shift (cosine of each image's clean
-    and overlaid embedding), text clustering (neighbours sharing the overlaid string, against
-    chance) and typographic flip rate (wrong-label text: the kNN vote over the clean gallery
-    becomes the written class). Needs the clean and overlaid runs embedded; rows go to table
-    `overlay_effects` (`vlmindex sql overlay_effect`).
+    First the typographic-attack figures: overlaid queries ranked against the CLEAN gallery
+    (attack_map, attack_delta_map, attack_delta_knn_acc, and for text that writes a class name
+    attack_success_rate, the share of queries whose kNN vote follows the written class, with its
+    clean baseline and chance rate). Then within-condition metric deltas (overlaid queries against
+    the overlaid gallery: they mix reading the text with the text carrying the class), embedding
+    shift, text clustering and the typographic flip rate (label, wrong-label, random-label text).
+    Use a `random-label` condition as the control: its text is independent of the truth. Needs
+    the clean and overlaid runs embedded; rows go to table `overlay_effects` (`vlmindex sql
+    overlay_effect`; definitions in docs/overlays.md).
 
     \b
     Example:
