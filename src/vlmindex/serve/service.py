@@ -2,13 +2,15 @@
 
 Read-only over a workspace. What it keeps in memory, and why each is safe with writers at work:
 
-- an index snapshot per (model, dataset, condition): the FAISS index (memory-mapped where FAISS
-  allows), its sidecar, and the catalog rows of the images it holds, all read under one catalog
-  connection after the file's checksum and the run's fingerprint were checked. A cheap signature
-  of the files a writer touches (the index pair, the run's folder, the catalog) is compared on
-  every request; when it moved, the snapshot is checked again from scratch. A snapshot that
-  became stale is never served; while a writer holds the catalog the last verified snapshot is
-  served and says so (``"verified": false``).
+- an index snapshot per (model, dataset, condition): the FAISS index (IVF lists memory-mapped,
+  flat and HNSW indexes read into memory) and its sidecar, opened after the file's checksum and
+  the run's fingerprint were checked under one catalog connection. A cheap signature of the
+  files a writer touches (the index pair, the run's folder, the catalog) is compared on every
+  request; when it moved, the snapshot is checked again from scratch, and a stale or damaged
+  index is refused (409). While a writer holds the catalog, the last verified snapshot answers
+  (``"verified": false``) only if its own index and run files did not move; otherwise 503.
+- the catalog rows of each dataset's images, the dataset and condition names and the index
+  sidecars, read again whenever the catalog file (or an index sidecar) changed.
 - loaded models, at most ``Limits.max_models`` (least recently used goes first): each loads once
   per process.
 - thumbnails, by (image, its sha256, condition recipe, size).
