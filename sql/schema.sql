@@ -130,6 +130,9 @@ CREATE TABLE IF NOT EXISTS summaries (
     query_split VARCHAR,
     gallery_split VARCHAR,
     modality VARCHAR,          -- NULL: every modality of the dataset
+    sampled_queries BIGINT,    -- analyze --sample-queries N: N queries drawn (by class, seeded); NULL: all
+    query_pool BIGINT,         -- with sampled_queries: the queries they were drawn from
+    ci JSON,                   -- with sampled_queries: {"map_micro": [low, high], ...} bootstrap 95% over them
     n_queries BIGINT,
     n_skipped_queries BIGINT,  -- queries with R = 0
     n_gallery BIGINT,
@@ -262,6 +265,8 @@ SELECT s.*,
                  END,
                  'queries=' || s.query_split, 'gallery=' || s.gallery_split, 'modality=' || s.modality,
                  CASE WHEN s.n_missing > 0 THEN 'partial(' || s.n_missing || ' images without embedding)' END,
+                 CASE WHEN s.sampled_queries IS NOT NULL
+                      THEN 'sampled ' || s.sampled_queries || ' of ' || s.query_pool || ' queries' END,
                  -- within-condition numbers of text that depends on the class (label, wrong-label):
                  -- the written word helps retrieval, so they are not comparable with clean ones
                  CASE WHEN json_extract_string(c.recipe, '$.text') IN ('label', 'wrong-label')
@@ -270,5 +275,5 @@ FROM summaries s
 LEFT JOIN conditions c ON c.dataset = s.dataset AND c.name = s.condition
 QUALIFY row_number() OVER (PARTITION BY s.model, s.dataset, s.condition, s.k, s.exclude_group,
                                         coalesce(s.exclude_duplicates, false), s.duplicates_model, s.query_split,
-                                        s.gallery_split, s.modality, s.probe_protocol IS NULL
+                                        s.gallery_split, s.modality, s.probe_protocol IS NULL, s.sampled_queries
                            ORDER BY s.created_at DESC) = 1;

@@ -11,6 +11,8 @@ import pytest
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+# A second writer waits this long before "busy" (30 s for users): the busy tests need not wait 30 s.
+os.environ.setdefault("VLMINDEX_WRITE_WAIT", "8")
 
 SMALL_SYNTH = {"lesions_per_class": 3, "views_per_lesion": 3, "size": 64}  # 8 classes: 72 images
 

@@ -13,7 +13,8 @@ from vlmindex.metrics import RETRIEVAL_METRICS, distribution_figures, registry, 
 
 SQL = Path(__file__).resolve().parents[1] / "sql"
 # Output columns of sql/leaderboard.sql that say which run a row is, not how good it is.
-IDENTITY = {"dataset", "condition", "model", "k", "n_queries", "scope", "current", "modality", "analysis_id"}
+IDENTITY = {"dataset", "condition", "model", "k", "n_queries", "scope", "current", "modality", "analysis_id",
+            "map_ci", "ci"}  # the last two: intervals of sampled analyses (analyze --sample-queries)
 
 
 @pytest.fixture(scope="module")

@@ -166,11 +166,24 @@ def test_v2_workspace_gets_the_v3_probe_columns(vlm, synth_ws):
     with ws.write() as con:
         con.execute("ALTER TABLE summaries DROP COLUMN probe_balanced_accuracy_sd")
         con.execute("UPDATE meta SET value = '2' WHERE key = 'schema_version'")
-    with ws.read() as con:
-        assert con.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()[0] == "3"
+    with ws.read() as con:  # through v3 to the current version (v4 added the sampled-query columns)
+        assert con.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()[0] == str(
+            wsmod.SCHEMA_VERSION)
         cols = {r[0] for r in con.execute("DESCRIBE summaries").fetchall()}
         assert {c for added in wsmod.V3_COLUMNS for c in (x.split()[0] for x in added["summaries"])} <= cols
         assert con.execute("SELECT count(*), count(probe_balanced_accuracy_sd) FROM summaries").fetchone() == (1, 0)
     vlm(synth_ws, "analyze", "-m", "color-hist", "-d", "demo", "-k", "3", "--probe-seeds", "2")
     with ws.read() as con:
         assert con.execute("SELECT count(probe_balanced_accuracy_sd) FROM summaries").fetchone() == (1,)
+
+
+def test_write_wait_comes_from_the_environment(monkeypatch):
+    from vlmindex.errors import VlmindexError
+
+    monkeypatch.delenv(wsmod.ENV_WRITE_WAIT, raising=False)
+    assert wsmod.write_wait() == 30.0
+    monkeypatch.setenv(wsmod.ENV_WRITE_WAIT, "2.5")
+    assert wsmod.write_wait() == 2.5
+    monkeypatch.setenv(wsmod.ENV_WRITE_WAIT, "soon")
+    with pytest.raises(VlmindexError, match=r"\$VLMINDEX_WRITE_WAIT='soon' is not a number of seconds"):
+        wsmod.write_wait()

@@ -45,12 +45,13 @@ class AnalyzeOptions:
     exclude_duplicates: bool = False  # leave each query's duplicate cluster out (vlmindex.duplicates)
     duplicates_model: str | None = None  # with exclude_duplicates: also the near pairs of this model's search
     probe_seeds: int = 1         # the probe repeated over seeds seed .. seed + probe_seeds - 1 (mean and sd)
+    sample_queries: int | None = None  # score this many queries, drawn by class with ``seed``, against the gallery
 
     def numbers(self) -> dict[str, Any]:
         """The options that change the numbers: they name the analysis and enter its fingerprint.
 
-        ``exclude_duplicates`` only when set and ``probe_seeds`` only when it is not 1: both came
-        after analyses were stored, which keep their ids.
+        ``exclude_duplicates`` and ``sample_queries`` only when set and ``probe_seeds`` only when it
+        is not 1: they came after analyses were stored, which keep their ids.
         """
         out = asdict(self)
         out.pop("allow_partial")
@@ -61,6 +62,8 @@ class AnalyzeOptions:
             out.pop("duplicates_model")
         if self.probe_seeds == 1:
             out.pop("probe_seeds")
+        if self.sample_queries is None:
+            out.pop("sample_queries")
         return out
 
     def analysis_id(self, model: str, dataset: str, condition: str) -> str:
@@ -311,6 +314,41 @@ def merged_groups(groups: np.ndarray, clusters: np.ndarray | None) -> np.ndarray
     return np.array([f"unit:{find(i)}" for i in range(n)], dtype=object)
 
 
+def sample_query_mask(run: RunData, query_mask: np.ndarray | None, opts: AnalyzeOptions,
+                      key: RunKey) -> tuple[np.ndarray, int]:
+    """``--sample-queries N``: the mask of N queries drawn by class (``stratified_sample``, seeded
+    with ``opts.seed``) from the queries the options select, and how many those were."""
+    pool = np.flatnonzero(query_mask) if query_mask is not None else np.arange(len(run.ids))
+    n = opts.sample_queries
+    if not isinstance(n, int) or n < 1:
+        raise VlmindexError(f"--sample-queries must be a positive number of queries, got {n!r}")
+    if n >= len(pool):
+        raise VlmindexError(f"--sample-queries {n} is not fewer than the {len(pool)} queries of {key}; "
+                            "analyze all of them: leave --sample-queries out")
+    mask = np.zeros(len(run.ids), dtype=bool)
+    mask[pool[metrics.stratified_sample(run.labels[pool], n, seed=opts.seed)]] = True
+    return mask, int(len(pool))
+
+
+def sample_intervals(res: Any, groups: np.ndarray, *, seed: int, n_boot: int = 2000) -> dict[str, list[float]]:
+    """Bootstrap 95% intervals of the retrieval figures of a sampled analysis, over its scored
+    queries resampled by group (``{summaries column: [low, high]}``)."""
+    scored = ~res.skipped
+    qgroups = groups[res.query_index][scored]
+    labels = np.asarray(res.classes)[res.query_label_code[scored]]
+    out: dict[str, list[float]] = {}
+    for m in metrics.RETRIEVAL:
+        values = res.metric(m.result_key)
+        if values is None:
+            continue
+        v = np.asarray(values, dtype=float)[scored]
+        for c in m.columns:
+            lo, hi = (metrics.bootstrap_mean_ci(v, qgroups, n_boot=n_boot, seed=seed) if c.aggregate == "micro"
+                      else metrics.bootstrap_class_mean_ci(v, labels, qgroups, n_boot=n_boot, seed=seed))
+            out[c.name] = [lo, hi]
+    return out
+
+
 def compute(run: RunData, key: RunKey, opts: AnalyzeOptions, *, duplicate_keys: np.ndarray | None = None
             ) -> tuple[dict[str, Any], pa.Table, tuple[np.ndarray, np.ndarray, np.ndarray]]:
     """The pure step: the summary row, the per-query table and (query ids, neighbour ids, scores).
@@ -322,6 +360,9 @@ def compute(run: RunData, key: RunKey, opts: AnalyzeOptions, *, duplicate_keys: 
         raise VlmindexError("exclude_duplicates needs the duplicate cluster of each image")
     query_mask = _split_mask(run.splits, opts.query_split, "query")
     gallery_mask = _split_mask(run.splits, opts.gallery_split, "gallery")
+    pool = None
+    if opts.sample_queries is not None:
+        query_mask, pool = sample_query_mask(run, query_mask, opts, key)
     res = metrics.retrieval_metrics(
         run.vectors, run.labels, ids=run.ids, groups=run.groups, k=opts.k,
         exclude_group=opts.exclude_group, query_mask=query_mask, gallery_mask=gallery_mask,
@@ -351,6 +392,8 @@ def compute(run: RunData, key: RunKey, opts: AnalyzeOptions, *, duplicate_keys: 
         # summary() and distribution_figures() keys -> summaries columns: vlmindex.metrics.registry
         **metrics.summary_columns(summary), **metrics.distribution_columns(dist),
         "probe_protocol": probe.protocol if probe is not None else None,
+        "sampled_queries": opts.sample_queries, "query_pool": pool,
+        "ci": json.dumps(sample_intervals(res, run.groups, seed=opts.seed)) if pool is not None else None,
         # merged into the stored provenance by analyze_run
         "provenance": {"linear_probe": probe.provenance()} if probe is not None else {},
     }

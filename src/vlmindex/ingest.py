@@ -24,7 +24,7 @@ from tqdm import tqdm
 
 from vlmindex.catalog import Workspace, dependencies
 from vlmindex.catalog import datasets as catalog_datasets
-from vlmindex.catalog.workspace import transaction
+from vlmindex.catalog.workspace import transaction, write_wait
 from vlmindex.datasets import Adapter, Candidate, IngestOptions, Skip, get_adapter
 from vlmindex.errors import VlmindexError
 from vlmindex.imageio import pixels_sha256, to_rgb
@@ -130,7 +130,7 @@ def ingest(
         scan = get_adapter(fmt)
     now = datetime.now()
     out_dir = ws.images_dir(name)
-    with ws.write(wait=30) as con:
+    with ws.write(wait=write_wait()) as con:
         existing = catalog_datasets.dataset_record(con, name)
         if existing and existing["format"] != fmt and not replace:
             raise VlmindexError(

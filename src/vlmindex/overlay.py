@@ -38,6 +38,7 @@ from PIL import Image, ImageColor, ImageDraw, ImageFont
 from vlmindex.catalog import conditions
 from vlmindex.catalog import datasets as catalog_datasets
 from vlmindex.catalog.keys import CLEAN
+from vlmindex.catalog.workspace import write_wait
 from vlmindex.errors import VlmindexError
 from vlmindex.imageio import to_rgb
 
@@ -314,7 +315,7 @@ def add_condition(
             f"condition name {name!r} must be 1-64 letters, digits, '.', '_' or '-', "
             "starting with a letter or digit"
         )
-    with ws.write(wait=30) as con:
+    with ws.write(wait=write_wait()) as con:
         catalog_datasets.require_dataset(con, dataset)
         if recipe.needs_labels:
             n_unlabelled, n_classes = catalog_datasets.label_counts(con, dataset)
@@ -340,7 +341,7 @@ def remove_condition(ws: Workspace, dataset: str, name: str) -> None:
     """Delete a condition with its text detections, embeddings, indexes and results."""
     if name == CLEAN:
         raise VlmindexError("condition 'clean' is built in and cannot be removed")
-    with ws.write(wait=30) as con:
+    with ws.write(wait=write_wait()) as con:
         get_condition(con, dataset, name)  # raises with the list of conditions when unknown
         conditions.remove(con, ws, dataset, name)
 

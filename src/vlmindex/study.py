@@ -95,7 +95,7 @@ _MODELS_TYPES = {"names": _str_list("model names"), "checkpoints": _STR_TABLE,
 _ANALYSIS_TYPES = {"k": _int(1), "exclude_group": _BOOL, "query_split": _STR, "gallery_split": _STR,
                    "modality": _STR, "probe": _BOOL, "seed": _int(), "allow_partial": _BOOL,
                    "exclude_duplicates": _BOOL, "duplicates_model": _STR, "probe_seeds": _int(1),
-                   "per_modality": _BOOL}
+                   "per_modality": _BOOL, "sample_queries": _int(1)}
 # [analysis] keys that shape the study's grid of analyses rather than one analysis's options.
 _ANALYSIS_GRID_KEYS = {"per_modality"}
 _EMBED_TYPES = {"batch_size": _int(1), "num_workers": _int(0), "dtype": _one_of("float32", "float16"),

@@ -34,10 +34,23 @@ import duckdb
 
 from vlmindex.errors import VlmindexError, WorkspaceBusy
 
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 DEFAULT_WORKSPACE = "vlmindex-workspace"
 ENV_WORKSPACE = "VLMINDEX_WORKSPACE"
 CONNECT_WAIT = 10.0  # seconds to wait for another process's short catalog write
+ENV_WRITE_WAIT = "VLMINDEX_WRITE_WAIT"
+
+
+def write_wait(default: float = 30.0) -> float:
+    """Seconds a catalog-changing command (ingest, overlay add/remove) waits for another writer
+    before it says "busy": ``$VLMINDEX_WRITE_WAIT``, else ``default``."""
+    value = os.environ.get(ENV_WRITE_WAIT)
+    if value is None:
+        return default
+    try:
+        return max(0.0, float(value))
+    except ValueError:
+        raise VlmindexError(f"${ENV_WRITE_WAIT}={value!r} is not a number of seconds") from None
 
 # version -> function that upgrades a catalog from that version to version + 1 (inside its
 # transaction), and the files of the workspace that the same step rewrites (after it).
@@ -351,3 +364,17 @@ def _migrate_v2(con: duckdb.DuckDBPyConnection) -> None:
 MIGRATIONS[1] = _migrate_v1
 FILE_MIGRATIONS[1] = _migrate_v1_files
 MIGRATIONS[2] = _migrate_v2
+
+
+V4_SAMPLE_COLUMNS = {
+    # analyze --sample-queries: NULL for every earlier (full) analysis
+    "summaries": ("sampled_queries BIGINT", "query_pool BIGINT", "ci JSON"),
+}
+
+
+def _migrate_v3(con: duckdb.DuckDBPyConnection) -> None:
+    """v3 → v4: the columns of :data:`V4_SAMPLE_COLUMNS`."""
+    _add_columns(con, V4_SAMPLE_COLUMNS)
+
+
+MIGRATIONS[3] = _migrate_v3

@@ -121,10 +121,14 @@ HEADLINE = ["model", "dataset", "condition", "k", "n_queries", *registry.headlin
                    "summary holds their mean and standard deviation.")
 @click.option("--allow-partial", is_flag=True,
               help="Score the images that have an embedding even when some have none (the scope says so).")
+@click.option("--sample-queries", type=click.IntRange(min=1), default=None, metavar="N",
+              help="Score N queries drawn by class (seeded by --seed) against the whole gallery, exactly; "
+                   "the scope says 'sampled N of M' and every retrieval figure gets a bootstrap 95% interval.")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the query sample and of the probe.")
 @format_option()
 @pass_ctx
 def analyze(ctx, models, dataset, condition, k, exclude_group, exclude_duplicates, duplicates_model, query_split,
-            gallery_split, modality, per_modality, no_probe, probe_seeds, allow_partial, fmt):
+            gallery_split, modality, per_modality, no_probe, probe_seeds, allow_partial, sample_queries, seed, fmt):
     """Neighbours and discriminability metrics of embedded runs.
 
     Per query: purity@k, AP over the full ranking, MAP@R, R-precision, P@1, kNN vote (rows in
@@ -137,6 +141,7 @@ def analyze(ctx, models, dataset, condition, k, exclude_group, exclude_duplicate
     Example:
       vlmindex analyze --model hog,raw-pixels --dataset demo -k 10 --exclude-group
       vlmindex analyze --model hog --dataset demo --per-modality --probe-seeds 3
+      vlmindex analyze --model hog --dataset big --sample-queries 5000 --no-probe
     """
     import warnings
 
@@ -147,7 +152,8 @@ def analyze(ctx, models, dataset, condition, k, exclude_group, exclude_duplicate
     opts = AnalyzeOptions(k=k, exclude_group=exclude_group, query_split=query_split,
                           gallery_split=gallery_split, modality=modality, probe=not no_probe,
                           allow_partial=allow_partial, exclude_duplicates=exclude_duplicates,
-                          duplicates_model=duplicates_model if exclude_duplicates else None, probe_seeds=probe_seeds)
+                          duplicates_model=duplicates_model if exclude_duplicates else None, probe_seeds=probe_seeds,
+                          sample_queries=sample_queries, seed=seed)
     # Warnings (images in no modality block, an undefined figure) as one line each, once.
     with warnings.catch_warnings(record=True) as caught:
         for category in (UserWarning, RuntimeWarning):

@@ -34,20 +34,30 @@ from vlmindex.metrics.distribution import (
     silhouette_cosine,
 )
 from vlmindex.metrics.probe import C_GRID, ProbeResult, linear_probe, linear_probe_balanced_accuracy
-from vlmindex.metrics.registry import METRICS, Metric, SummaryColumn, distribution_columns, summary_columns
+from vlmindex.metrics.registry import (
+    METRICS,
+    RETRIEVAL,
+    Metric,
+    SummaryColumn,
+    distribution_columns,
+    summary_columns,
+)
 from vlmindex.metrics.retrieval import RETRIEVAL_METRICS, RetrievalResult, retrieval_metrics
 from vlmindex.metrics.statistics import (
     PairedResult,
     bootstrap_ci,
+    bootstrap_class_mean_ci,
     bootstrap_mean_ci,
     holm,
     paired_comparison,
+    stratified_sample,
     wilcoxon_p,
 )
 
 __all__ = [
     "C_GRID",
     "METRICS",
+    "RETRIEVAL",
     "RETRIEVAL_METRICS",
     "Metric",
     "PairedResult",
@@ -55,6 +65,7 @@ __all__ = [
     "RetrievalResult",
     "SummaryColumn",
     "bootstrap_ci",
+    "bootstrap_class_mean_ci",
     "bootstrap_mean_ci",
     "calinski_harabasz",
     "davies_bouldin",
@@ -69,6 +80,7 @@ __all__ = [
     "registry",
     "retrieval_metrics",
     "silhouette_cosine",
+    "stratified_sample",
     "summary_columns",
     "wilcoxon_p",
 ]

@@ -205,3 +205,66 @@ def holm(pvalues: Sequence[float] | np.ndarray) -> np.ndarray:
     adj = np.maximum.accumulate((m - np.arange(m)) * p[order])
     out[order] = np.minimum(adj, 1.0)
     return out
+
+
+def stratified_sample(labels: np.ndarray, n: int, *, seed: int = 0) -> np.ndarray:
+    r"""Sorted indices of ``n`` of the ``M = len(labels)`` items, drawn per class, without replacement.
+
+    Class :math:`c` with :math:`M_c` items gets :math:`\lfloor n M_c / M \rfloor` draws, and the
+    :math:`n - \sum_c \lfloor n M_c / M \rfloor` left over go one each to the classes with the largest
+    remainders :math:`n M_c / M - \lfloor n M_c / M \rfloor` (ties: class name order), so every class
+    keeps its share to within one item. Within a class the items are drawn uniformly by a
+    ``numpy.random.default_rng(seed)`` generator, classes taken in name order: the same labels,
+    ``n`` and seed give the same sample. Requires ``0 < n < M``.
+    """
+    lab = np.asarray(labels).astype(str)
+    m = len(lab)
+    if not 0 < n < m:
+        raise ValueError(f"a sample of {n} from {m} items needs 0 < n < {m}")
+    classes, inverse = np.unique(lab, return_inverse=True)
+    sizes = np.bincount(inverse)
+    exact = n * sizes / m
+    take = np.floor(exact).astype(int)
+    left = n - int(take.sum())
+    if left:
+        order = sorted(range(len(classes)), key=lambda c: (-(exact[c] - take[c]), classes[c]))
+        for c in order[:left]:
+            take[c] += 1
+    rng = np.random.default_rng(seed)
+    picked = [rng.choice(np.flatnonzero(inverse == c), size=int(take[c]), replace=False)
+              for c in range(len(classes)) if take[c]]
+    return np.sort(np.concatenate(picked)) if picked else np.empty(0, np.int64)
+
+
+def bootstrap_class_mean_ci(values: np.ndarray, classes: np.ndarray, groups: Sequence[Any] | np.ndarray | None = None,
+                            *, n_boot: int = 2000, seed: int = 0, confidence: float = 0.95
+                            ) -> tuple[float, float]:
+    r"""Percentile bootstrap interval of the macro mean (the mean over classes of the class means),
+    resampling whole groups as :func:`bootstrap_mean_ci` does.
+
+    With :math:`S_{gc}` and :math:`C_{gc}` the sum and count of class :math:`c` in group :math:`g`, a
+    replicate drawing groups :math:`g_1..g_G` takes the mean over the classes present in it of
+    :math:`\sum_i S_{g_i c} / \sum_i C_{g_i c}`. ``(nan, nan)`` as for :func:`bootstrap_mean_ci`.
+    """
+    v = np.asarray(values, dtype=float)
+    if v.size == 0 or not np.isfinite(v).all() or n_boot < 1:
+        return math.nan, math.nan
+    codes = group_codes(len(v), groups)
+    cls = np.unique(np.asarray(classes).astype(str), return_inverse=True)[1].reshape(-1)
+    n_groups, n_classes = int(codes.max()) + 1, int(cls.max()) + 1
+    sums = np.zeros((n_groups, n_classes))
+    counts = np.zeros((n_groups, n_classes))
+    np.add.at(sums, (codes, cls), v)
+    np.add.at(counts, (codes, cls), 1.0)
+
+    def stat(idx: np.ndarray) -> np.ndarray:
+        s, c = sums[idx].sum(axis=1), counts[idx].sum(axis=1)
+        with np.errstate(invalid="ignore", divide="ignore"):
+            means = np.where(c > 0, s / np.where(c > 0, c, 1), np.nan)
+        present = (c > 0).sum(axis=1)
+        return np.where(present > 0, np.nansum(means, axis=1) / np.maximum(present, 1), np.nan)
+
+    lo, hi = bootstrap_ci(stat, n_groups, n_boot=n_boot, seed=seed, level=confidence)
+    if lo is None or hi is None:
+        return math.nan, math.nan
+    return lo, hi

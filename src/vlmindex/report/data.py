@@ -203,6 +203,8 @@ class StaleAnalysis:
         args += [f"--modality {o.modality}"] if o.modality else []
         args += [] if o.probe else ["--no-probe"]
         args += [f"--probe-seeds {o.probe_seeds}"] if o.probe_seeds != 1 else []
+        args += [f"--sample-queries {o.sample_queries}"] if o.sample_queries is not None else []
+        args += [f"--seed {o.seed}"] if o.seed != 0 else []
         return "vlmindex analyze " + " ".join(args)
 
 
@@ -303,13 +305,15 @@ class ReportData:
 
 def protocol(s: dict[str, Any]) -> tuple[Any, ...]:
     """What must match for two analyses' per-query AP to be comparable (k does not change AP)."""
+    sample = ((int(s["sampled_queries"]), (s.get("provenance") or {}).get("seed", 0))
+              if s.get("sampled_queries") is not None else None)  # same N and seed: the same queries
     return (bool(s.get("exclude_group")), s.get("query_split"), s.get("gallery_split"),
             (s.get("provenance") or {}).get("modality"),
-            (s.get("duplicates_model") or True) if s.get("exclude_duplicates") else False)
+            (s.get("duplicates_model") or True) if s.get("exclude_duplicates") else False, sample)
 
 
 def protocol_text(s: dict[str, Any]) -> str:
-    excl, qs, gs, mod, dups = protocol(s)
+    excl, qs, gs, mod, dups, sample = protocol(s)
     parts = ["group excluded" if excl else "group not excluded"]
     if dups:
         parts.append("duplicates excluded" + (f" (near pairs of {dups})" if isinstance(dups, str) else ""))
@@ -319,15 +323,21 @@ def protocol_text(s: dict[str, Any]) -> str:
         parts.append(f"gallery: {gs}")
     if mod:
         parts.append(f"modality: {mod}")
+    if sample:
+        parts.append(f"{sample[0]} sampled queries (seed {sample[1]})")
     return ", ".join(parts)
 
 
 def blocks(summaries: list[dict[str, Any]]) -> dict[tuple[str, str | None, str], list[dict[str, Any]]]:
     """Summary rows by (dataset, modality, condition), in the order they come; modality None is
-    the all-modality analyses."""
+    the all-modality analyses. Sampled analyses (``--sample-queries``) form blocks of their own,
+    named ``clean (sampled N of M queries)``: they are never ranked among full analyses."""
     out: dict[tuple[str, str | None, str], list[dict[str, Any]]] = {}
     for s in summaries:
-        out.setdefault((s["dataset"], s.get("modality"), s["condition"]), []).append(s)
+        cond = s["condition"]
+        if s.get("sampled_queries") is not None:
+            cond = f"{cond} (sampled {s['sampled_queries']} of {s.get('query_pool')} queries)"
+        out.setdefault((s["dataset"], s.get("modality"), cond), []).append(s)
     return out
 
 
@@ -630,7 +640,8 @@ def analysis_options(s: dict[str, Any]) -> AnalyzeOptions:
                           duplicates_model=s.get("duplicates_model") if s.get("exclude_duplicates") else None,
                           seed=seed if isinstance(seed, int) and not isinstance(seed, bool) else 0,
                           probe_seeds=probe_seeds if isinstance(probe_seeds, int) and not isinstance(probe_seeds, bool)
-                          else 1)
+                          else 1,
+                          sample_queries=int(s["sampled_queries"]) if s.get("sampled_queries") is not None else None)
 
 
 def _stale(ws: Workspace, summaries: list[dict[str, Any]]) -> tuple[list[StaleAnalysis], list[str]]:
