@@ -266,7 +266,8 @@ SELECT s.*,
                  'queries=' || s.query_split, 'gallery=' || s.gallery_split, 'modality=' || s.modality,
                  CASE WHEN s.n_missing > 0 THEN 'partial(' || s.n_missing || ' images without embedding)' END,
                  CASE WHEN s.sampled_queries IS NOT NULL
-                      THEN 'sampled ' || s.sampled_queries || ' of ' || s.query_pool || ' queries' END,
+                      THEN 'sampled ' || s.sampled_queries || ' of ' || s.query_pool || ' queries (seed '
+                           || coalesce(json_extract_string(s.provenance, '$.seed'), '0') || ')' END,
                  -- within-condition numbers of text that depends on the class (label, wrong-label):
                  -- the written word helps retrieval, so they are not comparable with clean ones
                  CASE WHEN json_extract_string(c.recipe, '$.text') IN ('label', 'wrong-label')
@@ -275,5 +276,7 @@ FROM summaries s
 LEFT JOIN conditions c ON c.dataset = s.dataset AND c.name = s.condition
 QUALIFY row_number() OVER (PARTITION BY s.model, s.dataset, s.condition, s.k, s.exclude_group,
                                         coalesce(s.exclude_duplicates, false), s.duplicates_model, s.query_split,
-                                        s.gallery_split, s.modality, s.probe_protocol IS NULL, s.sampled_queries
+                                        s.gallery_split, s.modality, s.probe_protocol IS NULL, s.sampled_queries,
+                                        CASE WHEN s.sampled_queries IS NOT NULL
+                                             THEN json_extract_string(s.provenance, '$.seed') END
                            ORDER BY s.created_at DESC) = 1;

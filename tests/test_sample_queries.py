@@ -76,7 +76,7 @@ def test_sampled_queries_are_scored_exactly_against_the_whole_gallery(sampled_ws
     with ws.read() as con:
         rows = {s["scope"]: s for s in results.latest_summaries(con, "demo") if s["model"] == "hog"}
         full = rows["k=5 group-excluded no-probe"]
-        sampled = rows["k=5 group-excluded no-probe sampled 20 of 72 queries"]
+        sampled = rows["k=5 group-excluded no-probe sampled 20 of 72 queries (seed 2)"]
         f_rows = {r["image_id"]: r for r in results.query_metric_table(con, full["analysis_id"]).to_pylist()}
         s_rows = results.query_metric_table(con, sampled["analysis_id"]).to_pylist()
         labels = {r[0]: r[1] for r in catalog_datasets.images(con, "demo", columns=("image_id", "label"))}
@@ -101,7 +101,14 @@ def test_sampled_analysis_intervals_are_the_bootstrap_of_its_stored_queries(samp
     ci = json.loads(s["ci"])
     assert {"map_micro", "map_macro", "purity_micro", "knn_acc_macro", "p_at_1_micro"} <= set(ci)
     ap = np.array([r["ap"] for r in q])
-    lo, hi = bootstrap_mean_ci(ap, [groups[r["image_id"]] for r in q], n_boot=2000, seed=2)
+    # the units are the probe's: one per group (merged_groups names them by their first row)
+    from vlmindex.analyze import load, merged_groups
+    from vlmindex.catalog import RunKey
+
+    run = load(ws, RunKey("hog", "demo", "clean"))
+    unit = dict(zip(run.ids.tolist(), merged_groups(run.groups, None), strict=True))
+    assert len({unit[r["image_id"]] for r in q}) == len({groups[r["image_id"]] for r in q})
+    lo, hi = bootstrap_mean_ci(ap, [unit[r["image_id"]] for r in q], n_boot=2000, seed=2)
     assert ci["map_micro"] == pytest.approx([lo, hi], abs=1e-12)
     assert ci["map_micro"][0] <= s["map_micro"] <= ci["map_micro"][1] and ci["map_micro"][0] < ci["map_micro"][1]
     assert s["query_pool"] == 72
@@ -113,7 +120,7 @@ def test_leaderboard_ranks_sampled_analyses_apart(sampled_ws, vlm):
     sampled = [i for i, sc in enumerate(scopes) if "sampled" in sc]
     assert sampled and min(sampled) > max(i for i, sc in enumerate(scopes) if "sampled" not in sc)
     row = out[sampled[0]]
-    assert row["map_ci"] is not None and "sampled 20 of 72 queries" in row["scope"]
+    assert row["map_ci"] is not None and "sampled 20 of 72 queries (seed 2)" in row["scope"]
 
 
 def test_too_many_sampled_queries_is_a_one_line_error(served_ws, tmp_path, vlm):
@@ -143,10 +150,44 @@ def test_the_report_puts_sampled_analyses_in_a_block_of_their_own(sampled_ws):
     from vlmindex.report import ReportOptions, build_report
 
     html, _ = build_report(Workspace(sampled_ws), ReportOptions(max_points=0, n_boot=50))
-    assert "demo / clean (sampled 20 of 72 queries)" in html
+    assert "demo / clean (sampled 20 of 72 queries, seed 2)" in html
     from vlmindex.report.data import blocks
 
     with Workspace(sampled_ws).read() as con:
         rows = results.latest_summaries(con, "demo")
     for (_, _, cond), block in blocks(rows).items():
         assert len({s.get("sampled_queries") for s in block}) == 1, cond
+
+
+def test_another_seed_is_another_sample_and_another_analysis(sampled_ws, vlm):
+    vlm(sampled_ws, "analyze", "-m", "hog", "-d", "demo", "-k", "5", "--exclude-group", "--no-probe",
+        "--sample-queries", "20", "--seed", "3")
+    ws = Workspace(sampled_ws)
+    with ws.read() as con:
+        rows = [s for s in results.latest_summaries(con, "demo") if s["sampled_queries"] == 20]
+        samples = {s["provenance"]["seed"]: {r["image_id"] for r in
+                                             results.query_metric_table(con, s["analysis_id"]).to_pylist()}
+                   for s in rows}
+    assert len({s["analysis_id"] for s in rows}) == 2 and set(samples) == {2, 3}
+    assert samples[2] != samples[3]
+    from vlmindex.report.data import blocks
+
+    assert len([k for k in blocks(rows)]) == 2  # two samples are two rankings, not one
+
+
+def test_explore_takes_the_full_analysis_over_a_newer_sampled_one(sampled_ws):
+    from vlmindex.catalog import RunKey
+    from vlmindex.explore import build_table
+
+    table = build_table(Workspace(sampled_ws), RunKey("hog", "demo", "clean"))
+    assert table.scope == "k=5 group-excluded no-probe" and table.rows == 72
+
+
+def test_per_modality_sampling_refuses_before_storing_anything(served_ws, tmp_path, vlm):
+    root = tmp_path / "ws"
+    shutil.copytree(served_ws, root, ignore=shutil.ignore_patterns(".lock", "explore"))
+    res = vlm(root, "analyze", "-m", "hog", "-d", "demo", "--per-modality", "--no-probe", "--sample-queries", "20",
+              expect=1)
+    assert "is per modality" in res.err and "xray (18)" in res.err
+    with Workspace(root).read() as con:
+        assert not [s for s in results.latest_summaries(con, "demo") if s["sampled_queries"]]

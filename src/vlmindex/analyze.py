@@ -288,6 +288,14 @@ def analyze_per_modality(ws: Workspace, key: RunKey, options: AnalyzeOptions | N
                             "column) or analyze without --per-modality")
     if unassigned:
         warnings.warn(without_modality_warning(key.dataset, unassigned), UserWarning, stacklevel=2)
+    if opts.sample_queries is not None:  # N is per modality: refuse before any block is stored
+        with ws.read(views=False) as con:
+            sizes = catalog_datasets.query_counts(con, key.dataset, split=opts.query_split)
+        small = {m: sizes.get(m, 0) for m in names if sizes.get(m, 0) <= opts.sample_queries}
+        if small:
+            raise VlmindexError(f"--sample-queries {opts.sample_queries} is per modality, and these have no more "
+                                f"queries than that: {', '.join(f'{m} ({n})' for m, n in small.items())}; "
+                                "choose a smaller N or analyze them without it")
     return [analyze_run(ws, key, o) for o in plan]
 
 
@@ -345,7 +353,7 @@ def sample_intervals(res: Any, groups: np.ndarray, *, seed: int, n_boot: int = 2
         for c in m.columns:
             lo, hi = (metrics.bootstrap_mean_ci(v, qgroups, n_boot=n_boot, seed=seed) if c.aggregate == "micro"
                       else metrics.bootstrap_class_mean_ci(v, labels, qgroups, n_boot=n_boot, seed=seed))
-            out[c.name] = [lo, hi]
+            out[c.name] = [None if not np.isfinite(x) else float(x) for x in (lo, hi)]  # JSON has no NaN
     return out
 
 
@@ -393,7 +401,9 @@ def compute(run: RunData, key: RunKey, opts: AnalyzeOptions, *, duplicate_keys: 
         **metrics.summary_columns(summary), **metrics.distribution_columns(dist),
         "probe_protocol": probe.protocol if probe is not None else None,
         "sampled_queries": opts.sample_queries, "query_pool": pool,
-        "ci": json.dumps(sample_intervals(res, run.groups, seed=opts.seed)) if pool is not None else None,
+        # units as the probe's: groups, images without one on their own, duplicate clusters merged
+        "ci": json.dumps(sample_intervals(res, merged_groups(run.groups, duplicate_keys if opts.exclude_duplicates
+                                                            else None), seed=opts.seed)) if pool is not None else None,
         # merged into the stored provenance by analyze_run
         "provenance": {"linear_probe": probe.provenance()} if probe is not None else {},
     }

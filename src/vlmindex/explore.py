@@ -69,8 +69,9 @@ def _choose_analysis(con: Any, ws: Workspace, key: RunKey, analysis_id: str | No
             known = ", ".join(s["analysis_id"] for s in rows) or "none"
             raise VlmindexError(f"no current analysis {analysis_id!r} of {key}; its analyses: {known}")
     else:
+        # a full analysis before a sampled one (whose rows cover only its sample), then the newest
         chosen = sorted((s for s in rows if s["modality"] is None and s["analysis_id"] not in stale),
-                        key=lambda s: s["created_at"], reverse=True)
+                        key=lambda s: (s.get("sampled_queries") is None, s["created_at"]), reverse=True)
         if not chosen:
             raise VlmindexError(f"{key} has no current analysis over all modalities; run `{analyse}` first")
     s = chosen[0]

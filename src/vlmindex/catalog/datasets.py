@@ -189,6 +189,15 @@ def modalities(con: duckdb.DuckDBPyConnection, dataset: str) -> tuple[list[str],
     return [m for m, _ in rows if m is not None], int(sum(n for m, n in rows if m is None))
 
 
+def query_counts(con: duckdb.DuckDBPyConnection, dataset: str, *, split: str | None = None) -> dict[str, int]:
+    """``modality -> labelled images`` of a dataset (of one split when given)."""
+    sql, args = "SELECT modality, count(*) FROM images WHERE dataset = ? AND label IS NOT NULL", [dataset]
+    if split is not None:
+        sql += " AND split = ?"
+        args.append(split)
+    return {r[0]: int(r[1]) for r in con.execute(sql + " GROUP BY modality", args).fetchall() if r[0] is not None}
+
+
 def label_counts(con: duckdb.DuckDBPyConnection, dataset: str) -> tuple[int, int]:
     """(images without a label, distinct labels) of a dataset."""
     row = con.execute("SELECT count(*) FILTER (WHERE label IS NULL), count(DISTINCT label) FROM images "

@@ -82,8 +82,8 @@ def latest_summaries(con: duckdb.DuckDBPyConnection, dataset: str | None = None,
         where.append("analysis_id IN (SELECT unnest(?))")
         args.append(list(analysis_ids))
     sql = ("SELECT * FROM latest_summaries" + (" WHERE " + " AND ".join(where) if where else "")
-           + " ORDER BY dataset, modality NULLS FIRST, condition <> 'clean', condition, map_micro DESC NULLS LAST,"
-           " model")
+           + " ORDER BY dataset, modality NULLS FIRST, condition <> 'clean', condition, sampled_queries NULLS FIRST,"
+           " map_micro DESC NULLS LAST, model")
     rows = _dicts(con.execute(sql, args))
     for r in rows:
         try:

@@ -124,7 +124,8 @@ HEADLINE = ["model", "dataset", "condition", "k", "n_queries", *registry.headlin
 @click.option("--sample-queries", type=click.IntRange(min=1), default=None, metavar="N",
               help="Score N queries drawn by class (seeded by --seed) against the whole gallery, exactly; "
                    "the scope says 'sampled N of M' and every retrieval figure gets a bootstrap 95% interval.")
-@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the query sample and of the probe.")
+@click.option("--seed", type=int, default=0, show_default=True,
+              help="Seed of the query sample, of the intervals and of the probe (its splits and solver).")
 @format_option()
 @pass_ctx
 def analyze(ctx, models, dataset, condition, k, exclude_group, exclude_duplicates, duplicates_model, query_split,
@@ -166,7 +167,14 @@ def analyze(ctx, models, dataset, condition, k, exclude_group, exclude_duplicate
     for message in dict.fromkeys(str(w.message) for w in caught):
         click.echo(f"Warning: {message}", err=True)
     if fmt == "table":
-        echo_rows(rows, fmt, HEADLINE if not per_modality else [*HEADLINE[:3], "modality", *HEADLINE[3:]])
+        columns = HEADLINE if not per_modality else [*HEADLINE[:3], "modality", *HEADLINE[3:]]
+        if sample_queries is not None:  # what the numbers are over, and the interval of the ranking figure
+            for r in rows:
+                r["sampled"] = f"{r['sampled_queries']} of {r['query_pool']}"
+                lo, hi = json.loads(r["ci"])["map_micro"]
+                r["map_ci"] = "" if lo is None else f"[{lo:.4f}, {hi:.4f}]"
+            columns = [*columns, "sampled", "map_ci"]
+        echo_rows(rows, fmt, columns)
     else:
         echo_rows([{c: v for c, v in r.items() if c != "provenance"} |
                    {"provenance": json.loads(r["provenance"])} for r in rows], fmt)

@@ -258,7 +258,11 @@ def bootstrap_class_mean_ci(values: np.ndarray, classes: np.ndarray, groups: Seq
     np.add.at(counts, (codes, cls), 1.0)
 
     def stat(idx: np.ndarray) -> np.ndarray:
-        s, c = sums[idx].sum(axis=1), counts[idx].sum(axis=1)
+        # how often each group was drawn, then one product: memory b x G, never b x G x C
+        draws = np.zeros((len(idx), n_groups))
+        for r in range(len(idx)):
+            draws[r] = np.bincount(idx[r], minlength=n_groups)
+        s, c = draws @ sums, draws @ counts
         with np.errstate(invalid="ignore", divide="ignore"):
             means = np.where(c > 0, s / np.where(c > 0, c, 1), np.nan)
         present = (c > 0).sum(axis=1)

@@ -336,7 +336,8 @@ def blocks(summaries: list[dict[str, Any]]) -> dict[tuple[str, str | None, str],
     for s in summaries:
         cond = s["condition"]
         if s.get("sampled_queries") is not None:
-            cond = f"{cond} (sampled {s['sampled_queries']} of {s.get('query_pool')} queries)"
+            seed = (s.get("provenance") or {}).get("seed", 0)
+            cond = f"{cond} (sampled {s['sampled_queries']} of {s.get('query_pool')} queries, seed {seed})"
         out.setdefault((s["dataset"], s.get("modality"), cond), []).append(s)
     return out
 

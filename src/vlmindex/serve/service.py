@@ -52,7 +52,7 @@ BUSY = "the workspace is busy (another vlmindex process is writing to it); try a
 IMAGE_FIELDS = ("image_id", "dataset", "path", "sha256", "pixel_sha256", "label", "split", "group_id", "modality")
 LEADERBOARD_FIELDS = ("analysis_id", "model", "condition", "modality", "scope", "k", "n_queries", "map_micro",
                       "map_macro", "purity_micro", "knn_acc_macro", "p_at_1_micro", "silhouette",
-                      "probe_balanced_accuracy", "created_at")
+                      "probe_balanced_accuracy", "sampled_queries", "query_pool", "ci", "created_at")
 
 
 class ServiceError(Exception):
