@@ -338,13 +338,13 @@ def sample_query_mask(run: RunData, query_mask: np.ndarray | None, opts: Analyze
     return mask, int(len(pool))
 
 
-def sample_intervals(res: Any, groups: np.ndarray, *, seed: int, n_boot: int = 2000) -> dict[str, list[float]]:
+def sample_intervals(res: Any, groups: np.ndarray, *, seed: int, n_boot: int = 2000) -> dict[str, list[float | None]]:
     """Bootstrap 95% intervals of the retrieval figures of a sampled analysis, over its scored
     queries resampled by group (``{summaries column: [low, high]}``)."""
     scored = ~res.skipped
     qgroups = groups[res.query_index][scored]
     labels = np.asarray(res.classes)[res.query_label_code[scored]]
-    out: dict[str, list[float]] = {}
+    out: dict[str, list[float | None]] = {}
     for m in metrics.RETRIEVAL:
         values = res.metric(m.result_key)
         if values is None:
