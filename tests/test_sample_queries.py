@@ -43,6 +43,15 @@ def test_stratified_sample_keeps_each_class_share_and_is_seeded(n):
         stratified_sample(np.array(labels), 100, seed=0)
 
 
+def test_a_class_sample_does_not_move_when_another_class_changes():
+    # "a" (drawn first, in name order) gains images; "b" keeps its allocation and must keep its draw
+    labels = np.array(["b"] * 40 + ["a"] * 40)
+    grown = np.array(["b"] * 40 + ["a"] * 45)
+    b_before = [i for i in stratified_sample(labels, 20, seed=1) if labels[i] == "b"]
+    b_after = [i for i in stratified_sample(grown, 21, seed=1) if grown[i] == "b"]
+    assert len(b_before) == len(b_after) == 10 and b_before == b_after
+
+
 def test_class_mean_interval_matches_a_plain_loop_over_the_same_draws():
     rng = np.random.default_rng(0)
     values = rng.random(60)

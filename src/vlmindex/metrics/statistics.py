@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import math
 import warnings
+import zlib
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -213,9 +214,10 @@ def stratified_sample(labels: np.ndarray, n: int, *, seed: int = 0) -> np.ndarra
     Class :math:`c` with :math:`M_c` items gets :math:`\lfloor n M_c / M \rfloor` draws, and the
     :math:`n - \sum_c \lfloor n M_c / M \rfloor` left over go one each to the classes with the largest
     remainders :math:`n M_c / M - \lfloor n M_c / M \rfloor` (ties: class name order), so every class
-    keeps its share to within one item. Within a class the items are drawn uniformly by a
-    ``numpy.random.default_rng(seed)`` generator, classes taken in name order: the same labels,
-    ``n`` and seed give the same sample. Requires ``0 < n < M``.
+    keeps its share to within one item. Within a class the items are drawn uniformly by a generator
+    of its own, ``numpy.random.default_rng([seed, crc32(class name)])``: the same labels, ``n`` and
+    seed give the same sample, and a class's draw does not move when another class gains or loses
+    an item (unless that changes its allocation). Requires ``0 < n < M``.
     """
     lab = np.asarray(labels).astype(str)
     m = len(lab)
@@ -230,8 +232,8 @@ def stratified_sample(labels: np.ndarray, n: int, *, seed: int = 0) -> np.ndarra
         order = sorted(range(len(classes)), key=lambda c: (-(exact[c] - take[c]), classes[c]))
         for c in order[:left]:
             take[c] += 1
-    rng = np.random.default_rng(seed)
-    picked = [rng.choice(np.flatnonzero(inverse == c), size=int(take[c]), replace=False)
+    picked = [np.random.default_rng([seed, zlib.crc32(str(classes[c]).encode())]).choice(
+                  np.flatnonzero(inverse == c), size=int(take[c]), replace=False)
               for c in range(len(classes)) if take[c]]
     return np.sort(np.concatenate(picked)) if picked else np.empty(0, np.int64)
 
