@@ -32,7 +32,10 @@ def _run(ctx, study, report: Path | None, fmt: str) -> None:
             scope = "" if len(blocks) == 1 else f" {dataset}, " + (f"modality {modality}" if modality is not None
                                                                    else "all modalities")
             click.echo(f"\n{title}):{scope}")
-            echo_rows(block, fmt, [c for c in cols if c != "modality"])
+            # the intervals of sampled analyses are columns a study without them leaves empty
+            shown = [c for c in cols if c != "modality"
+                     and not (c in ("map_ci", "ci") and all(r.get(c) is None for r in block))]
+            echo_rows(block, fmt, shown)
     if study.conditions and study.overlay_effects and fmt == "table":
         attack_cols, attack_rows = attack_summary(ctx.workspace, study)
         click.echo("\nTypographic attack (overlaid queries against the clean gallery; docs/overlays.md):")
