@@ -45,6 +45,16 @@ def vlm(capsys):
 
 
 @pytest.fixture(scope="session")
+def chromium() -> str:
+    """Debian's chromium, which the browser tests drive; a missing one fails them (never skips)."""
+    exe = shutil.which("chromium") or shutil.which("chromium-browser")
+    if exe is None:
+        pytest.fail("chromium is not installed; the pages must be checked in a real browser: install Debian's "
+                    "package (`apt-get install chromium`, as `make test` does) and rerun")
+    return exe
+
+
+@pytest.fixture(scope="session")
 def synth_template(tmp_path_factory) -> Path:
     """A workspace holding the small synthetic set 'demo' (8 classes x 3 lesions x 3 views = 72 images)."""
     from vlmindex.catalog.workspace import Workspace

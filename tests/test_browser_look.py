@@ -25,21 +25,13 @@ from vlmindex.catalog import datasets as catalog_datasets
 K = 6
 
 
-def _chromium() -> str:
-    exe = shutil.which("chromium") or shutil.which("chromium-browser")
-    if exe is None:
-        pytest.fail("chromium is not installed; the pages must be checked in a real browser: install Debian's "
-                    "package (`apt-get install chromium`, as `make test` does) and rerun")
-    return exe
-
-
 @pytest.fixture
-def browser(tmp_path):
+def browser(tmp_path, chromium):
     from playwright.sync_api import sync_playwright
 
     with sync_playwright() as p:
         context = p.chromium.launch_persistent_context(
-            str(tmp_path / "profile"), executable_path=_chromium(), headless=True,
+            str(tmp_path / "profile"), executable_path=chromium, headless=True,
             viewport={"width": 1400, "height": 1000},
             args=["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
                   "--disable-sync", "--no-first-run"])

@@ -45,17 +45,23 @@ def _inner_k(y, g, cv=5):
     return max(2, min(cv, min(len(set(g[y == c])) for c in np.unique(y))))
 
 
-def _independent_group_cv(x, y, g, train, test, seed):
-    """GridSearchCV over the grid with StratifiedGroupKFold inside train, refit on train, score test."""
-    k = _inner_k(y[train], g[train])
+def _grid_search(x, y, g, rows, seed):
+    """GridSearchCV over the grid with StratifiedGroupKFold inside ``rows``, refit on them."""
+    k = _inner_k(y[rows], g[rows])
     search = GridSearchCV(_pipeline(seed), GRID, scoring="balanced_accuracy",
                           cv=StratifiedGroupKFold(k, shuffle=True, random_state=seed))
     ctx = _quiet()
     try:
-        search.fit(x[train], y[train], groups=g[train])
-        score = balanced_accuracy_score(y[test], search.predict(x[test]))
+        search.fit(x[rows], y[rows], groups=g[rows])
     finally:
         ctx.__exit__(None, None, None)
+    return search
+
+
+def _independent_group_cv(x, y, g, train, test, seed):
+    """Group CV within train, refit on train, score test."""
+    search = _grid_search(x, y, g, train, seed)
+    score = balanced_accuracy_score(y[test], search.predict(x[test]))
     return search.best_params_["logisticregression__C"], search.cv_results_["mean_test_score"], score
 
 
@@ -104,14 +110,7 @@ def test_nested_group_cv_equals_an_independent_nested_loop():
     pred = np.empty_like(y)
     chosen = []
     for tr, te in StratifiedGroupKFold(5, shuffle=True, random_state=seed).split(x, y, g):
-        k = _inner_k(y[tr], g[tr])
-        search = GridSearchCV(_pipeline(seed), GRID, scoring="balanced_accuracy",
-                              cv=StratifiedGroupKFold(k, shuffle=True, random_state=seed))
-        ctx = _quiet()
-        try:
-            search.fit(x[tr], y[tr], groups=g[tr])
-        finally:
-            ctx.__exit__(None, None, None)
+        search = _grid_search(x, y, g, tr, seed)
         chosen.append(search.best_params_["logisticregression__C"])
         pred[te] = search.predict(x[te])
     assert res.runs[0].chosen_c == tuple(chosen)

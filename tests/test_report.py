@@ -209,14 +209,6 @@ def test_report_is_self_contained(report_ws):
     assert "Content-Security-Policy" in html and "default-src 'none'" in html
 
 
-def _chromium() -> str:
-    exe = shutil.which("chromium") or shutil.which("chromium-browser")
-    if exe is None:
-        pytest.fail("chromium is not installed; the report must be checked in a real browser: install "
-                    "Debian's package (`apt-get install chromium`, as .ci/run does) and rerun")
-    return exe
-
-
 def _browser(exe: str, profile: Path, *args: str) -> subprocess.CompletedProcess[str]:
     cmd = [exe, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
            "--disable-background-networking", "--disable-component-update", "--disable-sync",
@@ -224,11 +216,11 @@ def _browser(exe: str, profile: Path, *args: str) -> subprocess.CompletedProcess
     return subprocess.run(cmd, capture_output=True, text=True, timeout=90, check=False)
 
 
-def test_report_renders_in_headless_chromium(report_ws, tmp_path):
+def test_report_renders_in_headless_chromium(report_ws, tmp_path, chromium):
     from PIL import Image
 
     _, out = report_ws
-    exe = _chromium()
+    exe = chromium
     url = out.resolve().as_uri()
     res = _browser(exe, tmp_path / "profile", "--dump-dom", url)
     assert res.returncode == 0, res.stderr[-2000:]

@@ -18,7 +18,6 @@ import json
 import shutil
 import subprocess
 import sys
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -122,18 +121,25 @@ def _runs(sorted_keys: np.ndarray):
         yield sorted_keys[a], a, b
 
 
+def _run_dir(ws: Workspace, key: RunKey) -> Path:
+    return ws.root / "explore" / slug(key.model) / slug(key.dataset) / slug(key.condition)
+
+
 def table_path(ws: Workspace, key: RunKey, analysis_id: str) -> Path:
-    return ws.root / "explore" / slug(key.model) / slug(key.dataset) / slug(key.condition) / f"{analysis_id}.parquet"
+    return _run_dir(ws, key) / f"{analysis_id}.parquet"
 
 
 def app_dir(ws: Workspace, key: RunKey) -> Path:
     """Where ``explore --publish`` writes the static application, and where ``serve`` finds it."""
-    return ws.root / "explore" / slug(key.model) / slug(key.dataset) / slug(key.condition) / "app"
+    return _run_dir(ws, key) / "app"
 
 
 def build_table(ws: Workspace, key: RunKey, options: ExploreOptions | None = None, *,
-                progress: Callable[[int, int], None] | None = None) -> ExploreTable:
-    """Write the explorer table of ``key``'s analysis and return where it is."""
+                progress: bool = False) -> ExploreTable:
+    """Write the explorer table of ``key``'s analysis and return where it is (a progress bar over
+    the thumbnails with ``progress``)."""
+    from tqdm import tqdm
+
     from vlmindex.overlay import get_condition
 
     options = options or ExploreOptions()
@@ -159,7 +165,7 @@ def build_table(ws: Workspace, key: RunKey, options: ExploreOptions | None = Non
     xy = _umap(vectors, options)
 
     pngs: list[dict[str, bytes] | None] = []
-    for n, i in enumerate(ids.tolist(), start=1):
+    for i in tqdm(ids.tolist(), desc=f"thumbnails {key}", unit="img", disable=not progress, leave=False):
         _, path, sha, label, modality, _, _ = meta[i]
         try:
             pngs.append({"bytes": thumbnails.render(thumbnails.ImageRef(i, path, sha, label, modality),
@@ -167,8 +173,6 @@ def build_table(ws: Workspace, key: RunKey, options: ExploreOptions | None = Non
                                                     class_names=pools.get(modality, []))})
         except Exception:  # noqa: BLE001 - an unreadable file shows without a picture, the row stays
             pngs.append(None)
-        if progress:
-            progress(n, len(ids))
 
     by_query = {int(r["image_id"]): r for r in metrics.to_pylist()}
     clusters = duplicates.cluster_keys(ids, a, b)

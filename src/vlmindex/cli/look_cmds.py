@@ -54,10 +54,8 @@ def explore(ctx, model, dataset, condition, analysis_id, port, host, export, pub
     ctx.workspace.require()
     key = RunKey(model, dataset, condition)
     explorer.require_atlas()
-    bar = _progress("thumbnails")
     table = explorer.build_table(ctx.workspace, key, explorer.ExploreOptions(
-        analysis_id=analysis_id, seed=seed, thumbnail_px=thumbnail_size), progress=bar)
-    bar(None, None)
+        analysis_id=analysis_id, seed=seed, thumbnail_px=thumbnail_size), progress=sys.stderr.isatty())
     click.echo(f"explorer table: {table.path} ({table.rows} images; analysis {table.analysis_id}, {table.scope})",
                err=True)
     if export or publish:
@@ -123,22 +121,3 @@ def _warn_host(host: str) -> None:
         click.echo(f"warning: listening on {host}, not loopback: anyone who can reach this machine can see the "
                    "workspace's images", err=True)
 
-
-def _progress(what: str):
-    """A tqdm bar on a terminal, nothing otherwise; call with (None, None) to close it."""
-    state: dict = {}
-
-    def update(done, total):
-        if not sys.stderr.isatty():
-            return
-        from tqdm import tqdm
-
-        if done is None:
-            if "bar" in state:
-                state["bar"].close()
-            return
-        bar = state.setdefault("bar", tqdm(total=total, desc=what, unit="img", leave=False))
-        bar.n = done
-        bar.refresh()
-
-    return update

@@ -499,13 +499,15 @@ class NeighbourService:
 
     # -- requests ---------------------------------------------------------------------------------------
     def _resolve(self, dataset: str, models: list[str] | None, condition: str, k: int) -> list[RunKey]:
-        self.require_dataset(dataset)
+        state = self._state()  # once per request: it stats the catalog and every index sidecar
+        if dataset not in state.datasets:
+            raise NotFound(f"unknown dataset {dataset!r}", list(state.datasets))
         if not 1 <= k <= self.limits.max_k:
             raise BadRequest(f"k={k}: choose 1..{self.limits.max_k}")
-        conditions = self.condition_names(dataset)
+        conditions = state.conditions.get(dataset, [CLEAN])
         if condition not in conditions:
-            raise NotFound(f"unknown condition {condition!r} for dataset {dataset!r}", conditions)
-        indexed = sorted({i.model for i in self.indexes(dataset) if i.condition == condition})
+            raise NotFound(f"unknown condition {condition!r} for dataset {dataset!r}", list(conditions))
+        indexed = sorted({i.model for i in state.indexes if i.dataset == dataset and i.condition == condition})
         if not indexed:
             raise NotFound(f"no model has an index on {dataset}/{condition}; build one with `vlmindex index build "
                            f"-m MODEL -d {dataset} -c {condition}`", [])
