@@ -4,14 +4,16 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 # The CPU/CUDA wheels pip finds for these pins; keep torch within the range pyproject allows.
 TORCH  ?= torch==2.14.1 torchvision==0.29.1
+# No wheel cache: torch's CUDA wheels are several GB, and a second copy in ~/.cache/pip has filled a CI disk.
+PIP_FLAGS ?= --no-cache-dir
 
 .PHONY: demo test browser install lint bench clean
 
 $(BIN)/vlmindex: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install --quiet --upgrade pip
-	$(BIN)/pip install --quiet $(TORCH)
-	$(BIN)/pip install --quiet '.[test,ocr,serve,explore]'
+	$(BIN)/pip install --quiet $(PIP_FLAGS) --upgrade pip
+	$(BIN)/pip install --quiet $(PIP_FLAGS) $(TORCH)
+	$(BIN)/pip install --quiet $(PIP_FLAGS) '.[test,ocr,serve,explore]'
 	@touch $@
 
 install: $(BIN)/vlmindex
@@ -24,7 +26,7 @@ browser:
 	@./scripts/ensure-chromium
 
 test: browser install
-	$(BIN)/pip install --quiet --no-deps --force-reinstall .
+	$(BIN)/pip install --quiet $(PIP_FLAGS) --no-deps --force-reinstall .
 	$(BIN)/python -m pytest -q
 
 lint: install

@@ -158,3 +158,29 @@ def test_unscored_queries_have_no_knn_verdict(vlm, analysed):
                           "scored FROM query_metrics q JOIN summaries s USING (analysis_id) "
                           "WHERE s.query_split = 'test'", "--format", "json").out)
     assert rows[0]["n"] > 0 and rows[0]["judged"] == rows[0]["scored"] == 0
+
+
+def test_device_option_same_analysis_on_every_path(vlm, analysed, monkeypatch):
+    """--device picks where the ranking runs, never what it computes: same analysis id and numbers."""
+    ws = Workspace(analysed)
+    with ws.read() as con:
+        before = con.execute("SELECT analysis_id, map_micro, knn_acc_macro FROM summaries "
+                             "WHERE model = 'raw-pixels'").fetchall()
+    vlm(analysed, "analyze", "-m", "raw-pixels", "-d", "demo", "-k", "5", "--exclude-group", "--device", "cpu")
+    # the torch path (what --device cuda runs), here on the CPU
+    monkeypatch.setattr("vlmindex.analyze.ranking_device", lambda device: "cpu")
+    vlm(analysed, "analyze", "-m", "raw-pixels", "-d", "demo", "-k", "5", "--exclude-group")
+    with ws.read() as con:
+        after = con.execute("SELECT analysis_id, map_micro, knn_acc_macro, provenance FROM summaries "
+                            "WHERE model = 'raw-pixels'").fetchall()
+    assert len(after) == 1 and after[0][0] == before[0][0]
+    np.testing.assert_allclose(after[0][1:3], before[0][1:], atol=1e-6)
+    assert json.loads(after[0][3])["ranking_device"] == "cpu"
+    monkeypatch.undo()
+    import torch
+
+    if not torch.cuda.is_available():
+        res = vlm(analysed, "analyze", "-m", "raw-pixels", "-d", "demo", "--device", "cuda", expect=1)
+        assert "sees no CUDA device" in res.err and "Traceback" not in res.err
+    res = vlm(analysed, "analyze", "-m", "raw-pixels", "-d", "demo", "--device", "tpu", expect=1)
+    assert "--device 'tpu'" in res.err

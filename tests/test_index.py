@@ -84,3 +84,31 @@ def test_index_build_sidecar_staleness_and_rebuild(vlm, synth_ws):
 def test_index_build_without_embeddings_says_which_command(vlm, synth_ws):
     bad = vlm(synth_ws, "index", "build", "-m", "hog", "-d", "demo", expect=1)
     assert "vlmindex embed --model hog --dataset demo" in bad.err
+
+
+def test_search_uses_a_gpu_copy_only_when_faiss_sees_a_gpu(monkeypatch):
+    """GPU FAISS (the `gpu` extra) is used for flat/IVF search when a GPU is there; with none, or
+    for a kind without a GPU version, the CPU index answers. The GPU itself is faked here."""
+    x = np.random.default_rng(3).standard_normal((50, 8)).astype(np.float32)
+    ids = np.arange(50, dtype=np.int64)
+    flat, _ = vindex.build(ids, x, "flat")
+    cpu = vindex.search(flat, x[:3], 2, gpu=True)  # faiss-cpu: no GPU, the index itself
+    assert vindex._gpu_count() == 0 and vindex.on_gpu(flat) is flat
+    copied = []
+
+    def to_gpus(index):
+        inner = vindex.faiss.downcast_index(index.index) if hasattr(index, "index") else index
+        if "HNSW" in type(inner).__name__:
+            raise RuntimeError("no GPU version of this index")
+        copied.append(index)
+        return index  # stands in for the GPU copy: it searches the same way
+
+    monkeypatch.setattr(vindex, "_gpu_count", lambda: 1)
+    monkeypatch.setattr(vindex.faiss, "index_cpu_to_all_gpus", to_gpus)
+    on_gpu = vindex.search(flat, x[:3], 2, gpu=True)
+    assert copied == [flat]
+    np.testing.assert_array_equal(on_gpu[1], cpu[1])
+    hnsw, _ = vindex.build(ids, x, "hnsw")
+    assert vindex.on_gpu(hnsw) is hnsw and copied == [flat]
+    vindex.search(flat, x[:3], 2)  # gpu=False (the service's resident indexes): never copied
+    assert copied == [flat]

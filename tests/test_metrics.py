@@ -194,6 +194,54 @@ def test_full_reference_with_groups_split_and_shuffled_ids():
             assert_matches_reference(res, ref)
 
 
+def tie_heavy_data(n: int = 240, seed: int = 13) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Unit vectors of 16 entries of +-0.25: every similarity is an exact multiple of 1/16, so
+    nearly every relevant item ties with irrelevant ones and only the id rule orders them."""
+    rng = np.random.default_rng(seed)
+    x = (rng.integers(0, 2, size=(n, 16)) * 0.5 - 0.25).astype(np.float32)
+    y = rng.integers(0, 4, size=n)
+    ids = rng.permutation(100_000)[:n]
+    groups = rng.integers(0, n // 3, size=n)
+    return x, y, ids, groups
+
+
+def test_cross_class_ties_follow_the_id_rule_against_the_loop():
+    x, y, ids, groups = tie_heavy_data()
+    qmask = np.arange(len(y)) % 3 != 0
+    for exclude in (False, True):
+        for full in (True, False):
+            res = retrieval_metrics(x, y, ids=ids, groups=groups, k=7, exclude_group=exclude, query_mask=qmask,
+                                    full_ap=full)
+            ref = reference(x, y, ids=ids, groups=groups, k=7, exclude_group=exclude, query_mask=qmask)
+            assert_matches_reference(res, ref)
+
+
+@pytest.mark.parametrize("data", ["random", "ties"])
+def test_torch_path_on_the_cpu_equals_the_numpy_path(data):
+    # The GPU path (device="cuda") is the same torch code; here it runs on the CPU.
+    if data == "ties":
+        x, y, ids, groups = tie_heavy_data(seed=21)
+    else:
+        x, y = make_data(n=260, d=12, seed=22)
+        rng = np.random.default_rng(23)
+        ids, groups = rng.permutation(50_000)[: len(y)], rng.integers(0, 80, len(y))
+        x[30] = x[31]  # a bit-identical pair: an exact tie on both paths
+    clusters = np.where(np.arange(len(y)) % 11 == 0, np.arange(len(y)) % 4, None).astype(object)
+    qmask = np.arange(len(y)) % 4 != 1
+    for kwargs in (dict(), dict(exclude_group=True), dict(exclude_group=True, clusters=clusters)):
+        numpy_path = retrieval_metrics(x, y, ids=ids, groups=groups, k=9, query_mask=qmask, **kwargs)
+        torch_path = retrieval_metrics(x, y, ids=ids, groups=groups, k=9, query_mask=qmask, device="cpu", **kwargs)
+        for name in PER_QUERY:
+            np.testing.assert_allclose(getattr(torch_path, name), getattr(numpy_path, name), atol=1e-6, rtol=0,
+                                       err_msg=name)
+        for name in ("neighbor_id", "knn_pred_code", "n_relevant", "n_candidates"):
+            np.testing.assert_array_equal(getattr(torch_path, name), getattr(numpy_path, name), err_msg=name)
+        np.testing.assert_allclose(torch_path.neighbor_score, numpy_path.neighbor_score, atol=1e-6)
+        if data == "ties" and "clusters" not in kwargs:
+            ref = reference(x, y, ids=ids, groups=groups, k=9, query_mask=qmask, **kwargs)
+            assert_matches_reference(torch_path, ref)
+
+
 # ------------------------------------------------------------------------------------------------
 # Hand-made cases: ties, groups, kNN votes, skipped queries, macro vs micro
 

@@ -46,6 +46,7 @@ class AnalyzeOptions:
     duplicates_model: str | None = None  # with exclude_duplicates: also the near pairs of this model's search
     probe_seeds: int = 1         # the probe repeated over seeds seed .. seed + probe_seeds - 1 (mean and sd)
     sample_queries: int | None = None  # score this many queries, drawn by class with ``seed``, against the gallery
+    device: str | None = None    # where the ranking runs (ranking_device); the numbers do not depend on it
 
     def numbers(self) -> dict[str, Any]:
         """The options that change the numbers: they name the analysis and enter its fingerprint.
@@ -55,6 +56,7 @@ class AnalyzeOptions:
         """
         out = asdict(self)
         out.pop("allow_partial")
+        out.pop("device")
         if not out["exclude_duplicates"]:
             out.pop("exclude_duplicates")
             out.pop("duplicates_model")
@@ -127,6 +129,38 @@ def load(ws: Workspace, key: RunKey, modality: str | None = None) -> RunData:
         fingerprint=emb.fingerprint,
         n_selected=len(cat_ids),
     )
+
+
+def _cuda_visible() -> bool:
+    """torch.cuda.is_available(), without importing torch (seconds, and ~0.5 GB) where no GPU
+    driver is installed at all."""
+    import shutil
+    import sys
+    from pathlib import Path
+
+    if ("torch" not in sys.modules and not Path("/proc/driver/nvidia/gpus").is_dir()
+            and not Path("/dev/kfd").exists() and shutil.which("nvidia-smi") is None):
+        return False
+    import torch
+
+    return bool(torch.cuda.is_available())
+
+
+def ranking_device(device: str | None) -> str | None:
+    """The ``device`` of :func:`vlmindex.metrics.retrieval_metrics` for ``--device``: None (the NumPy
+    kernels) for ``cpu``; a torch device for ``cuda``/``cuda:N``; for None or ``auto``, ``cuda``
+    when torch sees a GPU, else None."""
+    if device in (None, "auto"):
+        return "cuda" if _cuda_visible() else None
+    if device == "cpu":
+        return None
+    if device.startswith("cuda"):
+        import torch
+
+        if not torch.cuda.is_available():
+            raise VlmindexError(f"--device {device}: torch sees no CUDA device here; use --device cpu")
+        return device
+    raise VlmindexError(f"--device {device!r} is not cpu, cuda, cuda:N or auto")
 
 
 def _split_mask(splits: np.ndarray, split: str | None, what: str) -> np.ndarray | None:
@@ -239,6 +273,7 @@ def analyze_run(ws: Workspace, key: RunKey, options: AnalyzeOptions | None = Non
     prov = provenance(ws, key.model, key.dataset, key.condition)
     prov.update(summary.pop("provenance"))  # compute's part: the probe's scheme, grid, seeds and chosen C
     prov.update(k=opts.k, exclude_group=opts.exclude_group, modality=opts.modality, seed=opts.seed, probe=opts.probe,
+                ranking_device=ranking_device(opts.device) or "cpu (NumPy)",
                 probe_seeds=opts.probe_seeds, images_without_embedding=run.missing, zero_embeddings_left_out=run.zero,
                 inputs=fingerprints.recipe(STAGE, [key], fingerprint_options(opts), _catalog_recipe(key, opts)))
     if excl is not None:
@@ -374,7 +409,7 @@ def compute(run: RunData, key: RunKey, opts: AnalyzeOptions, *, duplicate_keys: 
     res = metrics.retrieval_metrics(
         run.vectors, run.labels, ids=run.ids, groups=run.groups, k=opts.k,
         exclude_group=opts.exclude_group, query_mask=query_mask, gallery_mask=gallery_mask,
-        clusters=duplicate_keys if opts.exclude_duplicates else None,
+        clusters=duplicate_keys if opts.exclude_duplicates else None, device=ranking_device(opts.device),
     )
     summary = res.summary()
     # The probe validates and scores on the dataset's splits (vlmindex.metrics.probe); over a

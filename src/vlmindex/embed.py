@@ -9,8 +9,12 @@ once end with one embedding per image, and a run overtaken by ``ingest --replace
 stale. ``--shard i/n`` takes the images with ``image_id % n == i``: disjoint, and together the whole
 dataset, because image ids are uniform hashes.
 
-Stage shape: :class:`EmbedOptions`; the computation is the model's own ``encode_image``; persist is
-``commit_part`` plus the ``runs`` row; currency is "no image of the selection is pending".
+Stage shape: :class:`EmbedOptions`; the computation is the model's own ``encode_image``, run by an
+engine that yields (ids, vectors, failures) batches: ``local`` (DataLoader workers, the model in
+this process) or ``ray`` (Ray Data tasks and an actor pool of model replicas,
+:mod:`vlmindex.ray_engine`); persist is ``commit_part`` plus the ``runs`` row, the same for both,
+so resume, shards and a later run of the other engine see one embedding per image; currency is
+"no image of the selection is pending".
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ import os
 import time
 import uuid
 import warnings
+from collections.abc import Iterator
 from dataclasses import dataclass, field, replace
 from datetime import datetime
 from typing import Any
@@ -59,6 +64,10 @@ class EmbedOptions:
     part_size: int = 512                  # images per Parquet part: at most this much is lost to a kill
     progress: bool = True
     extra: dict[str, Any] = field(default_factory=dict)
+    engine: str = "local"                 # local (DataLoader + this process) or ray (vlmindex.ray_engine)
+    ray_address: str | None = None        # ray: a running cluster ("auto", "ray://host:10001"); None: a local one
+    replicas: int | None = None           # ray: model replicas in the actor pool (default: see ray_engine)
+    gpus_per_replica: float = 0.0         # ray: GPUs each replica reserves
 
     @property
     def load(self) -> LoadOptions:
@@ -212,19 +221,31 @@ def _embed_pending(ws: Workspace, key: RunKey, opts: EmbedOptions, sel: store.Se
 
     todo = sel.todo
     recipe = OverlayRecipe.from_json(sel.recipe) if sel.recipe is not None else None
-    device = auto_device(opts.device)
+    if opts.engine not in ("local", "ray"):
+        raise VlmindexError(f"--engine {opts.engine!r} is not local or ray")
+    # With Ray the replicas run the model; the driver's copy (on the CPU) gives the preprocessing,
+    # the weights checksum and the dimension that the parts record.
+    device = "cpu" if opts.engine == "ray" else auto_device(opts.device)
     if extractor is None:
         extractor = replace(opts.load, device=device).load(key.model)
     store.check_resumable(ws, key, extractor.weights_sha256, extractor.dim)
     if device.startswith("cuda") and extractor.dtype != torch.float16:
         extractor = extractor.to(device, half=True)
-    workers = opts.num_workers if opts.num_workers is not None else min(os.cpu_count() or 1, 8)
-    loader = DataLoader(
-        ImageSource(todo, extractor.preprocess, recipe, sel.pools),
-        batch_size=opts.batch_size, num_workers=workers, collate_fn=_collate,
-        worker_init_fn=functools.partial(_worker_init, lock_fd) if workers else None,
-        prefetch_factor=4 if workers else None, pin_memory=device.startswith("cuda"),
-    )
+    if opts.engine == "ray":
+        from vlmindex.ray_engine import ray_batches
+
+        workers = 0
+        source, engine_meta = ray_batches(todo, key.model, opts, extractor, sel.recipe, sel.pools)
+        device = engine_meta["device"]
+    else:
+        workers = opts.num_workers if opts.num_workers is not None else min(os.cpu_count() or 1, 8)
+        loader = DataLoader(
+            ImageSource(todo, extractor.preprocess, recipe, sel.pools),
+            batch_size=opts.batch_size, num_workers=workers, collate_fn=_collate,
+            worker_init_fn=functools.partial(_worker_init, lock_fd) if workers else None,
+            prefetch_factor=4 if workers else None, pin_memory=device.startswith("cuda"),
+        )
+        source, engine_meta = _local_batches(loader, extractor, device), {"engine": "local"}
     pixels_of = {p.image_id: p.pixels for p in todo}
     paths = {p.image_id: p.path for p in todo}
     started, t0 = datetime.now(), time.perf_counter()
@@ -233,7 +254,7 @@ def _embed_pending(ws: Workspace, key: RunKey, opts: EmbedOptions, sel: store.Se
         "shard": f"{opts.shard[0]}/{opts.shard[1]}" if opts.shard else None, "dtype": opts.dtype, "device": device,
         "batch_size": opts.batch_size, "num_workers": workers, "preprocessing": extractor.preprocess_config,
         "versions": library_versions(), "weights_sha256": extractor.weights_sha256,
-        "started_at": started.isoformat(timespec="seconds"), "dim": extractor.dim,
+        "started_at": started.isoformat(timespec="seconds"), "dim": extractor.dim, **engine_meta,
     }
     buf_ids: list[np.ndarray] = []
     buf_vecs: list[np.ndarray] = []
@@ -268,20 +289,17 @@ def _embed_pending(ws: Workspace, key: RunKey, opts: EmbedOptions, sel: store.Se
 
     bar = tqdm(total=len(todo), desc=f"embed {key}", unit="img", disable=not opts.progress, dynamic_ncols=True)
     try:
-        with torch.inference_mode():
-            for batch_ids, batch, failed in loader:
-                failures.extend(failed)
-                bar.update(len(failed))
-                if batch is None:
-                    continue
-                vecs = extractor.encode_image(batch.to(device, non_blocking=True)).float().cpu().numpy()
-                ids = batch_ids.numpy()
-                zero += ids[~(np.isfinite(vecs).all(axis=1) & vecs.any(axis=1))].tolist()
-                buf_ids.append(ids)
-                buf_vecs.append(vecs)
-                bar.update(len(vecs))
-                if sum(len(b) for b in buf_ids) >= opts.part_size:
-                    flush()
+        for ids, vecs, failed in source:
+            failures.extend(failed)
+            bar.update(len(failed))
+            if len(ids) == 0:
+                continue
+            zero += ids[~(np.isfinite(vecs).all(axis=1) & vecs.any(axis=1))].tolist()
+            buf_ids.append(ids)
+            buf_vecs.append(vecs)
+            bar.update(len(vecs))
+            if sum(len(b) for b in buf_ids) >= opts.part_size:
+                flush()
     finally:
         flush(final=True)  # on Ctrl-C too: finished embeddings are kept
         bar.close()
@@ -309,6 +327,17 @@ def _embed_pending(ws: Workspace, key: RunKey, opts: EmbedOptions, sel: store.Se
                           f"({' '.join(str(exc).split())}); the next `vlmindex embed` of this run records it",
                           stacklevel=2)
     return report
+
+
+def _local_batches(loader: DataLoader, extractor, device: str) -> Iterator[tuple[np.ndarray, np.ndarray, list]]:
+    """The local engine: (ids, vectors, failures) per DataLoader batch, the model in this process."""
+    with torch.inference_mode():
+        for batch_ids, batch, failed in loader:
+            if batch is None:
+                yield np.empty(0, np.int64), np.empty((0, extractor.dim), np.float32), failed
+                continue
+            vecs = extractor.encode_image(batch.to(device, non_blocking=True)).float().cpu().numpy()
+            yield batch_ids.numpy(), vecs, failed
 
 
 def _record_missing_runs(ws: Workspace, key: RunKey) -> None:

@@ -141,8 +141,8 @@ def build(ids: np.ndarray, vectors: np.ndarray, kind: str, params: dict[str, Any
                             "use --kind flat or hnsw")
     x = normalise(vectors)
     index = make_index(kind, dim, params)
-    on_gpu = _gpu_count() > 0 and kind in ("flat", "ivf")
-    if on_gpu:
+    gpu = _gpu_count() > 0 and kind in ("flat", "ivf")
+    if gpu:
         index = faiss.index_cpu_to_all_gpus(index)
     if not index.is_trained:
         rng = np.random.default_rng(seed)
@@ -150,16 +150,30 @@ def build(ids: np.ndarray, vectors: np.ndarray, kind: str, params: dict[str, Any
         faiss.seed = seed
         index.train(sample)
     index.add_with_ids(x, np.ascontiguousarray(ids, dtype=np.int64))
-    if on_gpu:
+    if gpu:
         index = faiss.index_gpu_to_cpu(index)
     _set_search_params(index, kind, params)
-    return index, {**params, "gpu": on_gpu}
+    return index, {**params, "gpu": gpu}
 
 
-def search(index: faiss.Index, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-    """Top-``k`` (scores, ids) for each query row; queries are normalised here."""
+def on_gpu(index: faiss.Index) -> faiss.Index:
+    """The index copied to the GPUs when a GPU build of FAISS (the ``gpu`` extra) sees one, else itself.
+
+    Flat and IVF indexes have GPU versions; HNSW and refined IVF-PQ stay on the CPU.
+    """
+    if _gpu_count() == 0:
+        return index
+    try:
+        return faiss.index_cpu_to_all_gpus(index)
+    except (RuntimeError, AttributeError):  # a kind without a GPU version
+        return index
+
+
+def search(index: faiss.Index, queries: np.ndarray, k: int, *, gpu: bool = False) -> tuple[np.ndarray, np.ndarray]:
+    """Top-``k`` (scores, ids) for each query row; queries are normalised here. With ``gpu``, the
+    search runs on a GPU copy of the index when :func:`on_gpu` can make one."""
     k = min(k, index.ntotal)
-    scores, ids = index.search(normalise(queries), k)
+    scores, ids = (on_gpu(index) if gpu else index).search(normalise(queries), k)
     return scores, ids
 
 

@@ -72,7 +72,7 @@ def query(ws: Workspace, images: list[Path], model: str, dataset: str, condition
             f"{dataset}/{condition} holds {info.dim}-d ones; rebuild it with `vlmindex embed` "
             "and `vlmindex index build`, or query with the model it was built from"
         )
-    scores, ids = search(index, vectors, k)
+    scores, ids = search(index, vectors, k, gpu=True)
     found = sorted({int(i) for i in ids.ravel() if i >= 0})
     with ws.read(views=False) as con:
         meta = catalog_datasets.images_by_id(con, found, ("path", "label"))

@@ -188,7 +188,10 @@ class Workspace:
         deadline = time.monotonic() + wait
         while True:
             try:
-                return duckdb.connect(self._duckdb_path(), read_only=read_only, config=config or {})
+                con = duckdb.connect(self._duckdb_path(), read_only=read_only, config=config or {})
+                # No progress bar: DuckDB draws it on stdout, into the rows a user pipes.
+                con.execute("SET enable_progress_bar = false")
+                return con
             except duckdb.IOException as exc:
                 if "lock" not in str(exc).lower():
                     raise VlmindexError(f"cannot open catalog {self.catalog_path}: {exc}") from None

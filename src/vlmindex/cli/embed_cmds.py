@@ -26,8 +26,18 @@ from vlmindex.errors import VlmindexError
 @load_options
 @click.option("--part-size", type=click.IntRange(min=1), default=512, show_default=True,
               help="Images per Parquet part: a killed run loses at most this many.")
+@click.option("--engine", type=click.Choice(["local", "ray"]), default="local", show_default=True,
+              help="local: decoding processes and the model in this process. ray: Ray Data tasks decode and "
+                   "an actor pool of model replicas embeds (needs vlmindex[ray]); the same parts either way.")
+@click.option("--ray-address", metavar="ADDR",
+              help="--engine ray: join this cluster ('auto', 'ray://host:10001'); default: start a local Ray.")
+@click.option("--replicas", type=click.IntRange(min=1), default=None,
+              help="--engine ray: model replicas (default: one per --gpus-per-replica GPUs, else one).")
+@click.option("--gpus-per-replica", type=click.FloatRange(min=0), default=0.0, show_default=True,
+              help="--engine ray: GPUs each replica reserves (0: the replicas run on CPUs).")
 @pass_ctx
-def embed(ctx, models, dataset, condition, split, shard, batch_size, workers, dtype, load, part_size):
+def embed(ctx, models, dataset, condition, split, shard, batch_size, workers, dtype, load, part_size, engine,
+          ray_address, replicas, gpus_per_replica):
     """Embed a dataset's images with one or more models.
 
     Cached and resumable: images that already have an embedding of their current pixels are
@@ -38,6 +48,7 @@ def embed(ctx, models, dataset, condition, split, shard, batch_size, workers, dt
     Examples:
       vlmindex embed --model hog,color-hist --dataset demo
       vlmindex embed -m biomedclip -d ham --condition label-br --shard 0/4
+      vlmindex embed -m biomedclip -d ham --engine ray --ray-address auto --gpus-per-replica 1
     """
     from vlmindex.embed import EmbedOptions, parse_shard
     from vlmindex.embed import embed as run_embed
@@ -45,7 +56,10 @@ def embed(ctx, models, dataset, condition, split, shard, batch_size, workers, dt
     opts = EmbedOptions(batch_size=batch_size, num_workers=workers, dtype=dtype, shard=parse_shard(shard),
                         split=split, device=load.device, checkpoint=load.checkpoint,
                         trust_remote_code=load.trust_remote_code, part_size=part_size,
-                        progress=sys.stderr.isatty())
+                        progress=sys.stderr.isatty(), engine=engine, ray_address=ray_address, replicas=replicas,
+                        gpus_per_replica=gpus_per_replica)
+    if engine == "local" and (ray_address or replicas or gpus_per_replica):
+        raise VlmindexError("--ray-address, --replicas and --gpus-per-replica need --engine ray")
     for model in models:
         report = run_embed(ctx.workspace, model, dataset, condition, opts)
         click.echo(report.summary())

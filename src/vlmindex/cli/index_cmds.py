@@ -126,10 +126,14 @@ HEADLINE = ["model", "dataset", "condition", "k", "n_queries", *registry.headlin
                    "the scope says 'sampled N of M' and every retrieval figure gets a bootstrap 95% interval.")
 @click.option("--seed", type=int, default=0, show_default=True,
               help="Seed of the query sample, of the intervals and of the probe (its splits and solver).")
+@click.option("--device", default="auto", show_default=True, metavar="auto|cpu|cuda[:N]",
+              help="Where the exact ranking runs: cpu (NumPy), cuda (torch on the GPU, chunks sized to its "
+                   "free memory), auto (cuda when torch sees a GPU). Same numbers either way.")
 @format_option()
 @pass_ctx
 def analyze(ctx, models, dataset, condition, k, exclude_group, exclude_duplicates, duplicates_model, query_split,
-            gallery_split, modality, per_modality, no_probe, probe_seeds, allow_partial, sample_queries, seed, fmt):
+            gallery_split, modality, per_modality, no_probe, probe_seeds, allow_partial, sample_queries, seed, device,
+            fmt):
     """Neighbours and discriminability metrics of embedded runs.
 
     Per query: purity@k, AP over the full ranking, MAP@R, R-precision, P@1, kNN vote (rows in
@@ -154,7 +158,7 @@ def analyze(ctx, models, dataset, condition, k, exclude_group, exclude_duplicate
                           gallery_split=gallery_split, modality=modality, probe=not no_probe,
                           allow_partial=allow_partial, exclude_duplicates=exclude_duplicates,
                           duplicates_model=duplicates_model if exclude_duplicates else None, probe_seeds=probe_seeds,
-                          sample_queries=sample_queries, seed=seed)
+                          sample_queries=sample_queries, seed=seed, device=device)
     # Warnings (images in no modality block, an undefined figure) as one line each, once.
     with warnings.catch_warnings(record=True) as caught:
         for category in (UserWarning, RuntimeWarning):

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -53,52 +54,118 @@ def _degenerate(name: str, reason: str) -> float:
     return float("nan")
 
 
-def _prepare(embeddings: np.ndarray, labels: Any, normalize: bool) -> tuple[np.ndarray, np.ndarray, int]:
+# Rows per float64 block of the statistics pass: 8192 x 512 x 8 B = 32 MiB at most, whatever n is.
+_STATS_ROWS = 8192
+
+
+@dataclass(frozen=True)
+class ClassStats:
+    r"""Everything the four figures need, from two passes over the rows in float64 blocks.
+
+    ``counts[c]`` (n_c), ``sums[c]`` (:math:`\sum_{i \in c} x_i`), ``dots[i, c]``
+    (:math:`x_i \cdot \sum_{j \in c} x_j`) and ``sq_norms[i]`` (:math:`\lVert x_i \rVert^2`), with
+    :math:`x` the (L2-normalised unless told otherwise) rows. Every figure is a closed form in these
+    (O(n·C·d) time, O(n·C + C·d) memory): with :math:`\mu_c = \text{sums}_c / n_c`,
+    :math:`\lVert x_i - \mu_c \rVert^2 = \lVert x_i \rVert^2 - 2\,\text{dots}_{ic}/n_c + \lVert \mu_c \rVert^2`.
+    No pairwise matrix and no sample: the figures are exact over all rows at any n.
+    """
+
+    codes: np.ndarray
+    counts: np.ndarray
+    sums: np.ndarray
+    dots: np.ndarray
+    sq_norms: np.ndarray
+
+    @property
+    def n(self) -> int:
+        return len(self.codes)
+
+    @property
+    def n_classes(self) -> int:
+        return len(self.counts)
+
+    @property
+    def centroids(self) -> np.ndarray:
+        return self.sums / self.counts[:, None]
+
+    def sq_dist_to_own_centroid(self) -> np.ndarray:
+        own = self.codes
+        n_own = self.counts[own]
+        cen_sq = np.sum(self.centroids**2, axis=1)
+        d2 = self.sq_norms - 2 * self.dots[np.arange(self.n), own] / n_own + cen_sq[own]
+        return np.maximum(d2, 0.0)
+
+    def scatter_traces(self) -> tuple[float, float]:
+        """Traces of the between-class and within-class scatter matrices."""
+        mean = self.sums.sum(axis=0) / self.n
+        between = float(np.sum(self.counts * np.sum((self.centroids - mean) ** 2, axis=1)))
+        within = float(np.sum(self.sq_dist_to_own_centroid()))
+        return between, within
+
+
+def class_stats(embeddings: np.ndarray, codes: np.ndarray, *, normalize: bool = True) -> ClassStats:
+    """:class:`ClassStats` of ``embeddings`` (rows L2-normalised first unless ``normalize=False``)."""
+    x = as_embeddings(embeddings)
+    n, d = x.shape
+    n_classes = int(codes.max()) + 1
+    counts = np.bincount(codes, minlength=n_classes).astype(np.float64)
+    sums = np.zeros((n_classes, d))
+    sq_norms = np.empty(n)
+
+    def block(start: int) -> np.ndarray:
+        xb = np.asarray(x[start:start + _STATS_ROWS], dtype=np.float64)
+        if normalize:
+            norms = np.linalg.norm(xb, axis=1)
+            bad = ~np.isfinite(norms) | (norms == 0)
+            if bad.any():
+                raise VlmindexError(f"embedding row {start + int(np.flatnonzero(bad)[0])} is all zeros or not "
+                                    "finite; filter it out")
+            xb /= norms[:, None]
+        return xb
+
+    for start in range(0, n, _STATS_ROWS):
+        xb = block(start)
+        cb = codes[start:start + _STATS_ROWS]
+        np.add.at(sums, cb, xb) if len(xb) < 64 else _add_by_class(sums, cb, xb)
+        sq_norms[start:start + len(xb)] = np.einsum("ij,ij->i", xb, xb)
+    dots = np.empty((n, n_classes))
+    for start in range(0, n, _STATS_ROWS):
+        xb = block(start)
+        dots[start:start + len(xb)] = xb @ sums.T
+    return ClassStats(codes=codes, counts=counts, sums=sums, dots=dots, sq_norms=sq_norms)
+
+
+def _add_by_class(sums: np.ndarray, codes: np.ndarray, xb: np.ndarray) -> None:
+    order = np.argsort(codes, kind="stable")
+    present, starts = np.unique(codes[order], return_index=True)
+    sums[present] += np.add.reduceat(xb[order], starts, axis=0)
+
+
+def _stats(embeddings: np.ndarray, labels: Any, normalize: bool) -> ClassStats:
     x = as_embeddings(embeddings)
     _, codes = _class_codes(labels, x.shape[0])
-    x = l2_normalize(x) if normalize else np.asarray(x, dtype=np.float64)
-    return x, codes, int(codes.max()) + 1
+    return class_stats(x, codes, normalize=normalize)
 
 
-def _class_sums(x: np.ndarray, codes: np.ndarray, n_classes: int) -> np.ndarray:
-    """Row sums per class code (every code in 0..n_classes-1 occurs, as factorize guarantees)."""
-    order = np.argsort(codes, kind="stable")
-    starts = np.searchsorted(codes[order], np.arange(n_classes))
-    return np.add.reduceat(x[order], starts, axis=0)
-
-
-def _scatter_traces(x: np.ndarray, codes: np.ndarray, n_classes: int) -> tuple[float, float, np.ndarray]:
-    """Traces of the between-class and within-class scatter matrices, and the class centroids."""
-    counts = np.bincount(codes, minlength=n_classes).astype(np.float64)
-    sums = _class_sums(x, codes, n_classes)
-    centroids = sums / counts[:, None]
-    mean = x.mean(axis=0)
-    between = float(np.sum(counts * np.sum((centroids - mean) ** 2, axis=1)))
-    within = float(np.sum((x - centroids[codes]) ** 2))
-    return between, within, centroids
-
-
-def silhouette_cosine(embeddings: np.ndarray, labels: Any) -> float:
+def silhouette_cosine(embeddings: np.ndarray, labels: Any, *, stats: ClassStats | None = None) -> float:
     r"""Mean silhouette coefficient with cosine distance :math:`d(i,j) = 1 - \hat x_i \cdot \hat x_j`.
 
     :math:`s_i = (b_i - a_i) / \max(a_i, b_i)` with :math:`a_i` the mean distance to the other
     members of i's class and :math:`b_i` the smallest mean distance to another class;
     :math:`s_i = 0` for a class of one (as scikit-learn). Because cosine distance is linear in the
     unit vectors, :math:`\sum_{j \in c} d(i,j) = n_c - \hat x_i \cdot \sum_{j \in c} \hat x_j`, so the
-    exact value over *all* samples costs O(n·C·d) time and O(C·d) extra memory: no pairwise
-    matrix and no subsampling, whatever n is.
+    exact value over *all* samples costs O(n·C·d) time and O(n·C) extra memory (:class:`ClassStats`):
+    no pairwise matrix and no subsampling, whatever n is.
     """
-    x, codes, n_classes = _prepare(embeddings, labels, normalize=True)
-    n = len(codes)
+    st = stats if stats is not None else _stats(embeddings, labels, normalize=True)
+    n, n_classes = st.n, st.n_classes
     if n_classes < 2:
         return _degenerate("silhouette", "only one class")
     if n_classes >= n:
         return _degenerate("silhouette", "every image is its own class")
-    counts = np.bincount(codes, minlength=n_classes).astype(np.float64)
-    sums = _class_sums(x, codes, n_classes)
-    dist_sum = counts[None, :] - x @ sums.T  # [n, C]: Σ_{j∈c} d(i, j), self included (d(i,i) = 0)
-    dist_sum = np.maximum(dist_sum, 0.0)
-    own = codes
+    counts = st.counts
+    dist_sum = np.maximum(counts[None, :] - st.dots, 0.0)  # [n, C]: Σ_{j∈c} d(i, j), self included
+    own = st.codes
     own_n = counts[own]
     a = np.where(own_n > 1, dist_sum[np.arange(n), own] / np.maximum(own_n - 1, 1), 0.0)
     mean_other = dist_sum / counts[None, :]
@@ -109,19 +176,21 @@ def silhouette_cosine(embeddings: np.ndarray, labels: Any) -> float:
     return float(s.mean())
 
 
-def davies_bouldin(embeddings: np.ndarray, labels: Any, *, normalize: bool = True) -> float:
+def davies_bouldin(embeddings: np.ndarray, labels: Any, *, normalize: bool = True,
+                   stats: ClassStats | None = None) -> float:
     r"""Davies–Bouldin index (lower is better), Euclidean, on unit vectors by default.
 
     :math:`DB = \frac{1}{C}\sum_i \max_{j \ne i} \frac{s_i + s_j}{\lVert \mu_i - \mu_j \rVert}` with
     :math:`s_i` the mean distance of class i's members to its centroid :math:`\mu_i`. Two classes
     with the same centroid give +inf (with a warning) rather than scikit-learn's silent 0.
     """
-    x, codes, n_classes = _prepare(embeddings, labels, normalize)
+    st = stats if stats is not None else _stats(embeddings, labels, normalize)
+    n_classes = st.n_classes
     if n_classes < 2:
         return _degenerate("Davies-Bouldin", "only one class")
-    _, _, centroids = _scatter_traces(x, codes, n_classes)
-    spread = np.bincount(codes, weights=np.linalg.norm(x - centroids[codes], axis=1), minlength=n_classes)
-    spread /= np.bincount(codes, minlength=n_classes)
+    centroids = st.centroids
+    spread = np.bincount(st.codes, weights=np.sqrt(st.sq_dist_to_own_centroid()), minlength=n_classes)
+    spread /= st.counts
     sq = np.sum(centroids**2, axis=1)
     centre_dist = np.sqrt(np.maximum(sq[:, None] + sq[None, :] - 2 * centroids @ centroids.T, 0.0))
     np.fill_diagonal(centre_dist, np.inf)
@@ -134,20 +203,21 @@ def davies_bouldin(embeddings: np.ndarray, labels: Any, *, normalize: bool = Tru
     return float(np.mean(np.max(ratio, axis=1)))
 
 
-def calinski_harabasz(embeddings: np.ndarray, labels: Any, *, normalize: bool = True) -> float:
+def calinski_harabasz(embeddings: np.ndarray, labels: Any, *, normalize: bool = True,
+                      stats: ClassStats | None = None) -> float:
     r"""Calinski–Harabasz index (higher is better) on unit vectors by default.
 
     :math:`CH = \frac{\operatorname{tr}(S_B)/(C-1)}{\operatorname{tr}(S_W)/(n-C)}`, scatter matrices
     as in :func:`fisher_ratio`. Undefined (NaN with a warning) for one class or C = n; +inf with a
     warning when every class is a single point.
     """
-    x, codes, n_classes = _prepare(embeddings, labels, normalize)
-    n = len(codes)
+    st = stats if stats is not None else _stats(embeddings, labels, normalize)
+    n, n_classes = st.n, st.n_classes
     if n_classes < 2:
         return _degenerate("Calinski-Harabasz", "only one class")
     if n_classes >= n:
         return _degenerate("Calinski-Harabasz", "every image is its own class")
-    between, within, _ = _scatter_traces(x, codes, n_classes)
+    between, within = st.scatter_traces()
     if within == 0:
         warnings.warn("Calinski-Harabasz: no within-class spread; the index is +inf", RuntimeWarning,
                       stacklevel=2)
@@ -155,18 +225,19 @@ def calinski_harabasz(embeddings: np.ndarray, labels: Any, *, normalize: bool = 
     return float(between * (n - n_classes) / (within * (n_classes - 1)))
 
 
-def fisher_ratio(embeddings: np.ndarray, labels: Any, *, normalize: bool = True) -> float:
+def fisher_ratio(embeddings: np.ndarray, labels: Any, *, normalize: bool = True,
+                 stats: ClassStats | None = None) -> float:
     r"""Fisher ratio :math:`\operatorname{tr}(S_B) / \operatorname{tr}(S_W)` (higher is better).
 
     :math:`S_B = \sum_c n_c (\mu_c - \mu)(\mu_c - \mu)^\top`,
     :math:`S_W = \sum_c \sum_{i \in c} (x_i - \mu_c)(x_i - \mu_c)^\top`, on unit vectors by default;
-    the traces are computed directly as sums of squared norms, never forming d×d matrices. Equals
+    the traces are sums of squared norms (:class:`ClassStats`), never d×d matrices. Equals
     Calinski–Harabasz × (C − 1)/(n − C).
     """
-    x, codes, n_classes = _prepare(embeddings, labels, normalize)
-    if n_classes < 2:
+    st = stats if stats is not None else _stats(embeddings, labels, normalize)
+    if st.n_classes < 2:
         return _degenerate("Fisher ratio", "only one class")
-    between, within, _ = _scatter_traces(x, codes, n_classes)
+    between, within = st.scatter_traces()
     if within == 0:
         warnings.warn("Fisher ratio: no within-class spread; the ratio is +inf", RuntimeWarning, stacklevel=2)
         return float("inf")
@@ -200,19 +271,19 @@ def distribution_figures(
     """
     x = as_embeddings(embeddings)
     _, codes = _class_codes(labels, x.shape[0])
-    unit = l2_normalize(x)
+    stats = class_stats(x, codes)  # once, for the four figures
     out: dict[str, Any] = {
         "n": int(len(codes)),
         "n_classes": int(codes.max()) + 1,
-        "silhouette_cosine": silhouette_cosine(unit, codes),
-        "davies_bouldin": davies_bouldin(unit, codes, normalize=False),
-        "calinski_harabasz": calinski_harabasz(unit, codes, normalize=False),
-        "fisher_ratio": fisher_ratio(unit, codes, normalize=False),
+        "silhouette_cosine": silhouette_cosine(x, codes, stats=stats),
+        "davies_bouldin": davies_bouldin(x, codes, stats=stats),
+        "calinski_harabasz": calinski_harabasz(x, codes, stats=stats),
+        "fisher_ratio": fisher_ratio(x, codes, stats=stats),
     }
     if probe:
         if not isinstance(probe_seeds, int) or probe_seeds < 1:
             raise VlmindexError(f"--probe-seeds must be at least 1, got {probe_seeds}")
-        result = linear_probe(unit, codes, splits=splits, train_mask=train_mask, groups=groups,
+        result = linear_probe(l2_normalize(x), codes, splits=splits, train_mask=train_mask, groups=groups,
                               seeds=range(seed, seed + probe_seeds), grid=grid, cv=cv, normalize=False)
         out["linear_probe_balanced_accuracy"] = result.balanced_accuracy
         out["linear_probe_balanced_accuracy_sd"] = result.sd

@@ -14,7 +14,8 @@ To get the tie rule from a fast, unstable sort, each (query, gallery item) pair 
 unsigned integer and whose low word is the item's position in a gallery sorted by id; ascending
 key order is then exactly "higher similarity first, smaller id next". Queries are processed in
 chunks (:func:`run_chunks`), so memory is bounded by ``n_threads × chunk_size × |gallery|`` and
-never by ``|queries| × |gallery|``.
+never by ``|queries| × |gallery|``. The full-ranking path sorts values, not keys, and needs the
+keys only for a row with a cross-class tie (:mod:`vlmindex.metrics.merge`).
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from __future__ import annotations
 import contextlib
 import math
 import sys
+import threading
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 
@@ -30,9 +32,11 @@ import numpy as np
 from vlmindex.errors import VlmindexError
 
 __all__ = [
-    "EXCLUDED",
     "HI",
+    "KEY_BYTES_PER_PAIR",
     "LO",
+    "MERGE_BYTES_PER_PAIR",
+    "Scratch",
     "MAX_THREADS",
     "block_products",
     "block_rows",
@@ -47,11 +51,11 @@ __all__ = [
 
 # Word order of a uint64 seen as two uint32 words.
 LO, HI = (0, 1) if sys.byteorder == "little" else (1, 0)
-# High word of an excluded item: above every real similarity key (finite floats map below it).
-EXCLUDED = np.uint32(0xFFFFFFFF)
-# Working memory per (query, gallery item) pair in one block: float32 similarity, uint64 key and
-# its temporaries, gathered indices, relevance flags and hit positions.
-_BYTES_PER_PAIR = 40
+# Working memory per (query, gallery item) pair in one block. Key path: float32 similarity, uint64
+# key and its temporaries, gathered indices, relevance flags and hit positions. Merge path: the
+# similarity and its negated, value-sorted copy.
+KEY_BYTES_PER_PAIR = 40
+MERGE_BYTES_PER_PAIR = 8
 # One block of queries stays under this; a block has a power-of-two row count in [8, 256].
 _BLOCK_BYTES = 256 * 2**20
 MAX_THREADS = 8
@@ -61,20 +65,24 @@ MAX_THREADS = 8
 # Normalisation
 
 
-def normalized_rows(x: np.ndarray, rows: np.ndarray, ids: np.ndarray) -> np.ndarray:
-    """float32 unit rows ``x[rows] / ||x[rows]||`` (computed in float64); zero or non-finite rows
-    are user errors, named by ``ids``."""
-    sub = np.asarray(x[rows], dtype=np.float64)
-    norms = np.sqrt(np.einsum("ij,ij->i", sub, sub))
-    bad = ~np.isfinite(norms) | (norms == 0)
-    if bad.any():
-        row = int(rows[np.flatnonzero(bad)[0]])
-        raise VlmindexError(
-            f"embedding of id {int(ids[row])} (row {row}) is all zeros or not finite; "
-            "re-embed that image or filter it out"
-        )
-    sub /= norms[:, None]
-    return sub.astype(np.float32)
+def normalized_rows(x: np.ndarray, rows: np.ndarray, ids: np.ndarray, *, block: int = 8192) -> np.ndarray:
+    """float32 unit rows ``x[rows] / ||x[rows]||`` (computed in float64, ``block`` rows at a time,
+    so no float64 copy of the whole set); zero or non-finite rows are user errors, named by ``ids``."""
+    out = np.empty((len(rows), x.shape[1]), dtype=np.float32)
+    for start in range(0, len(rows), block):
+        sel = rows[start:start + block]
+        sub = np.asarray(x[sel], dtype=np.float64)
+        norms = np.sqrt(np.einsum("ij,ij->i", sub, sub))
+        bad = ~np.isfinite(norms) | (norms == 0)
+        if bad.any():
+            row = int(sel[np.flatnonzero(bad)[0]])
+            raise VlmindexError(
+                f"embedding of id {int(ids[row])} (row {row}) is all zeros or not finite; "
+                "re-embed that image or filter it out"
+            )
+        sub /= norms[:, None]
+        out[start:start + len(sel)] = sub
+    return out
 
 
 def l2_normalize(x: np.ndarray) -> np.ndarray:
@@ -104,26 +112,45 @@ def unique_rows(x: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
 # Fixed-shape block products and rank keys
 
 
-def block_rows(n_gallery: int) -> int:
+def block_rows(n_gallery: int, bytes_per_pair: int = KEY_BYTES_PER_PAIR) -> int:
     """Rows of one product block: a power of two in [8, 256] keeping a block under ~256 MiB."""
-    rows = _BLOCK_BYTES // (_BYTES_PER_PAIR * max(1, n_gallery))
+    rows = _BLOCK_BYTES // (bytes_per_pair * max(1, n_gallery))
     return int(min(256, max(8, 2 ** int(math.log2(max(1, rows))))))
 
 
-def block_products(xall: np.ndarray, rows: np.ndarray, gallery: np.ndarray, block: int) -> np.ndarray:
+def block_products(xall: np.ndarray, rows: np.ndarray, gallery: np.ndarray, block: int,
+                   scratch: Scratch | None = None) -> np.ndarray:
     """``xall[rows] @ gallery.T`` in float32, one BLAS call per ``block`` rows (the last one padded).
 
     Every call has the same shape, so a similarity depends only on the two vectors and the query's
-    place in its block, never on how many blocks a task holds.
+    place in its block, never on how many blocks a task holds. With ``scratch``, the output lives
+    in the calling thread's reused buffer (valid until its next call).
     """
     c = len(rows)
     padded = -(-c // block) * block
     queries = np.zeros((padded, xall.shape[1]), dtype=np.float32)
     queries[:c] = xall[rows]
-    out = np.empty((padded, gallery.shape[0]), dtype=np.float32)
+    shape = (padded, gallery.shape[0])
+    out = scratch.array("products", shape, np.float32) if scratch is not None else np.empty(shape, np.float32)
     for start in range(0, padded, block):
         np.matmul(queries[start : start + block], gallery.T, out=out[start : start + block])
     return out[:c]
+
+
+class Scratch(threading.local):
+    """Per-thread working arrays reused from chunk to chunk of one computation.
+
+    A fresh 100 MB array costs ~25,000 page faults on first touch (large allocations are mmapped
+    and given back on free), several percent of a chunk's time at 100k images; one Scratch per
+    call keeps them, per thread, until the call returns.
+    """
+
+    def array(self, name: str, shape: tuple[int, ...], dtype: type) -> np.ndarray:
+        buf = self.__dict__.get(name)
+        if buf is None or buf.shape != shape or buf.dtype != np.dtype(dtype):
+            buf = np.empty(shape, dtype=dtype)
+            self.__dict__[name] = buf
+        return buf
 
 
 def rank_keys(sims: np.ndarray, col_words: np.ndarray, out: np.ndarray) -> np.ndarray:

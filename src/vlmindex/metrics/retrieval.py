@@ -44,10 +44,11 @@ from vlmindex.errors import VlmindexError
 from vlmindex.metrics import registry
 from vlmindex.metrics.inputs import as_embeddings, as_mask, factorize
 from vlmindex.metrics.ranking import (
-    EXCLUDED,
-    HI,
+    KEY_BYTES_PER_PAIR,
     LO,
     MAX_THREADS,
+    MERGE_BYTES_PER_PAIR,
+    Scratch,
     block_products,
     block_rows,
     normalized_rows,
@@ -203,6 +204,7 @@ def retrieval_metrics(
     full_ap: bool = True,
     chunk_size: int | None = None,
     n_threads: int | None = None,
+    device: str | None = None,
 ) -> RetrievalResult:
     r"""Rank the gallery for every query by cosine similarity and score the ranking.
 
@@ -237,7 +239,12 @@ def retrieval_metrics(
         Results do not depend on it.
     n_threads : int, optional
         Tasks processed in parallel (default: CPU count, at most 8), each with single-threaded
-        BLAS. Results do not depend on it. Memory is about n_threads × chunk_size × |gallery| × 40 B.
+        BLAS. Results do not depend on it. Memory is about n_threads × chunk_size × |gallery| × 8 B
+        with ``full_ap`` (× 40 B without).
+    device : str, optional
+        None (default): the NumPy kernels on the CPU. A torch device (``"cuda"``, ``"cuda:1"``,
+        ``"cpu"``): products and sorts in torch on that device (:mod:`vlmindex.metrics.torch_ranking`),
+        in chunks sized to its free memory; same numbers to 1e-6, same tie rule.
 
     Notes
     -----
@@ -291,16 +298,21 @@ def retrieval_metrics(
     classes, codes = factorize(labels_arr, "label", allow_missing=False)
     n_classes = len(classes)
 
-    # Gallery in ascending-id order, so that a gallery position is also the id tie-breaker.
+    # Gallery by class, then id: the relevant items of a query are one run of columns, the layout
+    # of the merge kernels (vlmindex.metrics.merge); id_rank[col] is the column's place in id
+    # order, the tie-breaker of every path.
     gal = np.flatnonzero(gmask)
     gal = gal[np.argsort(ids_arr[gal], kind="stable")]
     n_gal = len(gal)
     if n_gal >= 2**32:
         raise VlmindexError(f"gallery of {n_gal} images is too large for one exact ranking; split it")
-    gal_ids = ids_arr[gal]
-    if n_gal > 1 and (np.diff(gal_ids) == 0).any():
-        dup = int(gal_ids[np.flatnonzero(np.diff(gal_ids) == 0)[0]])
+    if n_gal > 1 and (np.diff(ids_arr[gal]) == 0).any():
+        dup = int(ids_arr[gal][np.flatnonzero(np.diff(ids_arr[gal]) == 0)[0]])
         raise VlmindexError(f"id {dup} appears twice in the gallery; ids must be unique")
+    gal = gal[np.argsort(codes[gal], kind="stable")]  # stable: id order within a class
+    gal_ids = ids_arr[gal]
+    id_rank = np.empty(n_gal, dtype=np.int64)
+    id_rank[np.argsort(gal_ids, kind="stable")] = np.arange(n_gal)
     qry = np.flatnonzero(qmask)
     n_qry = len(qry)
 
@@ -358,7 +370,7 @@ def retrieval_metrics(
             f"k={k} is larger than the gallery ({int(n_candidates.max())} candidates per query); lower k"
         )
 
-    # One normalised copy: the gallery (id order), then the queries that are not in it.
+    # One normalised copy: the gallery (by class, then id), then the queries that are not in it.
     extra = qry[~in_gallery]
     xall = normalized_rows(x, np.concatenate([gal, extra]), ids_arr)
     xg = xall[:n_gal]
@@ -368,16 +380,20 @@ def retrieval_metrics(
     # so that they tie exactly and the id rule decides between them.
     xg_unique, expand = unique_rows(xg)
 
-    if n_threads is None:
-        n_threads = min(os.cpu_count() or 1, MAX_THREADS)
-    n_threads = max(1, int(n_threads))
-    # The product block shape depends on the gallery alone, never on chunk_size or n_threads.
-    block = block_rows(n_gal)
-    if chunk_size is None:
-        chunk_size = block
-    elif int(chunk_size) < 1:
-        raise VlmindexError(f"chunk_size must be positive (got {chunk_size})")
-    chunk_size = -(-int(chunk_size) // block) * block
+    def excluded(sel: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(row in the chunk, gallery column) of every item left out of the rankings of ``sel``."""
+        rows = np.arange(len(sel))
+        own = in_gallery[sel]
+        parts = [(rows[own], self_col[sel][own])]
+        if exclude_group and not scatters:
+            g = qry_groups[sel]
+            sizes = group_size[g]
+            parts.append((np.repeat(rows, sizes), by_group[ragged_ranges(group_start[g], sizes)]))
+        for by_key, key_start, key_size, qry_key in scatters:
+            g = qry_key[sel]
+            sizes = key_size[g]
+            parts.append((np.repeat(rows, sizes), by_key[ragged_ranges(key_start[g], sizes)]))
+        return np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
 
     nan = np.nan
     out = {
@@ -391,94 +407,141 @@ def retrieval_metrics(
     knn_pred = np.full(n_qry, -1, dtype=np.int64)
     nb_col = np.full((n_qry, k), -1, dtype=np.int64)
     nb_score = np.full((n_qry, k), nan, dtype=np.float32)
-    col_words = np.arange(n_gal, dtype=np.uint32)
-    # Narrow codes for the big [chunk, width] gather.
-    code_type = np.int16 if n_classes < 2**15 else np.int32
-    gal_codes_narrow = gal_codes.astype(code_type)
+    scored_all = n_relevant > 0
 
-    def score_chunk(sel: np.ndarray) -> None:
-        """Rank the gallery for the queries ``sel`` (positions in ``qry``) and write their metrics."""
-        c = len(sel)
-        sims = block_products(xall, q_row[sel], xg_unique, block)
-        np.add(sims, np.float32(0.0), out=sims)  # -0.0 -> +0.0: the two zeros compare equal
-        if expand is not None:
-            sims = sims[:, expand]
-        keys = rank_keys(sims, col_words, np.empty((c, n_gal), dtype=np.uint64))
-        words = keys.view(np.uint32).reshape(c, n_gal, 2)
-        rows = np.arange(c)
-        own = in_gallery[sel]
-        words[rows[own], self_col[sel][own], HI] = EXCLUDED
-        if exclude_group and not scatters:
-            g = qry_groups[sel]
-            sizes = group_size[g]
-            cols = by_group[ragged_ranges(group_start[g], sizes)]
-            words[np.repeat(rows, sizes), cols, HI] = EXCLUDED
-        for by_key, key_start, key_size, qry_key in scatters:
-            g = qry_key[sel]
-            sizes = key_size[g]
-            cols = by_key[ragged_ranges(key_start[g], sizes)]
-            words[np.repeat(rows, sizes), cols, HI] = EXCLUDED
-
-        cand = n_candidates[sel]
-        r = n_relevant[sel]
-        width = n_gal if full_ap else min(n_gal, max(k, int(r.max())))
-        if width < n_gal:
-            keys.partition(width - 1, axis=1)
-            ranked = keys[:, :width]
-            ranked.sort(axis=1)
-        else:
-            keys.sort(axis=1)
-            ranked = keys
-        top_col = ranked.view(np.uint32).reshape(c, width, 2)[:, :, LO]
-        qc = qry_codes[sel]
-        rel = gal_codes_narrow[top_col] == qc.astype(code_type)[:, None]
-        short = cand < width
-        if short.any():
-            # Excluded items sort last; past a query's candidates nothing counts.
-            rel[short] &= np.arange(width) < cand[short, None]
-
-        # Relevant hits as (row, rank): the j-th hit of a row, at 0-based rank p, has P@(p+1) = j/(p+1).
-        hit_row, hit_pos = np.nonzero(rel)
-        hits_per_row = np.bincount(hit_row, minlength=c)
-        j = np.arange(1, len(hit_row) + 1) - np.repeat(np.cumsum(hits_per_row) - hits_per_row, hits_per_row)
-        prec = j / (hit_pos + 1.0)
-        scored = r > 0
-        denom = np.where(scored, r, 1).astype(np.float64)
-        within_r = hit_pos < r[hit_row]
-        values = {
-            "map_at_r": np.bincount(hit_row[within_r], weights=prec[within_r], minlength=c) / denom,
-            "r_precision": np.bincount(hit_row[within_r], minlength=c) / denom,
-            "purity_at_k": rel[:, :k].sum(axis=1) / k,
-            "p_at_1": rel[:, 0].astype(np.float64),
-        }
-        if full_ap:
-            values["ap"] = np.bincount(hit_row, weights=prec, minlength=c) / denom
-
-        cols_k = top_col[:, :k].astype(np.int64)
-        valid_k = np.arange(k) < cand[:, None]
-        cols_k[~valid_k] = -1
-        scores_k = np.take_along_axis(sims, np.maximum(cols_k, 0), axis=1)
-        scores_k[~valid_k] = nan
+    def write(sel: np.ndarray, values: dict[str, np.ndarray], cols_k: np.ndarray, scores_k: np.ndarray) -> None:
+        """Store the chunk's metrics (NaN where R = 0) and its top k, with the kNN vote and the
+        purity@k and P@1 of that top k."""
+        valid_k = cols_k >= 0
+        rel_k = (gal_codes[np.maximum(cols_k, 0)] == qry_codes[sel][:, None]) & valid_k
+        values = dict(values, purity_at_k=rel_k.sum(axis=1) / k, p_at_1=rel_k[:, 0].astype(np.float64))
+        pred = _knn_vote(cols_k, scores_k, valid_k, gal_codes, n_classes)
+        knn_pred[sel] = pred
+        values["knn_correct"] = (pred == qry_codes[sel]).astype(np.float64)
+        scored = scored_all[sel]
+        for name, v in values.items():
+            out[name][sel] = np.where(scored, v, nan)
         nb_col[sel] = cols_k
         nb_score[sel] = scores_k
 
-        # kNN vote, vectorised: bincounts over (row, class) cells give votes and summed similarity.
-        cell = (rows[:, None] * n_classes + gal_codes[np.maximum(cols_k, 0)])[valid_k]
-        votes = np.bincount(cell, minlength=c * n_classes).reshape(c, n_classes)
-        sim_sum = np.bincount(cell, weights=scores_k[valid_k].astype(np.float64), minlength=c * n_classes)
-        top_votes = votes.max(axis=1)
-        tied = votes == top_votes[:, None]
-        best = np.argmax(np.where(tied, sim_sum.reshape(c, n_classes), -np.inf), axis=1)
-        pred = np.where(top_votes > 0, best, -1)
-        knn_pred[sel] = pred
-        values["knn_correct"] = (pred == qc).astype(np.float64)
-        for name, v in values.items():
-            out[name][sel] = np.where(scored, v, nan)
+    def _numpy_rank() -> None:
+        """The NumPy kernels on the CPU, in chunk threads."""
+        nonlocal n_threads, chunk_size
+        if n_threads is None:
+            n_threads = min(os.cpu_count() or 1, MAX_THREADS)
+        n_threads = max(1, int(n_threads))
+        # The product block shape depends on the gallery alone, never on chunk_size or n_threads.
+        block = block_rows(n_gal, MERGE_BYTES_PER_PAIR if full_ap else KEY_BYTES_PER_PAIR)
+        if chunk_size is None:
+            chunk_size = block
+        elif int(chunk_size) < 1:
+            raise VlmindexError(f"chunk_size must be positive (got {chunk_size})")
+        chunk_size = -(-int(chunk_size) // block) * block
+        class_start = np.searchsorted(gal_codes, np.arange(n_classes)).astype(np.int64)
+        class_end = np.searchsorted(gal_codes, np.arange(n_classes), side="right").astype(np.int64)
+        rank_words = id_rank.astype(np.uint32)
+        scratch = Scratch()
+        # Narrow codes for the big [chunk, width] gather of the key path.
+        code_type = np.int16 if n_classes < 2**15 else np.int32
+        gal_codes_narrow = gal_codes.astype(code_type)
 
-    # Chunks of queries with similar R: the partial sort then stops near each chunk's own R.
-    order = np.argsort(-n_relevant, kind="stable")
-    chunks = [order[i : i + chunk_size] for i in range(0, n_qry, chunk_size)]
-    run_chunks(score_chunk, chunks, n_threads)
+        def similarities(sel: np.ndarray) -> np.ndarray:
+            """The chunk's similarities to every gallery column, -inf where an item is left out."""
+            sims = block_products(xall, q_row[sel], xg_unique, block, scratch if full_ap else None)
+            if expand is not None:
+                sims = sims[:, expand]
+            sims[excluded(sel)] = -np.inf
+            return sims
+
+        def key_rank(sims: np.ndarray, sel: np.ndarray) -> tuple[dict[str, np.ndarray], np.ndarray, np.ndarray]:
+            """Metrics of the rows ``sims`` from one sort of (similarity, id) keys, partial (the top
+            ``max(k, R)``) without ``full_ap``."""
+            c = len(sel)
+            np.add(sims, np.float32(0.0), out=sims)  # -0.0 -> +0.0: the two zeros compare equal
+            keys = rank_keys(sims, rank_words, np.empty((c, n_gal), dtype=np.uint64))
+            cand = n_candidates[sel]
+            r = n_relevant[sel]
+            width = n_gal if full_ap else min(n_gal, max(k, int(r.max())))
+            if width < n_gal:
+                keys.partition(width - 1, axis=1)
+                ranked = keys[:, :width]
+                ranked.sort(axis=1)
+            else:
+                keys.sort(axis=1)
+                ranked = keys
+            # The low word is the id rank; the gallery column is where that rank sits.
+            top_col = by_rank[ranked.view(np.uint32).reshape(c, width, 2)[:, :, LO]]
+            qc = qry_codes[sel]
+            rel = gal_codes_narrow[top_col] == qc.astype(code_type)[:, None]
+            short = cand < width
+            if short.any():
+                # Excluded items (-inf) sort last; past a query's candidates nothing counts.
+                rel[short] &= np.arange(width) < cand[short, None]
+            # Relevant hits as (row, rank): the j-th hit of a row, at 0-based rank p, has P@(p+1) = j/(p+1).
+            hit_row, hit_pos = np.nonzero(rel)
+            hits_per_row = np.bincount(hit_row, minlength=c)
+            j = np.arange(1, len(hit_row) + 1) - np.repeat(np.cumsum(hits_per_row) - hits_per_row, hits_per_row)
+            prec = j / (hit_pos + 1.0)
+            denom = np.where(r > 0, r, 1).astype(np.float64)
+            within_r = hit_pos < r[hit_row]
+            values = {
+                "map_at_r": np.bincount(hit_row[within_r], weights=prec[within_r], minlength=c) / denom,
+                "r_precision": np.bincount(hit_row[within_r], minlength=c) / denom,
+            }
+            if full_ap:
+                values["ap"] = np.bincount(hit_row, weights=prec, minlength=c) / denom
+            cols_k = top_col[:, :k].astype(np.int64)
+            valid_k = np.arange(k) < cand[:, None]
+            cols_k[~valid_k] = -1
+            scores_k = np.take_along_axis(sims, np.maximum(cols_k, 0), axis=1)
+            scores_k[~valid_k] = nan
+            return values, cols_k, scores_k
+
+        by_rank = np.argsort(id_rank).astype(np.int64)  # gallery column of each id rank
+
+        def key_chunk(sel: np.ndarray) -> None:
+            write(sel, *key_rank(similarities(sel), sel))
+
+        def merge_chunk(sel: np.ndarray) -> None:
+            """Value sorts of each query's relevant and irrelevant runs, then the merge walk."""
+            from vlmindex.metrics.merge import merge_ranks, split_runs, top_k
+
+            c = len(sel)
+            code = qry_codes[sel]
+            lo, hi = class_start[code], class_end[code]
+            sims = similarities(sel)
+            runs = scratch.array("runs", sims.shape, np.float32)
+            split_runs(sims, lo, hi, runs)
+            for q, width in enumerate(hi - lo):  # NumPy's SIMD sort; it lets go of the GIL
+                runs[q, :width].sort()
+                runs[q, width:].sort()
+            r = n_relevant[sel]
+            values = {name: np.full(c, nan) for name in ("ap", "map_at_r", "r_precision")}
+            kth = np.empty(c, dtype=np.float32)
+            merge_ranks(runs, r, n_candidates[sel] - r, k, sims, lo, hi, id_rank, values["ap"],
+                        values["map_at_r"], values["r_precision"], kth)
+            cols_k = np.empty((c, k), dtype=np.int64)
+            scores_k = np.empty((c, k), dtype=np.float32)
+            top_k(sims, kth, id_rank, k, cols_k, scores_k)
+            write(sel, values, cols_k, scores_k)
+
+        if full_ap:
+            chunks = [np.arange(i, min(n_qry, i + chunk_size)) for i in range(0, n_qry, chunk_size)]
+            run_chunks(merge_chunk, chunks, n_threads)
+        else:
+            # Chunks of queries with similar R: the partial sort then stops near each chunk's own R.
+            order = np.argsort(-n_relevant, kind="stable")
+            chunks = [order[i : i + chunk_size] for i in range(0, n_qry, chunk_size)]
+            run_chunks(key_chunk, chunks, n_threads)
+
+    if device is not None:
+        from vlmindex.metrics.torch_ranking import torch_rank
+
+        for sel, values, cols_k, scores_k in torch_rank(
+                device, xall, q_row, xg, id_rank, gal_codes, qry_codes, n_relevant, n_candidates, k, excluded):
+            write(sel, values, cols_k, scores_k)
+    else:
+        _numpy_rank()
 
     nb_index = np.where(nb_col >= 0, gal[np.maximum(nb_col, 0)], -1)
     nb_id = np.where(nb_col >= 0, gal_ids[np.maximum(nb_col, 0)], -1)
@@ -503,6 +566,22 @@ def retrieval_metrics(
         neighbor_id=nb_id,
         neighbor_score=nb_score,
     )
+
+
+def _knn_vote(cols_k: np.ndarray, scores_k: np.ndarray, valid_k: np.ndarray, gal_codes: np.ndarray,
+              n_classes: int) -> np.ndarray:
+    """The kNN vote of each row: most votes among its top k, ties to the larger summed similarity,
+    then to the smaller class code; -1 for a row with no neighbour. Vectorised: bincounts over
+    (row, class) cells give votes and summed similarity."""
+    c = len(cols_k)
+    rows = np.arange(c)
+    cell = (rows[:, None] * n_classes + gal_codes[np.maximum(cols_k, 0)])[valid_k]
+    votes = np.bincount(cell, minlength=c * n_classes).reshape(c, n_classes)
+    sim_sum = np.bincount(cell, weights=scores_k[valid_k].astype(np.float64), minlength=c * n_classes)
+    top_votes = votes.max(axis=1)
+    tied = votes == top_votes[:, None]
+    best = np.argmax(np.where(tied, sim_sum.reshape(c, n_classes), -np.inf), axis=1)
+    return np.where(top_votes > 0, best, -1)
 
 
 def _union_counts(keys: list[np.ndarray], gal: np.ndarray, qry: np.ndarray, codes: np.ndarray,

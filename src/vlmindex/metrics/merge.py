@@ -1,0 +1,219 @@
+"""Compiled row kernels of the full-ranking path: merging two value-sorted runs, and the exact top k.
+
+The full-ranking path (:func:`vlmindex.metrics.retrieval.retrieval_metrics` with ``full_ap=True``)
+lays the gallery out by class, so that for a query of class c its relevant items are one
+contiguous run of columns and the irrelevant ones the rest. It sorts the similarities of the two
+runs separately with NumPy's (SIMD) value sort, which costs what one sort of the whole row costs,
+and never sorts a permutation. The rank of the i-th relevant item (0-based, best first) is then
+``i + #{irrelevant items ranked above it}``, which one linear walk over both runs, from their
+best ends, gives (:func:`merge_ranks`). Equal values of a relevant and an irrelevant item are
+ordered by the id rule: the walk finds their ids in the row and takes each tied group in id
+order. The k nearest neighbours come from the k-th value of the merged order: every column at
+least that similar is a candidate, and the candidates are ordered by similarity, then id
+(:func:`top_k`), so the top k is exact with no tie left to chance.
+
+The kernels release the GIL, so the chunk threads of ``run_chunks`` run them in parallel.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from numba import njit
+
+__all__ = ["merge_ranks", "split_runs", "top_k"]
+
+
+@njit(nogil=True, cache=True)
+def _canonical(bits: np.uint32) -> np.uint32:  # pragma: no cover - compiled
+    """The float32 bit pattern with -0.0 as +0.0, so that the two equal zeros hash alike."""
+    return np.uint32(0) if (bits & np.uint32(0x7FFFFFFF)) == 0 else bits
+
+
+@njit(nogil=True, cache=True)
+def _canonical(bits: np.uint32) -> np.uint32:  # pragma: no cover - compiled
+    """The float32 bit pattern with -0.0 as +0.0, so that the two equal zeros hash alike."""
+    return np.uint32(0) if (bits & np.uint32(0x7FFFFFFF)) == 0 else bits
+
+
+@njit(nogil=True, cache=True)
+def _hash(bits: np.uint32, shift: np.uint64) -> np.int64:  # pragma: no cover - compiled
+    return np.int64((np.uint64(bits) * np.uint64(0x9E3779B97F4A7C15)) >> shift)
+
+
+@njit(nogil=True, cache=True)
+def split_runs(sims: np.ndarray, lo: np.ndarray, hi: np.ndarray, runs: np.ndarray) -> None:  # pragma: no cover
+    """Row q of ``runs``: the relevant run ``sims[q, lo[q]:hi[q]]``, then the rest of the row."""
+    for q in range(sims.shape[0]):
+        a = lo[q]
+        w = hi[q] - a
+        runs[q, :w] = sims[q, a:hi[q]]
+        runs[q, w:w + a] = sims[q, :a]
+        runs[q, w + a:] = sims[q, hi[q]:]
+
+
+@njit(nogil=True, cache=True)
+def merge_ranks(runs: np.ndarray, n_rel: np.ndarray, n_irr: np.ndarray, k: int, sims: np.ndarray,
+                lo: np.ndarray, hi: np.ndarray, id_rank: np.ndarray, ap: np.ndarray, map_at_r: np.ndarray,
+                r_precision: np.ndarray, kth_out: np.ndarray) -> None:  # pragma: no cover - compiled
+    """Per row q: AP, MAP@R and R-precision from the two sorted runs, and the k-th merged value.
+
+    ``runs[q]`` is :func:`split_runs`'s row with both runs sorted ascending: the similarities to the
+    row's relevant items (its first ``hi[q] - lo[q]`` entries), then to the irrelevant ones, so that
+    the last ``n_rel[q]`` and ``n_irr[q]`` entries of each run are the candidates (the left-out
+    items hold -inf and come first), best last; ``sims[q]`` is the row itself (-inf where left
+    out), its relevant run at columns ``[lo[q], hi[q])``. With ``pos`` the
+    0-based rank of the i-th relevant item, P@(pos+1) = (i+1)/(pos+1); AP sums it over all relevant
+    items, MAP@R over those with pos < R, and R-precision counts those, each divided by R. A row
+    with R = 0 keeps its metrics as they are.
+
+    A value held by a relevant and an irrelevant item at once (float32 similarities tie often at
+    scale: a row of 100k has ~10^9 such pairs over ~10^7 float32 values) is ordered by the id
+    rule: the walk first places a tied group's relevant items before its irrelevant ones; one scan
+    of the row then finds the tied items (through a small hash table of bit patterns), and each
+    group's relevant items are moved to their places in ``id_rank`` order. ``kth_out[q]`` is the
+    min(k, candidates)-th largest merged similarity (+inf without candidates), for :func:`top_k`.
+    """
+    n = sims.shape[1]
+    sim_bits = sims.view(np.uint32)
+    tie_vals = np.empty(n, dtype=np.float32)
+    tie_i = np.empty(n, dtype=np.int64)   # a tied group's first relevant index and ...
+    tie_j = np.empty(n, dtype=np.int64)   # ... the irrelevant items ranked above the group
+    item_key = np.empty(n, dtype=np.int64)
+    item_rel = np.empty(n, dtype=np.bool_)
+    empty = np.uint32(0xFFFFFFFF)  # a NaN pattern: never a similarity
+    seen = np.zeros(1 << 16, dtype=np.bool_)  # low 16 bits of the row's tied values
+    wi = n - 1  # runs[q, wi - j] is the j-th best irrelevant item
+    for q in range(runs.shape[0]):
+        r = n_rel[q]
+        m = n_irr[q]
+        wr = hi[q] - lo[q] - 1  # runs[q, wr - i] is the i-th best relevant item
+        rel = runs[q]
+        irr = runs[q]
+        # The walk, placing a tied group's relevant items before its irrelevant ones for now.
+        s_ap = 0.0
+        s_map = 0.0
+        within = 0
+        nt = 0
+        j = 0
+        for i in range(r):
+            v = rel[wr - i]
+            while j < m and irr[wi - j] > v:
+                j += 1
+            if j < m and irr[wi - j] == v and (nt == 0 or tie_vals[nt - 1] != v):
+                tie_vals[nt] = v
+                tie_i[nt] = i
+                tie_j[nt] = j
+                nt += 1
+            pos = i + j
+            prec = (i + 1.0) / (pos + 1.0)
+            s_ap += prec
+            if pos < r:
+                s_map += prec
+                within += 1
+        # The k-th merged value: every column at least as similar is a top-k candidate.
+        a = 0
+        b = 0
+        kth = np.inf
+        for _ in range(min(k, r + m)):
+            if b >= m or (a < r and rel[wr - a] >= irr[wi - b]):
+                kth = rel[wr - a]
+                a += 1
+            else:
+                kth = irr[wi - b]
+                b += 1
+        kth_out[q] = kth
+        if nt == 0:
+            if r > 0:
+                ap[q] = s_ap / r
+                map_at_r[q] = s_map / r
+                r_precision[q] = within / r
+            continue
+        size = 64
+        while size < 4 * nt:
+            size *= 2
+        table_bits = np.full(size, empty)
+        table_idx = np.empty(size, dtype=np.int64)
+        shift = np.uint64(64 - int(np.log2(size)))
+        for t in range(nt):
+            bits = _canonical(np.array([tie_vals[t]], dtype=np.float32).view(np.uint32)[0])
+            seen[bits & 0xFFFF] = True
+            h = _hash(bits, shift)
+            while table_bits[h] != empty:
+                h = (h + 1) & (size - 1)
+            table_bits[h] = bits
+            table_idx[h] = t
+        n_items = 0
+        for col in range(n):
+            # The low 16 bits first (the same for the two zeros): most columns stop here.
+            if not seen[sim_bits[q, col] & 0xFFFF]:
+                continue
+            bits = _canonical(sim_bits[q, col])
+            h = _hash(bits, shift)
+            while table_bits[h] != empty:
+                if table_bits[h] == bits:
+                    item_key[n_items] = table_idx[h] * n + id_rank[col]
+                    item_rel[n_items] = lo[q] <= col < hi[q]
+                    n_items += 1
+                    break
+                h = (h + 1) & (size - 1)
+        for t in range(nt):
+            seen[np.array([tie_vals[t]], dtype=np.float32).view(np.uint32)[0] & 0xFFFF] = False
+        order = np.argsort(item_key[:n_items])
+        g = 0
+        for t in range(nt):
+            i = tie_i[t]
+            j = tie_j[t]
+            while g < n_items and item_key[order[g]] // n == t:
+                if item_rel[order[g]]:
+                    early = i + tie_j[t]
+                    prec_early = (i + 1.0) / (early + 1.0)
+                    pos = i + j
+                    prec = (i + 1.0) / (pos + 1.0)
+                    s_ap += prec - prec_early
+                    if early < r:
+                        s_map -= prec_early
+                        within -= 1
+                    if pos < r:
+                        s_map += prec
+                        within += 1
+                    i += 1
+                else:
+                    j += 1
+                g += 1
+        if r > 0:
+            ap[q] = s_ap / r
+            map_at_r[q] = s_map / r
+            r_precision[q] = within / r
+
+
+@njit(nogil=True, cache=True)
+def top_k(sims: np.ndarray, kth: np.ndarray, id_rank: np.ndarray, k: int, cols: np.ndarray,
+          scores: np.ndarray) -> None:  # pragma: no cover - compiled
+    """The k nearest columns of each row, by descending similarity, then ascending ``id_rank``.
+
+    Candidates are the columns with ``sims >= kth[q]`` (excluded columns hold -inf); fewer than
+    k leave ``cols`` at -1 and ``scores`` at NaN.
+    """
+    n = sims.shape[1]
+    cand = np.empty(n, dtype=np.int64)
+    for q in range(sims.shape[0]):
+        thr = kth[q]
+        n_cand = 0
+        if np.isfinite(thr):
+            for col in range(n):
+                if sims[q, col] >= thr:
+                    cand[n_cand] = col
+                    n_cand += 1
+        picked = cand[:n_cand]
+        by_id = picked[np.argsort(id_rank[picked], kind="mergesort")]
+        neg = np.empty(n_cand, dtype=np.float32)
+        for t in range(n_cand):
+            neg[t] = -sims[q, by_id[t]]
+        ranked = by_id[np.argsort(neg, kind="mergesort")]  # stable: equal similarity keeps id order
+        for t in range(k):
+            if t < n_cand:
+                cols[q, t] = ranked[t]
+                scores[q, t] = sims[q, ranked[t]]
+            else:
+                cols[q, t] = -1
+                scores[q, t] = np.nan
