@@ -7,7 +7,7 @@ TORCH  ?= torch==2.14.1 torchvision==0.29.1
 # No wheel cache: torch's CUDA wheels are several GB, and a second copy in ~/.cache/pip has filled a CI disk.
 PIP_FLAGS ?= --no-cache-dir
 
-.PHONY: demo test browser install lint bench clean
+.PHONY: demo test browser install lint bench bench-scale clean
 
 $(BIN)/vlmindex: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -38,5 +38,9 @@ bench: install
 	$(BIN)/python benchmarks/bench_index.py
 	$(BIN)/python benchmarks/bench_serve.py
 
+# analyze at 25k/50k/100k x 512 against the floor of exact ranking: builds its workspaces (minutes), then ~15 min.
+bench-scale: install
+	$(BIN)/python benchmarks/bench_analyze_scale.py --keep .bench-scale
+
 clean:
-	rm -rf $(VENV) build dist vlmindex-workspace
+	rm -rf $(VENV) build dist vlmindex-workspace .bench-scale

@@ -8,8 +8,9 @@ memory (the child's max RSS), next to the floor measured in the same run on the 
 the chunked float32 product of every query with the whole gallery plus NumPy's value sort of every
 row, which any exact full-ranking metric must do. The floor is the better of two schedules (one
 thread per core, each with single-threaded BLAS; or multi-threaded BLAS products with the sorts
-on one thread per core), with 256-row chunks written into reused buffers (no page faults of fresh
-arrays), so it is the best this baseline can do. Printed: analyze / floor.
+on one thread per core), with chunks as tall as analyze's (256 MiB each, at most 1024 rows)
+written into reused buffers (no page faults of fresh arrays), so it is the best this baseline can
+do. Printed: analyze / floor.
 
 At the largest size it also runs ``--sample-queries 5000`` and prints its time and the width of
 the bootstrap 95% interval of its mAP.
@@ -135,7 +136,7 @@ def floor_seconds(x: np.ndarray, threads: int, schedules: tuple[str, ...] = ("pe
 
     unit = (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)
     n = len(unit)
-    rows = max(8, min(256, (256 * 2**20) // (8 * n)))
+    rows = max(8, min(1024, (256 * 2**20) // (8 * n)))  # analyze's own rule (metrics.ranking.block_rows)
     chunks = [slice(s, min(n, s + rows)) for s in range(0, n, rows)]
 
     local = threading.local()  # one product buffer per thread: no page faults of fresh arrays

@@ -30,12 +30,6 @@ def _canonical(bits: np.uint32) -> np.uint32:  # pragma: no cover - compiled
 
 
 @njit(nogil=True, cache=True)
-def _canonical(bits: np.uint32) -> np.uint32:  # pragma: no cover - compiled
-    """The float32 bit pattern with -0.0 as +0.0, so that the two equal zeros hash alike."""
-    return np.uint32(0) if (bits & np.uint32(0x7FFFFFFF)) == 0 else bits
-
-
-@njit(nogil=True, cache=True)
 def _hash(bits: np.uint32, shift: np.uint64) -> np.int64:  # pragma: no cover - compiled
     return np.int64((np.uint64(bits) * np.uint64(0x9E3779B97F4A7C15)) >> shift)
 

@@ -44,16 +44,12 @@ from vlmindex.errors import VlmindexError
 from vlmindex.metrics import registry
 from vlmindex.metrics.inputs import as_embeddings, as_mask, factorize
 from vlmindex.metrics.ranking import (
-    KEY_BYTES_PER_PAIR,
-    LO,
     MAX_THREADS,
-    MERGE_BYTES_PER_PAIR,
     Scratch,
     block_products,
     block_rows,
     normalized_rows,
     ragged_ranges,
-    rank_keys,
     run_chunks,
     unique_rows,
 )
@@ -231,16 +227,16 @@ def retrieval_metrics(
         Which rows are queries and which form the gallery (default: all). A query that is also in
         the gallery is removed from its own ranking; one that is not simply ranks the gallery.
     full_ap : bool
-        Compute AP over the full ranking (needs a full sort of each row). With False, only the
-        top ``max(k, R)`` of each row is sorted (a partial sort) and ``ap`` is None.
+        Report AP over the full ranking (default). With False, ``ap`` is None; the other metrics
+        are the same numbers (the ranking is computed in full either way: its value sorts cost
+        less than a partial sort of (similarity, id) keys).
     chunk_size : int, optional
-        Queries per task, rounded up to a multiple of the fixed product block (8 to 256 rows,
+        Queries per task, rounded up to a multiple of the fixed product block (8 to 1024 rows,
         chosen from the gallery size so that a block needs at most ~256 MiB); default: one block.
         Results do not depend on it.
     n_threads : int, optional
         Tasks processed in parallel (default: CPU count, at most 8), each with single-threaded
-        BLAS. Results do not depend on it. Memory is about n_threads × chunk_size × |gallery| × 8 B
-        with ``full_ap`` (× 40 B without).
+        BLAS. Results do not depend on it. Memory is about n_threads × chunk_size × |gallery| × 8 B.
     device : str, optional
         None (default): the NumPy kernels on the CPU. A torch device (``"cuda"``, ``"cuda:1"``,
         ``"cpu"``): products and sorts in torch on that device (:mod:`vlmindex.metrics.torch_ranking`),
@@ -431,7 +427,7 @@ def retrieval_metrics(
             n_threads = min(os.cpu_count() or 1, MAX_THREADS)
         n_threads = max(1, int(n_threads))
         # The product block shape depends on the gallery alone, never on chunk_size or n_threads.
-        block = block_rows(n_gal, MERGE_BYTES_PER_PAIR if full_ap else KEY_BYTES_PER_PAIR)
+        block = block_rows(n_gal)
         if chunk_size is None:
             chunk_size = block
         elif int(chunk_size) < 1:
@@ -439,68 +435,15 @@ def retrieval_metrics(
         chunk_size = -(-int(chunk_size) // block) * block
         class_start = np.searchsorted(gal_codes, np.arange(n_classes)).astype(np.int64)
         class_end = np.searchsorted(gal_codes, np.arange(n_classes), side="right").astype(np.int64)
-        rank_words = id_rank.astype(np.uint32)
         scratch = Scratch()
-        # Narrow codes for the big [chunk, width] gather of the key path.
-        code_type = np.int16 if n_classes < 2**15 else np.int32
-        gal_codes_narrow = gal_codes.astype(code_type)
 
         def similarities(sel: np.ndarray) -> np.ndarray:
             """The chunk's similarities to every gallery column, -inf where an item is left out."""
-            sims = block_products(xall, q_row[sel], xg_unique, block, scratch if full_ap else None)
+            sims = block_products(xall, q_row[sel], xg_unique, block, scratch)
             if expand is not None:
                 sims = sims[:, expand]
             sims[excluded(sel)] = -np.inf
             return sims
-
-        def key_rank(sims: np.ndarray, sel: np.ndarray) -> tuple[dict[str, np.ndarray], np.ndarray, np.ndarray]:
-            """Metrics of the rows ``sims`` from one sort of (similarity, id) keys, partial (the top
-            ``max(k, R)``) without ``full_ap``."""
-            c = len(sel)
-            np.add(sims, np.float32(0.0), out=sims)  # -0.0 -> +0.0: the two zeros compare equal
-            keys = rank_keys(sims, rank_words, np.empty((c, n_gal), dtype=np.uint64))
-            cand = n_candidates[sel]
-            r = n_relevant[sel]
-            width = n_gal if full_ap else min(n_gal, max(k, int(r.max())))
-            if width < n_gal:
-                keys.partition(width - 1, axis=1)
-                ranked = keys[:, :width]
-                ranked.sort(axis=1)
-            else:
-                keys.sort(axis=1)
-                ranked = keys
-            # The low word is the id rank; the gallery column is where that rank sits.
-            top_col = by_rank[ranked.view(np.uint32).reshape(c, width, 2)[:, :, LO]]
-            qc = qry_codes[sel]
-            rel = gal_codes_narrow[top_col] == qc.astype(code_type)[:, None]
-            short = cand < width
-            if short.any():
-                # Excluded items (-inf) sort last; past a query's candidates nothing counts.
-                rel[short] &= np.arange(width) < cand[short, None]
-            # Relevant hits as (row, rank): the j-th hit of a row, at 0-based rank p, has P@(p+1) = j/(p+1).
-            hit_row, hit_pos = np.nonzero(rel)
-            hits_per_row = np.bincount(hit_row, minlength=c)
-            j = np.arange(1, len(hit_row) + 1) - np.repeat(np.cumsum(hits_per_row) - hits_per_row, hits_per_row)
-            prec = j / (hit_pos + 1.0)
-            denom = np.where(r > 0, r, 1).astype(np.float64)
-            within_r = hit_pos < r[hit_row]
-            values = {
-                "map_at_r": np.bincount(hit_row[within_r], weights=prec[within_r], minlength=c) / denom,
-                "r_precision": np.bincount(hit_row[within_r], minlength=c) / denom,
-            }
-            if full_ap:
-                values["ap"] = np.bincount(hit_row, weights=prec, minlength=c) / denom
-            cols_k = top_col[:, :k].astype(np.int64)
-            valid_k = np.arange(k) < cand[:, None]
-            cols_k[~valid_k] = -1
-            scores_k = np.take_along_axis(sims, np.maximum(cols_k, 0), axis=1)
-            scores_k[~valid_k] = nan
-            return values, cols_k, scores_k
-
-        by_rank = np.argsort(id_rank).astype(np.int64)  # gallery column of each id rank
-
-        def key_chunk(sel: np.ndarray) -> None:
-            write(sel, *key_rank(similarities(sel), sel))
 
         def merge_chunk(sel: np.ndarray) -> None:
             """Value sorts of each query's relevant and irrelevant runs, then the merge walk."""
@@ -525,14 +468,8 @@ def retrieval_metrics(
             top_k(sims, kth, id_rank, k, cols_k, scores_k)
             write(sel, values, cols_k, scores_k)
 
-        if full_ap:
-            chunks = [np.arange(i, min(n_qry, i + chunk_size)) for i in range(0, n_qry, chunk_size)]
-            run_chunks(merge_chunk, chunks, n_threads)
-        else:
-            # Chunks of queries with similar R: the partial sort then stops near each chunk's own R.
-            order = np.argsort(-n_relevant, kind="stable")
-            chunks = [order[i : i + chunk_size] for i in range(0, n_qry, chunk_size)]
-            run_chunks(key_chunk, chunks, n_threads)
+        chunks = [np.arange(i, min(n_qry, i + chunk_size)) for i in range(0, n_qry, chunk_size)]
+        run_chunks(merge_chunk, chunks, n_threads)
 
     if device is not None:
         from vlmindex.metrics.torch_ranking import torch_rank
