@@ -126,7 +126,7 @@ def class_stats(embeddings: np.ndarray, codes: np.ndarray, *, normalize: bool = 
     for start in range(0, n, _STATS_ROWS):
         xb = block(start)
         cb = codes[start:start + _STATS_ROWS]
-        np.add.at(sums, cb, xb) if len(xb) < 64 else _add_by_class(sums, cb, xb)
+        _add_by_class(sums, cb, xb)
         sq_norms[start:start + len(xb)] = np.einsum("ij,ij->i", xb, xb)
     dots = np.empty((n, n_classes))
     for start in range(0, n, _STATS_ROWS):
