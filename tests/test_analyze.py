@@ -182,5 +182,6 @@ def test_device_option_same_analysis_on_every_path(vlm, analysed, monkeypatch):
     if not torch.cuda.is_available():
         res = vlm(analysed, "analyze", "-m", "raw-pixels", "-d", "demo", "--device", "cuda", expect=1)
         assert "sees no CUDA device" in res.err and "Traceback" not in res.err
-    res = vlm(analysed, "analyze", "-m", "raw-pixels", "-d", "demo", "--device", "tpu", expect=1)
-    assert "--device 'tpu'" in res.err
+    for bad in ("tpu", "cuda:abc", "cuda:"):
+        res = vlm(analysed, "analyze", "-m", "raw-pixels", "-d", "demo", "--device", bad, expect=1)
+        assert f"--device {bad!r} is not cpu, cuda, cuda:N or auto" in res.err and "Traceback" not in res.err

@@ -183,6 +183,7 @@ def _study_text(*, study: str = "", dataset: str = "synth = {}", condition: str 
     ({"analysis": "seed = 1.5"}, "[analysis] seed must be an integer, got 1.5"),
     ({"analysis": "probe_seeds = 0"}, "[analysis] probe_seeds must be an integer >= 1, got 0"),
     ({"analysis": 'per_modality = "yes"'}, "[analysis] per_modality must be true or false, got 'yes'"),
+    ({"analysis": 'device = "gpu"'}, "[analysis] device must be one of auto, cpu, cuda, cuda:N, got 'gpu'"),
     ({"analysis": 'per_modality = true\nmodality = "xray"'},
      "[analysis] per_modality = true analyses every modality; remove modality = 'xray'"),
     ({"embed": 'batch_size = "32"'}, "[embed] batch_size must be an integer >= 1, got '32'"),

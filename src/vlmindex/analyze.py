@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 import time
 import warnings
 from dataclasses import asdict, dataclass, replace
@@ -146,21 +147,32 @@ def _cuda_visible() -> bool:
     return bool(torch.cuda.is_available())
 
 
+_DEVICE_RE = re.compile(r"auto|cpu|cuda(:\d+)?")
+
+
+def is_device_name(device: object) -> bool:
+    """Whether ``device`` is a spelling ``--device`` accepts: ``auto``, ``cpu``, ``cuda`` or ``cuda:N``."""
+    return isinstance(device, str) and _DEVICE_RE.fullmatch(device) is not None
+
+
 def ranking_device(device: str | None) -> str | None:
     """The ``device`` of :func:`vlmindex.metrics.retrieval_metrics` for ``--device``: None (the NumPy
     kernels) for ``cpu``; a torch device for ``cuda``/``cuda:N``; for None or ``auto``, ``cuda``
     when torch sees a GPU, else None."""
+    if device is not None and not is_device_name(device):
+        raise VlmindexError(f"--device {device!r} is not cpu, cuda, cuda:N or auto")
     if device in (None, "auto"):
         return "cuda" if _cuda_visible() else None
     if device == "cpu":
         return None
-    if device.startswith("cuda"):
-        import torch
+    import torch
 
-        if not torch.cuda.is_available():
-            raise VlmindexError(f"--device {device}: torch sees no CUDA device here; use --device cpu")
-        return device
-    raise VlmindexError(f"--device {device!r} is not cpu, cuda, cuda:N or auto")
+    if not torch.cuda.is_available():
+        raise VlmindexError(f"--device {device}: torch sees no CUDA device here; use --device cpu")
+    if device != "cuda" and int(device.split(":")[1]) >= torch.cuda.device_count():
+        raise VlmindexError(f"--device {device}: torch sees {torch.cuda.device_count()} CUDA device(s); "
+                            "use cuda:0 .. cuda:N-1")
+    return device
 
 
 def _split_mask(splits: np.ndarray, split: str | None, what: str) -> np.ndarray | None:

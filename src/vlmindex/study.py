@@ -20,7 +20,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
-from vlmindex.analyze import AnalyzeOptions
+from vlmindex.analyze import AnalyzeOptions, is_device_name
 from vlmindex.catalog import CLEAN, RunKey, Workspace
 from vlmindex.datasets import FORMATS, IngestOptions
 from vlmindex.errors import VlmindexError
@@ -95,7 +95,8 @@ _MODELS_TYPES = {"names": _str_list("model names"), "checkpoints": _STR_TABLE,
 _ANALYSIS_TYPES = {"k": _int(1), "exclude_group": _BOOL, "query_split": _STR, "gallery_split": _STR,
                    "modality": _STR, "probe": _BOOL, "seed": _int(), "allow_partial": _BOOL,
                    "exclude_duplicates": _BOOL, "duplicates_model": _STR, "probe_seeds": _int(1),
-                   "per_modality": _BOOL, "sample_queries": _int(1)}
+                   "per_modality": _BOOL, "sample_queries": _int(1),
+                   "device": _Type(is_device_name, "one of auto, cpu, cuda, cuda:N")}
 # [analysis] keys that shape the study's grid of analyses rather than one analysis's options.
 _ANALYSIS_GRID_KEYS = {"per_modality"}
 _EMBED_TYPES = {"batch_size": _int(1), "num_workers": _int(0), "dtype": _one_of("float32", "float16"),
