@@ -91,7 +91,8 @@ CREATE TABLE IF NOT EXISTS runs (
     weights_sha256 VARCHAR,
     started_at TIMESTAMP,
     finished_at TIMESTAMP,
-    recorded_from VARCHAR     -- embed, import, or parts (rebuilt from the parts' own provenance)
+    recorded_from VARCHAR,    -- embed, import, or parts (rebuilt from the parts' own provenance)
+    family VARCHAR            -- medical, general, llm-enhanced, baseline (registry, or --family); NULL: not said
 );
 
 -- One row per query image and analysis (vlmindex analyze). Metric definitions: docs/metrics.md.
@@ -178,6 +179,64 @@ CREATE TABLE IF NOT EXISTS overlay_effects (
     note VARCHAR,
     created_at TIMESTAMP,
     inputs_fingerprint VARCHAR -- of both runs and the options: current while it matches
+);
+
+-- One row per scored query of an overlay effect (vlmindex overlay effect) and (k, exclude_group):
+-- the overlaid query and its clean self, both ranked against the clean gallery. The attack figures
+-- of overlay_effects are means of these columns (attack_delta_map = mean(ap_attack - ap_clean),
+-- attack_success_rate = mean(attack_success)); vlmindex findings pairs them across models.
+CREATE TABLE IF NOT EXISTS attack_queries (
+    model VARCHAR NOT NULL,
+    dataset VARCHAR NOT NULL,
+    condition VARCHAR NOT NULL,
+    k INTEGER,
+    exclude_group BOOLEAN,
+    image_id BIGINT NOT NULL,
+    label VARCHAR,
+    modality VARCHAR,
+    written VARCHAR,              -- the text burned into the query
+    ap_clean DOUBLE,
+    ap_attack DOUBLE,
+    knn_correct_clean BOOLEAN,
+    knn_correct_attack BOOLEAN,
+    attack_success BOOLEAN,       -- the kNN vote is the written class; NULL: the text writes no other class of its modality
+    created_at TIMESTAMP,
+    inputs_fingerprint VARCHAR    -- the overlay effect's: current while it matches
+);
+
+-- The paper's findings tested on this workspace (vlmindex findings; definitions in docs/findings.md):
+-- one row per comparison of a finding and slice (dataset, modality, condition, scope), or one row
+-- with comparison NULL where the finding is not testable. A rerun replaces the dataset's rows.
+CREATE TABLE IF NOT EXISTS findings (
+    dataset VARCHAR NOT NULL,
+    modality VARCHAR,             -- NULL: all modalities
+    condition VARCHAR NOT NULL,   -- (1), (2): the analysed condition; (3): the overlay condition
+    scope VARCHAR,                -- the analyses' protocol (latest_summaries.scope, without the probe)
+    finding INTEGER NOT NULL,     -- 1, 2 or 3
+    claim VARCHAR,
+    finding_verdict VARCHAR,      -- supported, contradicted, not decided, not testable
+    finding_reason VARCHAR,
+    comparison VARCHAR,           -- e.g. 'biomedclip vs hog (floor)'; NULL: nothing to compare
+    a VARCHAR,                    -- a model, or 'family:NAME' for a family mean
+    b VARCHAR,
+    metric VARCHAR,               -- map_micro, knn_acc_macro, attack_delta_map, attack_success_rate, silhouette, fisher_ratio
+    value_a DOUBLE,
+    value_b DOUBLE,
+    delta DOUBLE,                 -- value_a - value_b over the same queries
+    ci_low DOUBLE,                -- group-bootstrap percentile interval of delta
+    ci_high DOUBLE,
+    expected VARCHAR,             -- what the claim predicts: 'a > b' or 'a < b'
+    p_value DOUBLE,               -- two-sided bootstrap p of delta = 0
+    p_holm DOUBLE,                -- Holm over the tested comparisons of the finding and slice
+    verdict VARCHAR,              -- supported, contradicted, not decided; NULL: shown, not tested
+    n_queries BIGINT,
+    n_units BIGINT,               -- groups resampled
+    analysis_ids VARCHAR[],       -- the analyses compared ((1), (2))
+    effect_fingerprints VARCHAR[],  -- the overlay effects compared ((3))
+    n_boot INTEGER,
+    seed INTEGER,
+    alpha DOUBLE,
+    created_at TIMESTAMP
 );
 
 -- Zero-shot classification (vlmindex zeroshot): one row per (model, dataset, condition, modality);

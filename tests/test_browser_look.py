@@ -123,7 +123,9 @@ def test_serve_page_says_what_went_wrong(browser, server, tmp_path):
 
 
 def _wait_for_atlas(page, n: int) -> None:
-    page.wait_for_function(f"document.body.innerText.match(/{n}\\s*\\/\\s*{n}\\s*points/)", timeout=60000)
+    # document.body is null for a moment while a clicked link navigates: the check must survive that
+    page.wait_for_function(f"document.body && document.body.innerText.match(/{n}\\s*\\/\\s*{n}\\s*points/)",
+                           timeout=60000)
     page.wait_for_function("""() => [...document.images].filter(
         i => i.src.startsWith('data:image/png') && i.complete && i.naturalWidth > 0).length >= 5""", timeout=60000)
 

@@ -26,7 +26,7 @@ import torch  # noqa: E402
 from PIL import Image  # noqa: E402
 
 from vlmindex.errors import VlmindexError  # noqa: E402
-from vlmindex.models import FAMILIES, get_spec, is_available, list_specs, load_model, registry  # noqa: E402
+from vlmindex.models import LOADERS, get_spec, is_available, list_specs, load_model, registry  # noqa: E402
 from vlmindex.models.extractor import ImagePreprocess  # noqa: E402
 from vlmindex.models.hub import file_sha256  # noqa: E402
 
@@ -77,9 +77,9 @@ def test_registry_lists_every_required_model_with_its_metadata() -> None:
     for category, names in REQUIRED.items():
         for name in names:
             spec = specs[name]
-            assert spec.category == category
+            assert spec.family == category
             assert spec.medical == (category == "medical")
-            assert spec.family in FAMILIES
+            assert spec.loader in LOADERS
             assert spec.licence and spec.description and spec.source
             assert spec.embed_dim and spec.embed_dim > 0
     assert specs["medsiglip-448"].gated and specs["medsiglip-448"].image_size == 448
@@ -97,8 +97,8 @@ def test_registry_lists_every_required_model_with_its_metadata() -> None:
     for name in ("untrained-vit-tiny", "untrained-vit-b16"):
         assert specs[name].untrained and "UNTRAINED" in specs[name].display_description()
         assert "UNTRAINED" in specs[name].to_dict()["description"]
-    assert [s.category for s in list_specs()] == sorted(
-        (s.category for s in list_specs()), key=registry.CATEGORIES.index
+    assert [s.family for s in list_specs()] == sorted(
+        (s.family for s in list_specs()), key=registry.FAMILIES.index
     )
 
 
@@ -127,11 +127,11 @@ def test_adding_a_model_is_adding_a_json_file(tmp_path: Path, monkeypatch: pytes
     registry._named_specs.cache_clear()
     try:
         spec = get_spec("derm-clip")
-        assert spec.hf_repo == "some-lab/derm-clip" and spec.family == "hf_clip"
+        assert spec.hf_repo == "some-lab/derm-clip" and spec.loader == "hf_clip"
         assert "derm-clip" in {s.name for s in list_specs()}
-        (specs / "broken.json").write_text(json.dumps({**entry, "family": "nope"}))
+        (specs / "broken.json").write_text(json.dumps({**entry, "loader": "nope"}))
         registry._named_specs.cache_clear()
-        with pytest.raises(VlmindexError, match="broken.json.*family 'nope'"):
+        with pytest.raises(VlmindexError, match="broken.json.*loader 'nope'"):
             list_specs()
     finally:
         registry._named_specs.cache_clear()
@@ -144,8 +144,8 @@ def test_unknown_name_suggests_close_matches() -> None:
 
 
 def test_generic_forms_resolve(built: dict[str, Path]) -> None:
-    assert get_spec("hf:org/some-model").family == "hf_auto"
-    assert get_spec("hf-hub:org/some-model").family == "open_clip"
+    assert get_spec("hf:org/some-model").loader == "hf_auto"
+    assert get_spec("hf-hub:org/some-model").loader == "open_clip"
     oc = get_spec("open_clip:ViT-B-32/openai")
     assert (oc.arch, oc.pretrained, oc.image_size, oc.embed_dim) == ("ViT-B-32", "openai", 224, 512)
     with pytest.raises(VlmindexError, match="no pretrained tag 'nope'.*openai"):
@@ -156,11 +156,11 @@ def test_generic_forms_resolve(built: dict[str, Path]) -> None:
         get_spec("hf:just-a-name")
     with pytest.raises(VlmindexError, match="hf:some-org/some-repo"):
         get_spec("some-org/some-repo")
-    assert get_spec(f"local-dir:{built['open_clip']}").family == "open_clip"
-    assert get_spec(f"local-dir:{built['clip']}").family == "hf_clip"
-    assert get_spec(str(built["siglip"])).family == "hf_siglip"  # a bare folder path works too
+    assert get_spec(f"local-dir:{built['open_clip']}").loader == "open_clip"
+    assert get_spec(f"local-dir:{built['clip']}").loader == "hf_clip"
+    assert get_spec(str(built["siglip"])).loader == "hf_siglip"  # a bare folder path works too
     remote = get_spec(f"local-dir:{built['remote']}")
-    assert remote.family == "hf_auto" and remote.remote_code
+    assert remote.loader == "hf_auto" and remote.family is None and remote.remote_code
     with pytest.raises(VlmindexError, match="neither an open_clip folder"):
         get_spec(f"local-dir:{built['open_clip'].parent}")
 
@@ -291,7 +291,7 @@ def test_named_open_clip_model_loads_from_checkpoint_and_from_cache(
     mf.install_in_hf_cache(_empty_offline_cache, spec.hf_repo, folder, as_blobs=True)
     assert is_available(spec)
     cached = load_model("biomedclip")
-    assert cached.name == "biomedclip" and cached.spec.category == "medical"
+    assert cached.name == "biomedclip" and cached.spec.family == "medical"
     assert cached.spec.image_size == 32 and cached.spec.embed_dim == 24  # what the checkpoint says
     # the cache stores weights under blobs/<sha256>; the checksum is read from that name
     weights = (folder / "open_clip_model.safetensors").read_bytes()
@@ -437,7 +437,7 @@ def test_remote_code_runs_with_the_flag(
     folder = built["remote"]
     ex = load_model("llm2clip-b16", checkpoint=folder, trust_remote_code=True)
     assert sentinel.exists()
-    assert ex.dim == 20 and ex.spec.category == "llm-enhanced"
+    assert ex.dim == 20 and ex.spec.family == "llm-enhanced"
     assert ex.preprocess_config["source"] == str(folder / "preprocessor_config.json")
     x = ex.preprocess(image)[None]
     with torch.no_grad():
@@ -483,7 +483,7 @@ def test_open_clip_tag_availability_reads_the_hub_cache(_empty_offline_cache: Pa
 
 def test_every_named_model_missing_offline_is_a_one_line_error() -> None:
     for spec in list_specs():
-        if spec.family == "offline":
+        if spec.loader == "offline":
             continue
         assert not is_available(spec), spec.name
         with pytest.raises(VlmindexError) as err:

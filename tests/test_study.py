@@ -142,11 +142,11 @@ def test_shipped_studies_parse_and_the_demo_needs_no_download():
     from vlmindex.models import get_spec
 
     demo = load_study(examples_dir() / "demo.toml")
-    assert all(get_spec(m).family == "offline" for m in demo.models)
+    assert all(get_spec(m).loader == "offline" for m in demo.models)
     assert len(demo.conditions) >= 2 and demo.datasets[0].get("synth") is not None
     paper = load_study(examples_dir() / "paper.toml")
-    categories = {get_spec(m).category for m in paper.models}
-    assert {"medical", "general", "llm-enhanced", "baseline"} <= categories
+    families = {get_spec(m).family for m in paper.models}
+    assert {"medical", "general", "llm-enhanced", "baseline"} <= families
     assert {"llm2clip-b16", "llm2clip-l14-336"} <= paper.trust_remote_code
 
 

@@ -54,6 +54,7 @@ from datetime import datetime
 from typing import Any, cast
 
 import numpy as np
+import pyarrow as pa
 
 from vlmindex import metrics
 from vlmindex.analyze import RunData, load
@@ -176,7 +177,17 @@ def _row(figure: str, value: float | None, ci: tuple[float | None, float | None]
             "ci_high": clean_float(ci[1]), "n": int(n), "baseline": clean_float(baseline), "note": note}
 
 
-def overlay_figures(
+def overlay_figures(clean: RunData, over: RunData, recipe: OverlayRecipe, pools: dict[str | None, list[str]],
+                    **options: Any) -> list[dict[str, Any]]:
+    """All bias figures of two paired runs (same images, same order); see the module docstring.
+
+    Pure computation on arrays: :func:`compute_overlay_effect` loads, pairs and stores around it.
+    ``options``: those of :func:`overlay_analysis`.
+    """
+    return overlay_analysis(clean, over, recipe, pools, **options)[0]
+
+
+def overlay_analysis(
     clean: RunData,
     over: RunData,
     recipe: OverlayRecipe,
@@ -186,11 +197,8 @@ def overlay_figures(
     exclude_group: bool = False,
     n_boot: int = 1000,
     seed: int = 0,
-) -> list[dict[str, Any]]:
-    """All bias figures of two paired runs (same images, same order); see the module docstring.
-
-    Pure computation on arrays: :func:`compute_overlay_effect` loads, pairs and stores around it.
-    """
+) -> tuple[list[dict[str, Any]], dict[str, np.ndarray]]:
+    """:func:`overlay_figures` and the per-query values its attack figures average (:func:`attack_queries`)."""
     n = len(clean.ids)
     if n != len(over.ids) or not np.array_equal(clean.ids, over.ids):
         raise VlmindexError("clean and overlaid runs must hold the same images in the same order")
@@ -263,14 +271,15 @@ def overlay_figures(
     changed = (vote_over != vote_clean).astype(np.float64)
     rows.append(_row("vote_change_rate", changed.mean(), bootstrap_ci(_mean_stat(changed), n, **boot), n))
     written = np.array(strings, dtype=object)
-    rows += attack_figures(res_c, res_x, clean.labels, written, clean.modalities, pools, boot=boot)
+    attack = attack_queries(res_c, res_x, clean.labels, written, clean.modalities, pools)
+    rows += attack_figures(attack, boot=boot)
 
     # Typographic flip: only a class name can be voted for.
     if recipe.text not in CLASS_NAME_SOURCES:
         note = f"text source {recipe.text!r} does not write a class name"
         for name in ("flip_rate", "written_vote_rate", "flip_rate_chance"):
             rows.append(_row(name, None, (None, None), n, note=note))
-        return rows
+        return rows, attack
     already = (vote_clean == written).astype(np.float64)
     voted = (vote_over == written).astype(np.float64)
     flip = voted * (1.0 - already)
@@ -281,7 +290,7 @@ def overlay_figures(
     n_other = np.array([len(pools.get(m, [])) - 1 for m in clean.modalities], dtype=np.float64)
     expect = np.where(n_other > 0, changed * (1.0 - already) / np.maximum(n_other, 1.0), 0.0)
     rows.append(_row("flip_rate_chance", expect.mean(), bootstrap_ci(_mean_stat(expect), n, **boot), n))
-    return rows
+    return rows, attack
 
 
 # Attack figures: (stem, RetrievalResult attribute) of the metrics read for overlaid queries
@@ -290,15 +299,45 @@ ATTACK_METRICS = tuple((stem, attr) for stem, attr in DELTA_METRICS if stem in (
 ATTACK_DELTAS = ("map", "knn_acc")
 
 
-def attack_figures(res_clean: metrics.RetrievalResult, res_attack: metrics.RetrievalResult, labels: np.ndarray,
-                   written: np.ndarray, modalities: np.ndarray, pools: dict[str | None, list[str]], *,
-                   boot: dict[str, int]) -> list[dict[str, Any]]:
+def attack_queries(res_clean: metrics.RetrievalResult, res_attack: metrics.RetrievalResult, labels: np.ndarray,
+                   written: np.ndarray, modalities: np.ndarray, pools: dict[str | None, list[str]]
+                   ) -> dict[str, np.ndarray]:
+    """Per scored query (R > 0, the same set in both results): what :func:`attack_figures` averages.
+
+    ``ap_clean``/``ap_attack`` and ``knn_correct_clean``/``knn_correct_attack`` of the clean and the
+    overlaid query against the clean gallery; ``attack_success`` (object: True, False or None) is
+    whether the attacked kNN vote is the written class, None where the text writes no class of
+    the query's modality other than its true one (see :func:`attack_figures`); ``success_clean``
+    whether the clean vote already was; ``names_a_class`` whether the text is a class name of the
+    query's modality; ``n_classes`` the number of classes of that modality.
+    """
+    scored = ~res_clean.skipped
+    truth = np.array([str(x) for x in labels], dtype=object)
+    written = np.asarray(written, dtype=object)
+    names_a_class = np.array([str(w) in {str(c) for c in pools.get(mod, [])}
+                              for w, mod in zip(written, modalities, strict=True)], dtype=bool)
+    vote_a = np.array([None if p is None else str(p) for p in res_attack.knn_pred], dtype=object)
+    vote_c = np.array([None if p is None else str(p) for p in res_clean.knn_pred], dtype=object)
+    eligible = names_a_class & (written != truth)
+    success = np.array([bool(v == w) if e else None for v, w, e in zip(vote_a, written, eligible, strict=True)],
+                       dtype=object)
+    n_classes = np.array([len(pools.get(mod, [])) for mod in modalities], dtype=np.float64)
+    out = {"image_id": np.asarray(res_clean.query_id, dtype=np.int64), "label": truth,
+           "modality": np.asarray(modalities, dtype=object), "written": written.astype(str).astype(object),
+           "success_clean": vote_c == written, "names_a_class": names_a_class,
+           "attack_success": success, "n_classes": n_classes}
+    for stem, attr in ATTACK_METRICS:
+        out[f"{stem}_clean"] = np.asarray(getattr(res_clean, attr), dtype=np.float64)
+        out[f"{stem}_attack"] = np.asarray(getattr(res_attack, attr), dtype=np.float64)
+    return {name: v[scored] for name, v in out.items()}
+
+
+def attack_figures(queries: dict[str, np.ndarray], *, boot: dict[str, int]) -> list[dict[str, Any]]:
     r"""Typographic-attack figures: overlaid queries against the **clean** gallery.
 
-    ``res_attack`` ranks each overlaid query over the clean images without its own clean image
-    (and its group); ``res_clean`` ranks each clean query over the same gallery with the same
-    exclusions, so the two differ only in the query's pixels. Over the scored queries (R > 0, the
-    same set in both):
+    ``queries`` (:func:`attack_queries`) holds, per scored query, the overlaid query ranked over the
+    clean images without its own clean image (and its group), and the clean query ranked over the
+    same gallery with the same exclusions, so the two differ only in the query's pixels:
 
     * ``attack_<m>`` for m in map, knn_acc, p_at_1: mean of m over the attacked queries; baseline:
       the clean → clean mean;
@@ -315,41 +354,50 @@ def attack_figures(res_clean: metrics.RetrievalResult, res_attack: metrics.Retri
     cannot be told from recognising the lesion there (``random-label`` writes the truth for about
     one query in C).
     """
-    scored = ~res_clean.skipped
-    m = int(scored.sum())
+    m = len(queries["image_id"])
     rows: list[dict[str, Any]] = []
     success_names = ("attack_success_rate", "attack_success_chance")
     if m == 0:
         note = "every query's class has no other image in the gallery"
         names = [f"attack_{s}" for s, _ in ATTACK_METRICS] + [f"attack_delta_{s}" for s in ATTACK_DELTAS]
         return [_row(name, None, (None, None), 0, note=note) for name in (*names, *success_names)]
-    for stem, attr in ATTACK_METRICS:
-        va = np.asarray(getattr(res_attack, attr), dtype=np.float64)[scored]
-        vc = np.asarray(getattr(res_clean, attr), dtype=np.float64)[scored]
+    for stem, _ in ATTACK_METRICS:
+        va, vc = queries[f"{stem}_attack"], queries[f"{stem}_clean"]
         rows.append(_row(f"attack_{stem}", va.mean(), bootstrap_ci(_mean_stat(va), m, **boot), m, baseline=vc.mean()))
         if stem in ATTACK_DELTAS:
             d = va - vc
             rows.append(_row(f"attack_delta_{stem}", d.mean(), bootstrap_ci(_mean_stat(d), m, **boot), m,
                              baseline=vc.mean()))
-    truth = np.array([str(x) for x in labels], dtype=object)
-    names_a_class = np.array([str(w) in {str(c) for c in pools.get(mod, [])}
-                              for w, mod in zip(written, modalities, strict=True)], dtype=bool)
-    vote_a = np.array([None if p is None else str(p) for p in res_attack.knn_pred], dtype=object)
-    vote_c = np.array([None if p is None else str(p) for p in res_clean.knn_pred], dtype=object)
-    eligible = scored & names_a_class & (written != truth)
+    eligible = np.array([v is not None for v in queries["attack_success"]], dtype=bool)
     e = int(eligible.sum())
     if e == 0:
-        note = ("the text writes no class name of the queries' modality" if not names_a_class.any()
+        note = ("the text writes no class name of the queries' modality" if not queries["names_a_class"].any()
                 else "the written class is the true class on every query")
         return rows + [_row(name, None, (None, None), 0, note=note) for name in success_names]
-    success = (vote_a[eligible] == written[eligible]).astype(np.float64)
-    already = (vote_c[eligible] == written[eligible]).astype(np.float64)
-    n_classes = np.array([len(pools.get(mod, [])) for mod in modalities[eligible]], dtype=np.float64)
-    chance = 1.0 / np.maximum(n_classes, 1.0)
+    success = queries["attack_success"][eligible].astype(np.float64)
+    already = queries["success_clean"][eligible].astype(np.float64)
+    chance = 1.0 / np.maximum(queries["n_classes"][eligible], 1.0)
     rows.append(_row("attack_success_rate", success.mean(), bootstrap_ci(_mean_stat(success), e, **boot), e,
                      baseline=already.mean()))
     rows.append(_row("attack_success_chance", chance.mean(), bootstrap_ci(_mean_stat(chance), e, **boot), e))
     return rows
+
+
+def _attack_table(q: dict[str, np.ndarray], key: RunKey, k: int, exclude_group: bool, now: datetime,
+                  fp: str) -> pa.Table:
+    n = len(q["image_id"])
+    return pa.table({
+        "model": [key.model] * n, "dataset": [key.dataset] * n, "condition": [key.condition] * n,
+        "k": pa.array([k] * n, pa.int32()), "exclude_group": [exclude_group] * n,
+        "image_id": pa.array(q["image_id"], pa.int64()),
+        "label": pa.array(q["label"].tolist(), pa.string()),
+        "modality": pa.array([None if m is None else str(m) for m in q["modality"]], pa.string()),
+        "written": pa.array(q["written"].tolist(), pa.string()),
+        "ap_clean": q["map_clean"], "ap_attack": q["map_attack"],
+        "knn_correct_clean": q["knn_acc_clean"] > 0.5, "knn_correct_attack": q["knn_acc_attack"] > 0.5,
+        "attack_success": pa.array(q["attack_success"].tolist(), pa.bool_()),
+        "created_at": pa.array([now] * n, pa.timestamp("us")), "inputs_fingerprint": [fp] * n,
+    })
 
 
 # Enters every overlay effect's fingerprint: figures stored by an earlier set of figures (before
@@ -427,8 +475,8 @@ def compute_overlay_effect(
             f"of {clean_run.n_selected} labelled images of {dataset}, {which} for {model}; embed them "
             f"(`vlmindex embed -m {model} -d {dataset} -c {next(iter(missing))}`) or pass --allow-partial")
     clean, over, unpaired = _pair(clean_run, over_run)
-    rows = overlay_figures(clean, over, recipe, pools, k=k, exclude_group=exclude_group, n_boot=n_boot,
-                           seed=seed)
+    rows, attack = overlay_analysis(clean, over, recipe, pools, k=k, exclude_group=exclude_group, n_boot=n_boot,
+                                    seed=seed)
     now = datetime.now()
     options = _options(k, exclude_group, n_boot, seed)
     fp = fingerprints.combine(STAGE, {key.clean: clean_run.fingerprint, key: over_run.fingerprint}, options)
@@ -446,5 +494,6 @@ def compute_overlay_effect(
     if save:
         with fingerprints.committing(ws, fp, STAGE, [key.clean, key], options,
                                      what=f"the overlay effect of {key}") as con:
-            results.store_overlay_effects(con, key, k=k, exclude_group=bool(exclude_group), rows=out)
+            results.store_overlay_effects(con, key, k=k, exclude_group=bool(exclude_group), rows=out,
+                                          attack=_attack_table(attack, key, k, bool(exclude_group), now, fp))
     return out

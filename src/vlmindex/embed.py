@@ -68,6 +68,7 @@ class EmbedOptions:
     ray_address: str | None = None        # ray: a running cluster ("auto", "ray://host:10001"); None: a local one
     replicas: int | None = None           # ray: model replicas in the actor pool (default: see ray_engine)
     gpus_per_replica: float = 0.0         # ray: GPUs each replica reserves
+    family: str | None = None             # medical | general | llm-enhanced | baseline; None: the registry's
 
     @property
     def load(self) -> LoadOptions:
@@ -197,20 +198,25 @@ def embed(ws: Workspace, model: str, dataset: str, condition: str = "clean",
 
 def embed_run(ws: Workspace, key: RunKey, options: EmbedOptions | None = None, *, extractor=None) -> EmbedReport:
     """:func:`embed` for a :class:`RunKey`."""
-    from vlmindex.models import get_spec
+    from vlmindex.models import check_family, get_spec
 
     opts = options or EmbedOptions()
     get_spec(key.model)  # an unknown name fails before any work
+    check_family(opts.family)
     _check_run(ws, key)
     out_dir = ws.embeddings_dir(key.model, key.dataset, key.condition)
     remove_stale_temporaries(out_dir)
     _record_missing_runs(ws, key)
     sel = _selection(ws, key, opts)
     if not sel.todo:
+        if opts.family is not None:  # nothing to embed, but the family given now is recorded
+            store.set_family(ws, key, opts.family)
         return EmbedReport(key.model, key.dataset, key.condition, 0, sel.total, 0.0, cached=True)
     with store.embedding_lock(ws, key, opts.shard) as lock_fd:
         sel = _selection(ws, key, opts)  # under the lock: what another run finished is not redone
         if not sel.todo:
+            if opts.family is not None:
+                store.set_family(ws, key, opts.family)
             return EmbedReport(key.model, key.dataset, key.condition, 0, sel.total, 0.0, cached=True)
         return _embed_pending(ws, key, opts, sel, extractor, lock_fd)
 
@@ -254,7 +260,8 @@ def _embed_pending(ws: Workspace, key: RunKey, opts: EmbedOptions, sel: store.Se
         "shard": f"{opts.shard[0]}/{opts.shard[1]}" if opts.shard else None, "dtype": opts.dtype, "device": device,
         "batch_size": opts.batch_size, "num_workers": workers, "preprocessing": extractor.preprocess_config,
         "versions": library_versions(), "weights_sha256": extractor.weights_sha256,
-        "started_at": started.isoformat(timespec="seconds"), "dim": extractor.dim, **engine_meta,
+        "started_at": started.isoformat(timespec="seconds"), "dim": extractor.dim,
+        "family": opts.family or extractor.spec.family, **engine_meta,
     }
     buf_ids: list[np.ndarray] = []
     buf_vecs: list[np.ndarray] = []

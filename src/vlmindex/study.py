@@ -15,16 +15,18 @@ import re
 import time
 import tomllib
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from importlib import resources
 from pathlib import Path
 from typing import Any
 
 from vlmindex.analyze import AnalyzeOptions, is_device_name
 from vlmindex.catalog import CLEAN, RunKey, Workspace
+from vlmindex.catalog import embeddings as store
 from vlmindex.datasets import FORMATS, IngestOptions
 from vlmindex.errors import VlmindexError
 from vlmindex.ingest import NAME_RE
+from vlmindex.models.registry import FAMILIES
 
 
 @dataclass(frozen=True)
@@ -91,7 +93,9 @@ _CONDITION_TYPES = {
     "datasets": _str_list("dataset names"), **_RECIPE_TYPES,
 }
 _MODELS_TYPES = {"names": _str_list("model names"), "checkpoints": _STR_TABLE,
-                 "trust_remote_code": _str_list("model names")}
+                 "trust_remote_code": _str_list("model names"),
+                 "family": _Type(lambda v: isinstance(v, dict) and all(x in FAMILIES for x in v.values()),
+                                 f"a table of model = family ({', '.join(FAMILIES)})")}
 _ANALYSIS_TYPES = {"k": _int(1), "exclude_group": _BOOL, "query_split": _STR, "gallery_split": _STR,
                    "modality": _STR, "probe": _BOOL, "seed": _int(), "allow_partial": _BOOL,
                    "exclude_duplicates": _BOOL, "duplicates_model": _STR, "probe_seeds": _int(1),
@@ -125,6 +129,7 @@ class Study:
     models: list[str]
     checkpoints: dict[str, str] = field(default_factory=dict)
     trust_remote_code: set[str] = field(default_factory=set)
+    families: dict[str, str] = field(default_factory=dict)  # [models] family: for models the registry does not know
     analysis: AnalyzeOptions = field(default_factory=AnalyzeOptions)
     per_modality: bool = False  # besides the all-modality analysis, one per modality of each dataset
     embed: dict[str, Any] = field(default_factory=dict)
@@ -257,6 +262,10 @@ def load_study(path: str | Path) -> Study:
         raise VlmindexError(f"{path}: [analysis] per_modality = true analyses every modality; remove "
                             f"modality = {analysis['modality']!r} (or per_modality)")
     dm = analysis.get("duplicates_model")
+    unknown = sorted(set(models.get("family", {})) - set(names))
+    if unknown:
+        raise VlmindexError(f"{path}: [models] family names {', '.join(map(repr, unknown))}, not in [models] names; "
+                            "add them there or drop them from the table")
     if dm is not None and dm not in names:
         raise VlmindexError(f"{path}: [analysis] duplicates_model = {dm!r} is not in [models] names; add it there "
                             f"(its search finds the near duplicates every model's analysis leaves out)")
@@ -276,7 +285,7 @@ def load_study(path: str | Path) -> Study:
     return Study(
         path=path, name=meta.get("name", path.stem), datasets=datasets, conditions=conditions,
         models=list(names), checkpoints=dict(models.get("checkpoints", {})),
-        trust_remote_code=set(models.get("trust_remote_code", [])),
+        trust_remote_code=set(models.get("trust_remote_code", [])), families=dict(models.get("family", {})),
         analysis=AnalyzeOptions(**analysis), per_modality=grid.get("per_modality", False), embed=embed,
         overlay_effects=meta.get("overlay_effects", True),
         zeroshot=meta.get("zeroshot", True),
@@ -459,7 +468,12 @@ def run_study(ws: Workspace, study: Study, *, log: Callable[[str], None] = print
         log(f"model {model}")
         try:
             get_spec(model)
-            ctx = _Context(ws, study, model, embed_options)
+            family = study.families.get(model)
+            ctx = _Context(ws, study, model, replace(embed_options, family=family))
+            if family is not None:  # runs embedded before the family was given get it too
+                for d in study.datasets:
+                    for cond in _conditions_for(study, d["name"]):
+                        store.set_family(ws, RunKey(model, d["name"], cond), family)
             for stage in stages:
                 for step in stage.steps(ctx):
                     if stage.is_current(ctx, step):
@@ -580,3 +594,17 @@ def attack_summary(ws: Workspace, study: Study) -> tuple[list[str], list[dict[st
         return shipped.run(con, "overlay_effect", columns=ATTACK_COLUMNS, only={
             "model": study.models, "dataset": [d["name"] for d in study.datasets], "k": [study.analysis.k],
             "exclude_group": [study.analysis.exclude_group]})
+
+
+def study_findings(ws: Workspace, study: Study) -> list[Any]:
+    """The findings (:mod:`vlmindex.findings`) of each of the study's datasets, stored in ``findings``.
+
+    They read every current analysis of those datasets, the study's models and any other."""
+    from vlmindex.findings import FindingsOptions, compute_findings, save_findings
+
+    found: list[Any] = []
+    for d in study.datasets:
+        found += compute_findings(ws, FindingsOptions(dataset=d["name"]))
+    if found:
+        save_findings(ws, found, FindingsOptions())
+    return found

@@ -18,6 +18,7 @@ from vlmindex.catalog import datasets as catalog_datasets
 from vlmindex.catalog import embeddings as store
 from vlmindex.catalog.parts import write_table_atomic
 from vlmindex.errors import VlmindexError
+from vlmindex.models.registry import check_family
 from vlmindex.overlay import get_condition
 
 
@@ -64,8 +65,12 @@ def _resolve_ids(con, dataset: str, keys: list, by_path: bool, source: Path) -> 
 
 
 def import_embeddings(ws: Workspace, model: str, dataset: str, file: Path, *, condition: str = "clean",
-                      ids_file: Path | None = None, dtype: str = "float32") -> int:
-    """Store embeddings from ``file`` as model ``model``'s run; replaces an earlier import."""
+                      ids_file: Path | None = None, dtype: str = "float32", family: str | None = None) -> int:
+    """Store embeddings from ``file`` as model ``model``'s run; replaces an earlier import.
+
+    ``family`` (one of :data:`vlmindex.models.FAMILIES`) is stored with the run: what kind of
+    model made the vectors, which ``vlmindex findings`` needs and cannot read from them."""
+    check_family(family)
     file = Path(file)
     if not file.exists():
         raise VlmindexError(f"embeddings file {file} does not exist")
@@ -102,7 +107,7 @@ def import_embeddings(ws: Workspace, model: str, dataset: str, file: Path, *, co
     if len(np.unique(ids)) != len(ids):
         raise VlmindexError(f"{file}: some images appear more than once")
     store.import_run(ws, key, image_ids=ids, vectors=matrix, dtype=dtype, source=str(file.resolve()),
-                     pixels=pixels)
+                     pixels=pixels, family=family)
     return len(ids)
 
 

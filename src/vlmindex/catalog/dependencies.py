@@ -43,6 +43,7 @@ DERIVED: tuple[Derived, ...] = (
     Derived("summaries", "table", ("embeddings", "labels")),
     Derived("query_metrics", "table", ("embeddings", "labels")),
     Derived("overlay_effects", "table", ("embeddings", "labels"), reads_clean=True),
+    Derived("attack_queries", "table", ("embeddings", "labels"), reads_clean=True),
     Derived("zeroshot_results", "table", ("embeddings", "labels"), reads_clean=True),
     # exact pairs (model and condition NULL) from the images' bytes and pixels; near pairs from one
     # model's embeddings of one condition; both describe the pair by split, group and label

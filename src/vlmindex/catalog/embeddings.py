@@ -229,7 +229,7 @@ def commit_part(ws: Workspace, key: RunKey, *, image_ids: np.ndarray, pixels: li
 
 
 def import_run(ws: Workspace, key: RunKey, *, image_ids: np.ndarray, vectors: np.ndarray, dtype: str,
-               source: str, pixels: list[str]) -> None:
+               source: str, pixels: list[str], family: str | None = None) -> None:
     """Replace a run's embeddings with vectors computed elsewhere, taken as made from ``pixels`` (the
     fingerprints read when the ids were resolved), and record the import in ``runs``.
 
@@ -251,13 +251,14 @@ def import_run(ws: Workspace, key: RunKey, *, image_ids: np.ndarray, vectors: np
         parts.write_part(directory, model=key.model, dataset=key.dataset, condition=key.condition,
                          image_ids=image_ids, embeddings=vectors, dtype=dtype, tag="import-", pixels=list(pixels),
                          run={"run_id": run_id, "device": "import", "dtype": dtype, "dim": int(vectors.shape[1]),
-                              "preprocessing": {"imported_from": source}, "committed_at": now.isoformat()})
+                              "preprocessing": {"imported_from": source}, "committed_at": now.isoformat(),
+                              "family": family})
         for p in old:
             p.unlink()
         insert_run(con, {"run_id": run_id, "model": key.model, "dataset": key.dataset, "condition": key.condition,
                          "n": len(image_ids), "total": len(image_ids), "dim": int(vectors.shape[1]), "dtype": dtype,
                          "device": "import", "preprocessing": {"imported_from": source}, "started_at": now,
-                         "finished_at": now, "recorded_from": "import"})
+                         "finished_at": now, "recorded_from": "import", "family": family})
 
 
 def pixels_of(con: duckdb.DuckDBPyConnection, key: RunKey, image_ids: np.ndarray) -> list[str]:
@@ -366,14 +367,14 @@ def record_missing_runs(ws: Workspace, key: RunKey) -> int:
                 "device": m.get("device"), "batch_size": m.get("batch_size"), "num_workers": m.get("num_workers"),
                 "preprocessing": m.get("preprocessing"), "versions": m.get("versions"),
                 "weights_sha256": m.get("weights_sha256"), "started_at": m.get("started_at"),
-                "finished_at": m.get("committed_at"), "recorded_from": "parts",
+                "finished_at": m.get("committed_at"), "recorded_from": "parts", "family": m.get("family"),
             })
     return len(missing)
 
 
 RUN_COLUMNS = ("run_id", "model", "dataset", "condition", "split", "shard", "n", "total", "dim", "dtype", "seconds",
                "images_per_s", "device", "batch_size", "num_workers", "preprocessing", "versions", "weights_sha256",
-               "started_at", "finished_at", "recorded_from")
+               "started_at", "finished_at", "recorded_from", "family")
 
 
 def insert_run(con: duckdb.DuckDBPyConnection, row: dict[str, Any]) -> None:
@@ -382,6 +383,23 @@ def insert_run(con: duckdb.DuckDBPyConnection, row: dict[str, Any]) -> None:
               not isinstance(row.get(c), str | None) else row.get(c) for c in RUN_COLUMNS]
     con.execute(f"INSERT OR REPLACE INTO runs ({', '.join(RUN_COLUMNS)}) VALUES ({', '.join('?' * len(RUN_COLUMNS))})",
                 values)
+
+
+def set_family(ws: Workspace, key: RunKey, family: str) -> None:
+    """Record ``family`` on every ``runs`` row of a run (``embed --family`` when nothing is left to embed)."""
+    with ws.write(wait=COMMIT_WAIT) as con:
+        con.execute("UPDATE runs SET family = ? WHERE model = ? AND dataset = ? AND condition = ? "
+                    "AND family IS DISTINCT FROM ?", [family, key.model, key.dataset, key.condition, family])
+
+
+def run_families(con: duckdb.DuckDBPyConnection, dataset: str | None = None) -> dict[str, str]:
+    """The family each model's runs recorded (of ``dataset``, or anywhere), the newest run's where
+    they differ; models whose runs recorded none are absent."""
+    rows = con.execute(
+        "SELECT model, arg_max(family, coalesce(finished_at, started_at)) FROM runs "
+        "WHERE family IS NOT NULL AND (? IS NULL OR dataset = ?) GROUP BY model",
+        [dataset, dataset]).fetchall()
+    return {str(m): str(f) for m, f in rows}
 
 
 def last_run(ws: Workspace, key: RunKey) -> dict[str, Any] | None:

@@ -98,12 +98,12 @@ def analysed_datasets(con: duckdb.DuckDBPyConnection) -> list[str]:
 
 
 def per_query(con: duckdb.DuckDBPyConnection, analysis_ids: list[str]) -> pa.Table:
-    """``analysis_id, image_id, ap, purity_at_k, label, unit`` of the given analyses, as Arrow.
+    """``analysis_id, image_id, ap, purity_at_k, knn_correct, label, unit`` of the given analyses, as Arrow.
 
     ``unit`` is the statistical unit of a query: its group, or the image itself when it has none.
     """
     return con.sql(
-        "SELECT q.analysis_id, q.image_id, q.ap, q.purity_at_k, q.label, "
+        "SELECT q.analysis_id, q.image_id, q.ap, q.purity_at_k, q.knn_correct, q.label, "
         "coalesce(i.group_id, 'image:' || q.image_id::VARCHAR) AS unit "
         "FROM query_metrics q LEFT JOIN images i ON i.image_id = q.image_id "
         "WHERE list_contains(?, q.analysis_id) ORDER BY q.analysis_id, q.image_id",
@@ -117,14 +117,61 @@ OVERLAY_COLUMNS = ["model", "dataset", "condition", "k", "exclude_group", "figur
 
 
 def store_overlay_effects(con: duckdb.DuckDBPyConnection, key: RunKey, *, k: int, exclude_group: bool,
-                          rows: list[dict[str, Any]]) -> None:
-    """Replace the figures of ``key`` (an overlay condition against clean) for one (k, exclude_group)."""
+                          rows: list[dict[str, Any]], attack: pa.Table | None = None) -> None:
+    """Replace the figures of ``key`` (an overlay condition against clean) for one (k, exclude_group),
+    and with ``attack`` (the :data:`ATTACK_QUERY_COLUMNS` the figures are means of) its per-query rows."""
+    where = "model = ? AND dataset = ? AND condition = ? AND k = ? AND exclude_group = ?"
+    args = [key.model, key.dataset, key.condition, k, exclude_group]
     with transaction(con):
-        con.execute("DELETE FROM overlay_effects WHERE model = ? AND dataset = ? AND condition = ? "
-                    "AND k = ? AND exclude_group = ?", [key.model, key.dataset, key.condition, k, exclude_group])
+        con.execute(f"DELETE FROM overlay_effects WHERE {where}", args)
         con.executemany(f"INSERT INTO overlay_effects ({', '.join(OVERLAY_COLUMNS)}) "
                         f"VALUES ({', '.join('?' * len(OVERLAY_COLUMNS))})",
                         [[r.get(c) for c in OVERLAY_COLUMNS] for r in rows])
+        con.execute(f"DELETE FROM attack_queries WHERE {where}", args)
+        if attack is not None and attack.num_rows:
+            con.register("_vlm_attack", attack.select(ATTACK_QUERY_COLUMNS))
+            con.execute(f"INSERT INTO attack_queries ({', '.join(ATTACK_QUERY_COLUMNS)}) "
+                        f"SELECT {', '.join(ATTACK_QUERY_COLUMNS)} FROM _vlm_attack")
+            con.unregister("_vlm_attack")
+
+
+ATTACK_QUERY_COLUMNS = ["model", "dataset", "condition", "k", "exclude_group", "image_id", "label", "modality",
+                        "written", "ap_clean", "ap_attack", "knn_correct_clean", "knn_correct_attack",
+                        "attack_success", "created_at", "inputs_fingerprint"]
+
+
+def attack_query_rows(con: duckdb.DuckDBPyConnection, dataset: str) -> pa.Table:
+    """The ``attack_queries`` rows of ``dataset`` whose overlay figures are still stored, with each
+    query's statistical ``unit`` (its group, or the image itself), as Arrow."""
+    return con.sql(
+        "SELECT a.*, coalesce(i.group_id, 'image:' || a.image_id::VARCHAR) AS unit FROM attack_queries a "
+        "LEFT JOIN images i ON i.image_id = a.image_id WHERE a.dataset = ? AND EXISTS (SELECT 1 FROM "
+        "overlay_effects o WHERE o.model = a.model AND o.dataset = a.dataset AND o.condition = a.condition "
+        "AND o.k = a.k AND o.exclude_group = a.exclude_group AND o.inputs_fingerprint = a.inputs_fingerprint) "
+        "ORDER BY a.condition, a.k, a.exclude_group, a.model, a.image_id", params=[dataset]).to_arrow_table()
+
+
+def attacked_datasets(con: duckdb.DuckDBPyConnection, dataset: str | None = None) -> list[str]:
+    """Datasets with stored per-query attack rows (of ``dataset`` only, when given)."""
+    return [r[0] for r in con.execute("SELECT DISTINCT dataset FROM attack_queries WHERE ? IS NULL OR dataset = ? "
+                                      "ORDER BY 1", [dataset, dataset]).fetchall()]
+
+
+# -- findings ------------------------------------------------------------------------------------
+
+FINDING_COLUMNS = ["dataset", "modality", "condition", "scope", "finding", "claim", "finding_verdict",
+                   "finding_reason", "comparison", "a", "b", "metric", "value_a", "value_b", "delta", "ci_low",
+                   "ci_high", "expected", "p_value", "p_holm", "verdict", "n_queries", "n_units", "analysis_ids",
+                   "effect_fingerprints", "n_boot", "seed", "alpha", "created_at"]
+
+
+def store_findings(con: duckdb.DuckDBPyConnection, datasets: Sequence[str], rows: list[dict[str, Any]]) -> None:
+    """Replace the ``findings`` rows of ``datasets`` with ``rows``."""
+    with transaction(con):
+        con.execute("DELETE FROM findings WHERE dataset IN (SELECT unnest(?))", [list(datasets)])
+        con.executemany(f"INSERT INTO findings ({', '.join(FINDING_COLUMNS)}) "
+                        f"VALUES ({', '.join('?' * len(FINDING_COLUMNS))})",
+                        [[r.get(c) for c in FINDING_COLUMNS] for r in rows])
 
 
 def overlay_effect_rows(con: duckdb.DuckDBPyConnection, dataset: str | None = None) -> list[dict[str, Any]]:

@@ -34,7 +34,7 @@ import duckdb
 
 from vlmindex.errors import VlmindexError, WorkspaceBusy
 
-SCHEMA_VERSION = 4
+SCHEMA_VERSION = 5
 DEFAULT_WORKSPACE = "vlmindex-workspace"
 ENV_WORKSPACE = "VLMINDEX_WORKSPACE"
 CONNECT_WAIT = 10.0  # seconds to wait for another process's short catalog write
@@ -381,3 +381,17 @@ def _migrate_v3(con: duckdb.DuckDBPyConnection) -> None:
 
 
 MIGRATIONS[3] = _migrate_v3
+
+
+V5_FAMILY_COLUMNS = {
+    # the model family of a run (vlmindex findings); NULL for earlier runs: the registry says
+    "runs": ("family VARCHAR",),
+}
+
+
+def _migrate_v4(con: duckdb.DuckDBPyConnection) -> None:
+    """v4 → v5: :data:`V5_FAMILY_COLUMNS`; tables ``attack_queries`` and ``findings`` come from schema.sql."""
+    _add_columns(con, V5_FAMILY_COLUMNS)
+
+
+MIGRATIONS[4] = _migrate_v4

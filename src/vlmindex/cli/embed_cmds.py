@@ -8,7 +8,7 @@ from pathlib import Path
 import click
 
 from vlmindex.cli import cli, pass_ctx
-from vlmindex.cli.options import condition_option, dataset_option, load_options, models_option
+from vlmindex.cli.options import condition_option, dataset_option, family_option, load_options, models_option
 from vlmindex.errors import VlmindexError
 
 
@@ -35,9 +35,10 @@ from vlmindex.errors import VlmindexError
               help="--engine ray: model replicas (default: one per --gpus-per-replica GPUs, else one).")
 @click.option("--gpus-per-replica", type=click.FloatRange(min=0), default=0.0, show_default=True,
               help="--engine ray: GPUs each replica reserves (0: the replicas run on CPUs).")
+@family_option
 @pass_ctx
 def embed(ctx, models, dataset, condition, split, shard, batch_size, workers, dtype, load, part_size, engine,
-          ray_address, replicas, gpus_per_replica):
+          ray_address, replicas, gpus_per_replica, family):
     """Embed a dataset's images with one or more models.
 
     Cached and resumable: images that already have an embedding of their current pixels are
@@ -57,7 +58,7 @@ def embed(ctx, models, dataset, condition, split, shard, batch_size, workers, dt
                         split=split, device=load.device, checkpoint=load.checkpoint,
                         trust_remote_code=load.trust_remote_code, part_size=part_size,
                         progress=sys.stderr.isatty(), engine=engine, ray_address=ray_address, replicas=replicas,
-                        gpus_per_replica=gpus_per_replica)
+                        gpus_per_replica=gpus_per_replica, family=family)
     if engine == "local" and (ray_address or replicas or gpus_per_replica):
         raise VlmindexError("--ray-address, --replicas and --gpus-per-replica need --engine ray")
     for model in models:
@@ -81,18 +82,19 @@ def embeddings():
 @click.option("--ids", "ids_file", type=click.Path(path_type=Path),
               help="With an NPY matrix: a file of image_ids or paths, one per line (or an NPY).")
 @click.option("--dtype", type=click.Choice(["float32", "float16"]), default="float32", show_default=True)
+@family_option
 @pass_ctx
-def embeddings_import(ctx, file, model, dataset, condition, ids_file, dtype):
+def embeddings_import(ctx, file, model, dataset, condition, ids_file, dtype, family):
     """Store embeddings from FILE (Parquet with image_id|path + embedding, or NPY + --ids).
 
     \b
     Example:
-      vlmindex embeddings import feats.parquet --model my-model --dataset ham
+      vlmindex embeddings import feats.parquet --model my-model --dataset ham --family medical
     """
     from vlmindex.transfer import import_embeddings
 
     n = import_embeddings(ctx.workspace, model, dataset, file, condition=condition, ids_file=ids_file,
-                          dtype=dtype)
+                          dtype=dtype, family=family)
     click.echo(f"imported {n} embeddings as {model} on {dataset}/{condition}")
 
 

@@ -12,8 +12,8 @@ from vlmindex.cli.output import echo_rows, format_option
 
 TABLE_COLUMNS = (
     "name",
-    "category",
     "family",
+    "loader",
     "medical",
     "image_size",
     "embed_dim",
@@ -58,7 +58,9 @@ def model_rows(names: Iterable[str] = (), only_available: bool = False) -> list[
 @click.option("--available", "only_available", is_flag=True, help="Only models that load without a download.")
 @format_option()
 def models_cmd(names: tuple[str, ...], only_available: bool, fmt: str) -> None:
-    """List the model zoo: family, medical or not, source, image size, dimension, licence, availability.
+    """List the model zoo: family, loader, source, image size, dimension, licence, availability.
+
+    The family (medical, general, llm-enhanced, baseline) is what `vlmindex findings` compares.
 
     NAMES (optional) are registry names or generic forms (open_clip:ARCH/TAG, hf-hub:ORG/REPO,
     hf:ORG/REPO, local-dir:PATH); without them every named model is listed. A model is available when

@@ -46,6 +46,15 @@ def condition_option(func: Callable[..., Any]) -> Callable[..., Any]:
                         help="Overlay condition (see `vlmindex overlay list`); clean = no overlay.")(func)
 
 
+def family_option(func: Callable[..., Any]) -> Callable[..., Any]:
+    """``--family``: what kind of model made the vectors, stored with the run (``vlmindex findings``)."""
+    from vlmindex.models.registry import FAMILIES
+
+    return click.option("--family", type=click.Choice(FAMILIES), default=None,
+                        help="The model's family, stored with the run for `vlmindex findings` (default: the "
+                        "registry's; needed for imported and local models).")(func)
+
+
 def load_options(func: Callable[..., Any]) -> Callable[..., Any]:
     """``--checkpoint``, ``--trust-remote-code`` and ``--device``, passed as ``load: LoadOptions``."""
 

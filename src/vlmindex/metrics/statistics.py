@@ -19,6 +19,8 @@ the special case of one query per group, not a second method.
 * :func:`paired_comparison` compares two metrics on the same queries, :math:`d_q = a_q - b_q`: the
   mean difference, its :func:`bootstrap_mean_ci` interval over groups, and the two-sided Wilcoxon
   signed-rank p-value (:func:`wilcoxon_p`) of the per-group mean differences :math:`\bar d_g`.
+* :func:`paired_delta` is the same difference as a micro mean or a macro (class) mean, with its
+  interval and a bootstrap p-value from the same resamples (``vlmindex findings``).
 * :func:`holm` adjusts a family of p-values for multiple comparisons.
 """
 
@@ -34,18 +36,22 @@ from typing import Any
 import numpy as np
 
 __all__ = [
+    "DeltaResult",
     "PairedResult",
     "bootstrap_ci",
     "bootstrap_mean_ci",
+    "bootstrap_replicates",
     "group_codes",
     "holm",
     "paired_comparison",
+    "paired_delta",
     "resample_blocks",
     "wilcoxon_p",
 ]
 
 # Resample cells (units x replicates) drawn per block: bounds the index matrix to ~32 MB.
 _BOOT_CELLS = 4_000_000
+_ZERO = 1e-12
 
 
 # --------------------------------------------------------------------------------------------------
@@ -80,13 +86,22 @@ def bootstrap_ci(stat: Callable[[np.ndarray], np.ndarray], n: int, *, n_boot: in
     """
     if n_boot < 1 or n < 1:
         return None, None
-    v = np.concatenate([np.asarray(stat(idx), dtype=np.float64) for idx in resample_blocks(n, n_boot, seed)])
+    v = bootstrap_replicates(stat, n, n_boot=n_boot, seed=seed)
     v = v[np.isfinite(v)]
     if len(v) == 0:
         return None, None
     tail = (1.0 - level) / 2
     lo, hi = np.quantile(v, [tail, 1.0 - tail])
     return float(lo), float(hi)
+
+
+def bootstrap_replicates(stat: Callable[[np.ndarray], np.ndarray], n: int, *, n_boot: int = 1000,
+                         seed: int = 0) -> np.ndarray:
+    """The ``n_boot`` statistics :func:`bootstrap_ci` takes its quantiles of, in draw order
+    (NaN or inf where the statistic is undefined on a resample)."""
+    if n_boot < 1 or n < 1:
+        return np.empty(0)
+    return np.concatenate([np.asarray(stat(idx), dtype=np.float64) for idx in resample_blocks(n, n_boot, seed)])
 
 
 def group_codes(n: int, groups: Sequence[Any] | np.ndarray | None) -> np.ndarray:
@@ -114,12 +129,10 @@ def bootstrap_mean_ci(values: np.ndarray, groups: Sequence[Any] | np.ndarray | N
     if v.size == 0 or not np.isfinite(v).all():
         return math.nan, math.nan
     codes = group_codes(len(v), groups)
-    sums = np.bincount(codes, weights=v)
-    counts = np.bincount(codes).astype(float)
-    if len(sums) == 1:
+    if codes.max() == 0:
         return float(v.mean()), float(v.mean())
-    lo, hi = bootstrap_ci(lambda idx: sums[idx].sum(axis=1) / counts[idx].sum(axis=1), len(sums),
-                          n_boot=n_boot, seed=seed, level=confidence)
+    lo, hi = bootstrap_ci(_group_mean_stat(v, codes), int(codes.max()) + 1, n_boot=n_boot, seed=seed,
+                          level=confidence)
     if lo is None or hi is None:
         return math.nan, math.nan
     return lo, hi
@@ -252,7 +265,26 @@ def bootstrap_class_mean_ci(values: np.ndarray, classes: np.ndarray, groups: Seq
     if v.size == 0 or not np.isfinite(v).all() or n_boot < 1:
         return math.nan, math.nan
     codes = group_codes(len(v), groups)
-    cls = np.unique(np.asarray(classes).astype(str), return_inverse=True)[1].reshape(-1)
+    lo, hi = bootstrap_ci(_class_mean_stat(v, codes, _class_codes(classes)), int(codes.max()) + 1,
+                          n_boot=n_boot, seed=seed, level=confidence)
+    if lo is None or hi is None:
+        return math.nan, math.nan
+    return lo, hi
+
+
+def _class_codes(classes: Sequence[Any] | np.ndarray) -> np.ndarray:
+    return np.unique(np.asarray(classes).astype(str), return_inverse=True)[1].reshape(-1)
+
+
+def _group_mean_stat(v: np.ndarray, codes: np.ndarray) -> Callable[[np.ndarray], np.ndarray]:
+    """Resampled groups -> mean over their queries: sum of the drawn groups' sums over their sizes."""
+    sums = np.bincount(codes, weights=v)
+    counts = np.bincount(codes).astype(float)
+    return lambda idx: sums[idx].sum(axis=1) / counts[idx].sum(axis=1)
+
+
+def _class_mean_stat(v: np.ndarray, codes: np.ndarray, cls: np.ndarray) -> Callable[[np.ndarray], np.ndarray]:
+    """Resampled groups -> mean over the classes present of the class means over their queries."""
     n_groups, n_classes = int(codes.max()) + 1, int(cls.max()) + 1
     sums = np.zeros((n_groups, n_classes))
     counts = np.zeros((n_groups, n_classes))
@@ -270,7 +302,59 @@ def bootstrap_class_mean_ci(values: np.ndarray, classes: np.ndarray, groups: Seq
         present = (c > 0).sum(axis=1)
         return np.where(present > 0, np.nansum(means, axis=1) / np.maximum(present, 1), np.nan)
 
-    lo, hi = bootstrap_ci(stat, n_groups, n_boot=n_boot, seed=seed, level=confidence)
-    if lo is None or hi is None:
-        return math.nan, math.nan
-    return lo, hi
+    return stat
+
+
+@dataclass(frozen=True)
+class DeltaResult:
+    """A difference over the same queries, with its group-bootstrap interval and p-value."""
+
+    delta: float
+    ci_low: float
+    ci_high: float
+    p_value: float  # two-sided, of delta = 0; NaN with fewer than two groups
+    n_queries: int
+    n_units: int
+
+
+def paired_delta(d: np.ndarray, groups: Sequence[Any] | np.ndarray | None = None,
+                 classes: Sequence[Any] | np.ndarray | None = None, *, n_boot: int = 2000, seed: int = 0,
+                 confidence: float = 0.95) -> DeltaResult:
+    r"""A paired difference :math:`d_q = a_q - b_q` over the same queries, resampling whole groups.
+
+    Without ``classes`` the difference is the mean :math:`\bar d = \frac{1}{n}\sum_q d_q` (a micro
+    metric such as mAP); with them it is the mean over classes of the class means of :math:`d_q`
+    (a macro metric such as kNN balanced accuracy, where that mean equals the difference of the
+    two macro values on the same queries). Replicates are :func:`bootstrap_replicates` of the
+    groups, the statistic recomputed on the drawn groups' queries; the interval is their
+    ``(1 ± confidence) / 2`` quantiles and the two-sided p-value
+    :math:`\min(1, 2\,(\min(\#\{d^*_b \le 0\}, \#\{d^*_b \ge 0\}) + 1) / (B + 1))` over the
+    :math:`B` finite replicates (below 1e-12 in size counted as 0: rounding). Non-finite
+    :math:`d_q` are dropped first; with one group there
+    is nothing to resample and the p-value is NaN.
+    """
+    d = np.asarray(d, dtype=float)
+    ok = np.isfinite(d)
+    g = None if groups is None else np.asarray([str(x) for x in groups], dtype=object)[ok]
+    d = d[ok]
+    if d.size == 0:
+        return DeltaResult(math.nan, math.nan, math.nan, math.nan, 0, 0)
+    codes = group_codes(len(d), g)
+    if classes is None:
+        delta = float(d.mean())
+        stat = _group_mean_stat(d, codes)
+    else:
+        cls = _class_codes(np.asarray(classes, dtype=object)[ok])
+        delta = float(np.mean([d[cls == c].mean() for c in np.unique(cls)]))
+        stat = _class_mean_stat(d, codes, cls)
+    n_units = int(codes.max()) + 1
+    if n_units < 2 or n_boot < 1:
+        return DeltaResult(delta, math.nan, math.nan, math.nan, int(d.size), n_units)
+    reps = bootstrap_replicates(stat, n_units, n_boot=n_boot, seed=seed)
+    reps = reps[np.isfinite(reps)]
+    reps = np.where(np.abs(reps) < _ZERO, 0.0, reps)  # a tie of the two sides is 0, whatever the summing order
+    tail = (1.0 - confidence) / 2
+    lo, hi = np.quantile(reps, [tail, 1.0 - tail])
+    below, above = int((reps <= 0).sum()), int((reps >= 0).sum())
+    p = min(1.0, 2.0 * (min(below, above) + 1) / (len(reps) + 1))
+    return DeltaResult(delta, float(lo), float(hi), p, int(d.size), n_units)

@@ -1,4 +1,4 @@
-"""The model zoo: a registry of named models kept as data, loaders per family, and offline baselines.
+"""The model zoo: a registry of named models kept as data, a loader per kind of checkpoint, and offline baselines.
 
 Importing this package is cheap (no torch); :class:`Extractor` and the loaders import torch when used.
 
@@ -11,19 +11,20 @@ Importing this package is cheap (no torch); :class:`Extractor` and the loaders i
 from typing import TYPE_CHECKING, Any
 
 from vlmindex.models.loader import LoadOptions, auto_device, is_available, load_model
-from vlmindex.models.registry import CATEGORIES, FAMILIES, GENERIC_FORMS, ModelSpec, get_spec, list_specs
+from vlmindex.models.registry import FAMILIES, GENERIC_FORMS, LOADERS, ModelSpec, check_family, get_spec, list_specs
 
 if TYPE_CHECKING:
     from vlmindex.models.extractor import Extractor
 
 __all__ = [
-    "CATEGORIES",
     "FAMILIES",
     "GENERIC_FORMS",
+    "LOADERS",
     "Extractor",
     "LoadOptions",
     "ModelSpec",
     "auto_device",
+    "check_family",
     "get_spec",
     "is_available",
     "list_specs",

@@ -186,9 +186,9 @@ def _hf_available(spec: ModelSpec) -> bool:
 
 def is_available(spec: ModelSpec) -> bool:
     """True when the model loads without a download: offline extractors always, others when cached."""
-    if spec.family == "offline":
+    if spec.loader == "offline":
         return True
     try:
-        return _open_clip_available(spec) if spec.family == "open_clip" else _hf_available(spec)
+        return _open_clip_available(spec) if spec.loader == "open_clip" else _hf_available(spec)
     except VlmindexError:
         return False

@@ -75,8 +75,8 @@ class HFExtractor(TorchExtractor):
         return features_tensor(self.model.get_text_features(**inputs))
 
 
-def _needs_remote(family: str, config: dict[str, Any]) -> bool:
-    return family in ("hf_auto", "llm2clip") and "AutoModel" in (config.get("auto_map") or {})
+def _needs_remote(loader: str, config: dict[str, Any]) -> bool:
+    return loader in ("hf_auto", "llm2clip") and "AutoModel" in (config.get("auto_map") or {})
 
 
 def _refusal(spec: ModelSpec, where: str, config: dict[str, Any] | None) -> VlmindexError:
@@ -130,16 +130,16 @@ def load(
         raise _refusal(spec, spec.source, None)  # before any download
     folder = _resolve_folder(spec, checkpoint, trust_remote_code)
     config = _read_config(folder)
-    family, derived = _hf_config_fields(config)
+    loader, derived = _hf_config_fields(config)
     if spec.generic:
-        spec = dataclasses.replace(spec, family=family, **derived)
-    elif spec.family in _EXPECTED_TYPE and config.get("model_type") != _EXPECTED_TYPE[spec.family]:
+        spec = dataclasses.replace(spec, loader=loader, **derived)
+    elif spec.loader in _EXPECTED_TYPE and config.get("model_type") != _EXPECTED_TYPE[spec.loader]:
         raise VlmindexError(
             f"{folder} holds a '{config.get('model_type')}' model, but '{spec.name}' is a "
-            f"'{_EXPECTED_TYPE[spec.family]}' model; load that folder as local-dir:{folder} instead"
+            f"'{_EXPECTED_TYPE[spec.loader]}' model; load that folder as local-dir:{folder} instead"
         )
-    remote = _needs_remote(spec.family, config)
-    if spec.family == "llm2clip" and not remote:
+    remote = _needs_remote(spec.loader, config)
+    if spec.loader == "llm2clip" and not remote:
         raise VlmindexError(
             f"{folder}/config.json has no auto_map for AutoModel; it is not an LLM2CLIP folder"
         )
@@ -159,7 +159,7 @@ def load(
     class_name, proc_cfg, source = _image_processor(spec, folder, config)
     pre_cfg = hf_preprocess_config(class_name, proc_cfg, source)
     preprocess = HFImagePreprocess(class_name, proc_cfg)
-    dim = _feature_dim(spec.family, model, preprocess, pre_cfg)
+    dim = _feature_dim(spec.loader, model, preprocess, pre_cfg)
     size = pre_cfg["image_size"]
     actual = dataclasses.replace(
         spec,
@@ -187,9 +187,9 @@ def load(
 def _load_model(spec: ModelSpec, folder: Path, remote: bool) -> torch.nn.Module:
     import transformers
 
-    if spec.family == "hf_clip":
+    if spec.loader == "hf_clip":
         cls: Any = transformers.CLIPModel
-    elif spec.family == "hf_siglip":
+    elif spec.loader == "hf_siglip":
         cls = transformers.SiglipModel
     else:
         cls = transformers.AutoModel
@@ -258,7 +258,7 @@ def _image_processor(
         )
     resample = _RESAMPLE.get(spec.interpolation or "bicubic", 3)
     common = {"image_mean": list(spec.mean), "image_std": list(spec.std), "resample": resample}
-    if spec.family == "hf_siglip" or spec.resize_mode == "squash":
+    if spec.loader == "hf_siglip" or spec.resize_mode == "squash":
         proc = transformers.SiglipImageProcessor(size={"height": size, "width": size}, **common)
     else:
         proc = transformers.CLIPImageProcessor(
@@ -272,11 +272,11 @@ def _jsonable(cfg: dict[str, Any]) -> dict[str, Any]:
     return json.loads(json.dumps(cfg, default=lambda v: int(v) if isinstance(v, int) else str(v)))
 
 
-def _feature_dim(family: str, model: torch.nn.Module, preprocess: HFImagePreprocess, pre_cfg: dict) -> int:
+def _feature_dim(loader: str, model: torch.nn.Module, preprocess: HFImagePreprocess, pre_cfg: dict) -> int:
     cfg = model.config
-    if family == "hf_clip" and getattr(cfg, "projection_dim", None):
+    if loader == "hf_clip" and getattr(cfg, "projection_dim", None):
         return int(cfg.projection_dim)
-    if family == "hf_siglip":
+    if loader == "hf_siglip":
         return int(cfg.vision_config.hidden_size)
     # anything else (remote code included): one forward pass on a blank image is the ground truth
     from PIL import Image

@@ -58,7 +58,7 @@ def load_model(
         raise VlmindexError(
             f"--checkpoint {checkpoint} does not exist; give the folder (or file) with the weights"
         )
-    if spec.family == "offline":
+    if spec.loader == "offline":
         if checkpoint is not None:
             raise VlmindexError(
                 f"'{spec.name}' is a built-in baseline with no weights to load; drop --checkpoint"
@@ -66,7 +66,7 @@ def load_model(
         from vlmindex.models.offline import load_offline
 
         extractor = load_offline(spec)
-    elif spec.family == "open_clip":
+    elif spec.loader == "open_clip":
         from vlmindex.models import open_clip_loader
 
         extractor = open_clip_loader.load(spec, checkpoint=checkpoint, device="cpu")

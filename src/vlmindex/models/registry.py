@@ -24,12 +24,13 @@ from typing import Any
 
 from vlmindex.errors import VlmindexError
 
-FAMILIES = ("open_clip", "hf_clip", "hf_siglip", "hf_auto", "llm2clip", "offline")
-CATEGORIES = ("medical", "general", "llm-enhanced", "baseline")
+LOADERS = ("open_clip", "hf_clip", "hf_siglip", "hf_auto", "llm2clip", "offline")
+# What kind of model it is, the grouping `vlmindex findings` tests the paper's claims over.
+FAMILIES = ("medical", "general", "llm-enhanced", "baseline")
 GENERIC_FORMS = "open_clip:ARCH/TAG, hf-hub:ORG/REPO, hf:ORG/REPO, local-dir:PATH"
 
-# transformers model_type -> family, for generic ``hf:`` and local transformers folders
-_HF_FAMILY_BY_TYPE = {"clip": "hf_clip", "siglip": "hf_siglip"}
+# transformers model_type -> loader, for generic ``hf:`` and local transformers folders
+_HF_LOADER_BY_TYPE = {"clip": "hf_clip", "siglip": "hf_siglip"}
 
 
 @dataclass(frozen=True)
@@ -41,9 +42,8 @@ class ModelSpec:
     """
 
     name: str
-    family: str  # one of FAMILIES
-    category: str  # one of CATEGORIES
-    medical: bool
+    loader: str  # one of LOADERS: which code loads the weights
+    family: str | None  # one of FAMILIES; None: not said (a generic form without --family)
     source: (
         str  # canonical generic form: "hf-hub:org/repo", "hf:org/repo", "open_clip:ARCH/TAG", "builtin:..."
     )
@@ -63,9 +63,13 @@ class ModelSpec:
     weights_repo: str | None = None  # hub repository open_clip downloads a pretrained tag's weights from
     text_padding: str | None = None  # "max_length" where the text tower was trained on padded input
     url: str | None = None  # model card
-    params: dict[str, Any] = field(default_factory=dict, hash=False)  # extractor settings (offline family)
+    params: dict[str, Any] = field(default_factory=dict, hash=False)  # extractor settings (offline loader)
     generic: bool = False  # built from a generic form, not a registry file
     checkpoint: str | None = None  # set on Extractor.spec: the weights file or folder actually loaded
+
+    @property
+    def medical(self) -> bool:
+        return self.family == "medical"
 
     # -- derived views of ``source`` ------------------------------------------------------------
     @property
@@ -110,7 +114,7 @@ class ModelSpec:
             if out[key] is not None:
                 out[key] = list(out[key])
         out["description"] = self.display_description()
-        out.update(hf_repo=self.hf_repo, arch=self.arch, pretrained=self.pretrained)
+        out.update(medical=self.medical, hf_repo=self.hf_repo, arch=self.arch, pretrained=self.pretrained)
         return out
 
 
@@ -137,12 +141,19 @@ def _spec_from_json(name: str, data: dict[str, Any], origin: str) -> ModelSpec:
 
 
 def _validate(spec: ModelSpec, origin: str) -> None:
+    if spec.loader not in LOADERS:
+        raise VlmindexError(f"{origin}: loader '{spec.loader}' is not one of {', '.join(LOADERS)}")
     if spec.family not in FAMILIES:
         raise VlmindexError(f"{origin}: family '{spec.family}' is not one of {', '.join(FAMILIES)}")
-    if spec.category not in CATEGORIES:
-        raise VlmindexError(f"{origin}: category '{spec.category}' is not one of {', '.join(CATEGORIES)}")
     if spec.untrained and "UNTRAINED" not in spec.display_description():
         raise VlmindexError(f"{origin}: untrained models must say UNTRAINED in their description")
+
+
+def check_family(family: str | None) -> str | None:
+    """``family`` itself when it is None or one of :data:`FAMILIES`; else a one-line error."""
+    if family is not None and family not in FAMILIES:
+        raise VlmindexError(f"family {family!r} is not one of {', '.join(FAMILIES)}")
+    return family
 
 
 def specs_dir() -> Path:
@@ -162,12 +173,12 @@ def _named_specs() -> dict[str, ModelSpec]:
     return specs
 
 
-_CATEGORY_ORDER = {c: i for i, c in enumerate(CATEGORIES)}
+_FAMILY_ORDER = {c: i for i, c in enumerate(FAMILIES)}
 
 
 def list_specs() -> list[ModelSpec]:
     """All named models: medical, general, LLM-enhanced, then offline baselines; by name within each."""
-    return sorted(_named_specs().values(), key=lambda s: (_CATEGORY_ORDER[s.category], s.name))
+    return sorted(_named_specs().values(), key=lambda s: (_FAMILY_ORDER[s.family], s.name))
 
 
 def get_spec(name: str) -> ModelSpec:
@@ -202,21 +213,21 @@ def get_spec(name: str) -> ModelSpec:
 # -- generic forms -------------------------------------------------------------------------------
 
 
-def _generic(name: str, family: str, source: str, **kw: Any) -> ModelSpec:
+def _generic(name: str, loader: str, source: str, **kw: Any) -> ModelSpec:
+    # No family: whether a checkpoint is medical cannot be read from its files (embed --family says).
     base: dict[str, Any] = dict(
-        category="general",
-        medical=False,
+        family=None,
         image_size=None,
         mean=None,
         std=None,
         embed_dim=None,
         licence="unknown (see the source's model card)",
-        has_text=family not in ("offline", "llm2clip"),
-        description=f"generic {family} model from {source}",
+        has_text=loader not in ("offline", "llm2clip"),
+        description=f"generic {loader} model from {source}",
         generic=True,
     )
     base.update(kw)
-    return ModelSpec(name=name, family=family, source=source, **base)
+    return ModelSpec(name=name, loader=loader, source=source, **base)
 
 
 def _open_clip_generic(name: str) -> ModelSpec:
@@ -289,24 +300,24 @@ def _hub_generic(name: str) -> ModelSpec:
 
 
 def _hf_config_fields(cfg: dict[str, Any]) -> tuple[str, dict[str, Any]]:
-    """Family and metadata from a transformers ``config.json``."""
+    """Loader and metadata from a transformers ``config.json``."""
     model_type = cfg.get("model_type", "")
     remote = "AutoModel" in (cfg.get("auto_map") or {})
-    family = _HF_FAMILY_BY_TYPE.get(model_type, "hf_auto")
-    if remote and family != "hf_auto":
+    loader = _HF_LOADER_BY_TYPE.get(model_type, "hf_auto")
+    if remote and loader != "hf_auto":
         # the repository's own code is what its authors run; a native class might load it wrongly
-        family = "hf_auto"
+        loader = "hf_auto"
     vision = cfg.get("vision_config") or {}
     kw: dict[str, Any] = {"remote_code": remote}
     if isinstance(vision.get("image_size"), int):
         kw["image_size"] = vision["image_size"]
-    dim = cfg.get("projection_dim") if family == "hf_clip" else None
-    if family == "hf_siglip":
+    dim = cfg.get("projection_dim") if loader == "hf_clip" else None
+    if loader == "hf_siglip":
         dim = vision.get("hidden_size")
         kw["text_padding"] = "max_length"
     if dim:
         kw["embed_dim"] = dim
-    return family, kw
+    return loader, kw
 
 
 def _hf_generic(name: str) -> ModelSpec:
@@ -314,11 +325,11 @@ def _hf_generic(name: str) -> ModelSpec:
 
     repo = name[len("hf:") :]
     _check_repo_id(name, repo)
-    family, kw = "hf_auto", {}
+    loader, kw = "hf_auto", {}
     cfg_path = cached_file(repo, "config.json")
     if cfg_path is not None:
-        family, kw = _hf_config_fields(_read_json(cfg_path))
-    return _generic(name, family, f"hf:{repo}", **kw)
+        loader, kw = _hf_config_fields(_read_json(cfg_path))
+    return _generic(name, loader, f"hf:{repo}", **kw)
 
 
 def local_dir_spec(path: str, *, name: str | None = None) -> ModelSpec:
@@ -332,8 +343,8 @@ def local_dir_spec(path: str, *, name: str | None = None) -> ModelSpec:
         cfg = _read_json(folder / "open_clip_config.json")
         return _generic(label, "open_clip", source, **_open_clip_cfg_fields(cfg))
     if (folder / "config.json").is_file():
-        family, kw = _hf_config_fields(_read_json(folder / "config.json"))
-        return _generic(label, family, source, **kw)
+        loader, kw = _hf_config_fields(_read_json(folder / "config.json"))
+        return _generic(label, loader, source, **kw)
     raise VlmindexError(
         f"'{folder}' is neither an open_clip folder (open_clip_config.json) nor a transformers folder "
         "(config.json); point at the folder that holds one of them"

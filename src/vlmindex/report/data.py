@@ -33,6 +33,7 @@ from vlmindex.catalog.datasets import dataset_summaries
 from vlmindex.catalog.datasets import images_by_id as catalog_images_by_id
 from vlmindex.catalog.embeddings import read_run
 from vlmindex.catalog.fingerprints import stale_analyses
+from vlmindex.comparable import block_name, blocks, protocol, protocol_text  # noqa: F401  (part of this API)
 from vlmindex.errors import VlmindexError
 from vlmindex.metrics import registry
 from vlmindex.metrics.statistics import PairedResult, bootstrap_mean_ci, holm, paired_comparison
@@ -292,59 +293,11 @@ class ReportData:
     notes: list[str] = field(default_factory=list)      # for the command line, not the page
     duplicates: list[DatasetDuplicates] = field(default_factory=list)  # reported datasets with stored pairs
     confused: list[ConfusedStrips] = field(default_factory=list)  # per (dataset, model): lowest purity@k queries
+    findings: list[Any] = field(default_factory=list)  # vlmindex.findings.Finding, in their order
 
     @property
     def projections(self) -> list[ProjectionPanel]:
         return [p for p in self.projection_items if isinstance(p, ProjectionPanel)]
-
-
-# ------------------------------------------------------------------------------------------------
-# Protocol: what makes two analyses comparable
-# ------------------------------------------------------------------------------------------------
-
-
-def protocol(s: dict[str, Any]) -> tuple[Any, ...]:
-    """What must match for two analyses' per-query AP to be comparable (k does not change AP)."""
-    sample = ((int(s["sampled_queries"]), (s.get("provenance") or {}).get("seed", 0))
-              if s.get("sampled_queries") is not None else None)  # same N and seed: the same queries
-    return (bool(s.get("exclude_group")), s.get("query_split"), s.get("gallery_split"),
-            (s.get("provenance") or {}).get("modality"),
-            (s.get("duplicates_model") or True) if s.get("exclude_duplicates") else False, sample)
-
-
-def protocol_text(s: dict[str, Any]) -> str:
-    excl, qs, gs, mod, dups, sample = protocol(s)
-    parts = ["group excluded" if excl else "group not excluded"]
-    if dups:
-        parts.append("duplicates excluded" + (f" (near pairs of {dups})" if isinstance(dups, str) else ""))
-    if qs:
-        parts.append(f"queries: {qs}")
-    if gs:
-        parts.append(f"gallery: {gs}")
-    if mod:
-        parts.append(f"modality: {mod}")
-    if sample:
-        parts.append(f"{sample[0]} sampled queries (seed {sample[1]})")
-    return ", ".join(parts)
-
-
-def blocks(summaries: list[dict[str, Any]]) -> dict[tuple[str, str | None, str], list[dict[str, Any]]]:
-    """Summary rows by (dataset, modality, condition), in the order they come; modality None is
-    the all-modality analyses. Sampled analyses (``--sample-queries``) form blocks of their own,
-    named ``clean (sampled N of M queries)``: they are never ranked among full analyses."""
-    out: dict[tuple[str, str | None, str], list[dict[str, Any]]] = {}
-    for s in summaries:
-        cond = s["condition"]
-        if s.get("sampled_queries") is not None:
-            seed = (s.get("provenance") or {}).get("seed", 0)
-            cond = f"{cond} (sampled {s['sampled_queries']} of {s.get('query_pool')} queries, seed {seed})"
-        out.setdefault((s["dataset"], s.get("modality"), cond), []).append(s)
-    return out
-
-
-def block_name(dataset: str, modality: str | None, condition: str) -> str:
-    """``demo / clean``, or ``demo · xray / clean`` for one modality's block."""
-    return f"{dataset}{' · ' + modality if modality is not None else ''} / {condition}"
 
 
 # ------------------------------------------------------------------------------------------------
@@ -645,6 +598,17 @@ def analysis_options(s: dict[str, Any]) -> AnalyzeOptions:
                           sample_queries=int(s["sampled_queries"]) if s.get("sampled_queries") is not None else None)
 
 
+def _findings(ws: Workspace, opts: ReportOptions) -> list[Any]:
+    """The study's findings on the reported analyses, with the report's bootstrap settings."""
+    from vlmindex.findings import FindingsOptions, compute_findings
+
+    try:
+        return compute_findings(ws, FindingsOptions(dataset=opts.dataset, n_boot=opts.n_boot, seed=opts.seed,
+                                                    alpha=opts.alpha))
+    except VlmindexError:  # nothing analysed: the section says so
+        return []
+
+
 def _stale(ws: Workspace, summaries: list[dict[str, Any]]) -> tuple[list[StaleAnalysis], list[str]]:
     """Analyses whose inputs changed since: the storage layer's own rule
     (``catalog.fingerprints.stale_analyses``, from the inputs each analysis recorded)."""
@@ -760,4 +724,4 @@ def collect(ws: Workspace, options: ReportOptions | None = None) -> ReportData:
         overlay_effects=effects, has_overlay_runs=has_overlay_runs, ap_deltas=ap_deltas,
         ap_delta_skipped=ap_skipped, comparisons=comparisons, single_model=single,
         provenance=[ProvenanceRow(s, _index_text(ws, s)) for s in summaries], stale=stale,
-        unchecked=unchecked, notes=notes, duplicates=dups, confused=confused)
+        unchecked=unchecked, notes=notes, duplicates=dups, confused=confused, findings=_findings(ws, opts))

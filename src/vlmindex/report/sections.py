@@ -32,6 +32,7 @@ from vlmindex.report.options import ReportOptions
 from vlmindex.report.plots import Bar, Point, bar_chart, esc, heatmap, scatter
 
 SECTIONS: tuple[tuple[str, str], ...] = (
+    ("findings", "Findings"),
     ("overview", "Overview"),
     ("leaderboard", "Leaderboard"),
     ("per-class", "Per-class purity"),
@@ -485,10 +486,36 @@ def _provenance(data: ReportData) -> str:
 # ------------------------------------------------------------------------------------------------
 
 
+def _findings(data: ReportData) -> str:
+    """The study's claims tested on these analyses (:mod:`vlmindex.findings`), verdict first."""
+    if not data.findings:
+        return "<p>No analysis to test the study's findings on.</p>"
+    out = ["<p>The study's three claims, tested on this workspace's analyses with paired statistics over "
+           "identical queries (group-bootstrap 95% intervals, Holm within each finding; <code>vlmindex "
+           "findings</code>, table <code>findings</code>). Δ = a − b.</p>"]
+    for f in data.findings:
+        where = f.dataset + (f" · {f.modality}" if f.modality else "") + f" / {f.condition}"
+        out.append(f"<div class='finding' data-finding='{f.finding}' data-verdict='{esc(f.verdict)}'>"
+                   f"<h3>({f.finding}) {esc(f.claim)}: <b>{esc(f.verdict)}</b> <span class='sub'>{esc(where)}"
+                   f"{' · ' + esc(f.scope) if f.scope else ''}</span></h3><p class='small'>{esc(f.reason)}</p>")
+        if f.comparisons:
+            out.append("<table><tr><th>comparison</th><th>metric</th><th>a</th><th>b</th><th>Δ</th>"
+                       "<th>95% CI</th><th>p (Holm)</th><th>verdict</th></tr>")
+            for c in f.comparisons:
+                ci = "–" if c.ci_low is None else f"[{_num(c.ci_low)}, {_num(c.ci_high)}]"
+                out.append(f"<tr><td>{esc(c.comparison)}</td><td>{esc(c.metric)}</td><td>{_num(c.value_a)}</td>"
+                           f"<td>{_num(c.value_b)}</td><td>{_num(c.delta)}</td><td>{ci}</td>"
+                           f"<td>{_num(c.p_holm, 3)}</td><td>{esc(c.verdict or 'shown, not tested')}</td></tr>")
+            out.append("</table>")
+        out.append("</div>")
+    return "".join(out)
+
+
 def render(data: ReportData, options: ReportOptions | None = None) -> str:
     """The whole HTML page of ``data``; ``options`` must be the ones ``data`` was collected with."""
     opts = options or ReportOptions()
     body = {
+        "findings": _findings(data),
         "overview": _overview(data, opts),
         "leaderboard": _leaderboard(data, opts),
         "per-class": _per_class(data),
