@@ -185,7 +185,8 @@ def test_intervals_and_p_values_equal_a_plain_bootstrap_loop(vlm, synth_ws, tmp_
         assert (r["ci_low"], r["ci_high"]) == (pytest.approx(lo, abs=1e-12), pytest.approx(hi, abs=1e-12))
         reps = [0.0 if abs(x) < 1e-12 else x for x in reps]  # as paired_delta: rounding is not a sign
         below, above = sum(x <= 0 for x in reps), sum(x >= 0 for x in reps)
-        assert r["p_value"] == pytest.approx(min(1.0, 2 * (min(below, above) + 1) / (n_boot + 1)), abs=1e-12)
+        assert r["p_value"] == pytest.approx(min(1.0, 2 * min(below, above) / n_boot), abs=1e-12)
+        assert (lo > 0 or hi < 0) == (r["p_value"] < 0.05)  # the interval and the p-value agree
     # Holm over the two: the smaller p doubled, the larger no smaller than it
     ps = sorted(r["p_value"] for r in rows.values())
     holm = [min(1, 2 * ps[0]), min(1, max(2 * ps[0], ps[1]))]
@@ -240,3 +241,66 @@ def test_a_v4_catalog_gains_the_family_column_and_the_new_tables(tmp_path):
         tables = {r[0] for r in con.execute("SELECT table_name FROM information_schema.tables").fetchall()}
         version = con.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()[0]
     assert "family" in cols and {"attack_queries", "findings"} <= tables and int(version) == wsmod.SCHEMA_VERSION
+
+
+def test_embed_family_is_recorded_also_when_nothing_is_left_to_embed(vlm, synth_ws):
+    from vlmindex.catalog.embeddings import run_families
+    from vlmindex.findings import family_of
+
+    vlm(synth_ws, "embed", "-m", "raw-pixels", "-d", "demo", "--workers", "0")
+    with Workspace(synth_ws).read() as con:
+        assert run_families(con, "demo") == {"raw-pixels": "baseline"}  # the registry's, recorded by the run
+    res = vlm(synth_ws, "embed", "-m", "raw-pixels", "-d", "demo", "--workers", "0", "--family", "general")
+    assert "already" in res.out
+    with Workspace(synth_ws).read() as con:
+        recorded = run_families(con, "demo")
+    assert recorded == {"raw-pixels": "general"} and family_of("raw-pixels", recorded) == "general"
+    assert family_of("raw-pixels", {}) == "baseline" and family_of("not-a-model", {}) is None
+
+
+def test_a_partial_analysis_is_never_paired_with_full_ones(vlm, synth_ws, tmp_path):
+    """med-b embedded on half the images (analyzed with --allow-partial) scores other queries against
+    a smaller gallery: it forms a slice of its own, and the full slice is untouched by it."""
+    _plant(vlm, synth_ws, tmp_path, "med-a", "medical", 1.5, seed=21)
+    _plant(vlm, synth_ws, tmp_path, "floor-a", "baseline", 1.5, seed=21)
+    _plant(vlm, synth_ws, tmp_path, "med-b", "medical", 1.5, seed=22)
+    half = pq.read_table(tmp_path / "med-b-clean.parquet").slice(0, 36)
+    pq.write_table(half, tmp_path / "half.parquet")
+    vlm(synth_ws, "embeddings", "import", tmp_path / "half.parquet", "-m", "med-b", "-d", "demo", "--family", "medical")
+    vlm(synth_ws, "analyze", "-m", "med-a,floor-a", "-d", "demo", *K, "--no-probe")
+    vlm(synth_ws, "analyze", "-m", "med-b", "-d", "demo", *K, "--no-probe", "--allow-partial")
+    rows = [r for r in _findings(vlm, synth_ws, "--no-save") if r["finding"] == 1]
+    full = [r for r in rows if "partial" not in r["scope"]]
+    assert {r["a"] for r in full} == {"med-a"} and all(r["n_queries"] == 72 for r in full)
+    assert all(r["verdict"] == "not decided" for r in full)  # identical features: nothing to decide
+    partial = [r for r in rows if "partial" in r["scope"]]
+    assert partial and {r["finding_verdict"] for r in partial} == {"not testable"}  # no baseline analysed partially
+
+
+def test_one_condition_replaces_only_its_own_stored_rows_and_a_bogus_one_is_refused(vlm, synth_ws, tmp_path):
+    _plant(vlm, synth_ws, tmp_path, "med-a", "medical", 2.0, seed=23)
+    _plant(vlm, synth_ws, tmp_path, "floor-a", "baseline", 0.5, seed=24)
+    vlm(synth_ws, "analyze", "-m", "med-a,floor-a", "-d", "demo", *K, "--no-probe")
+    vlm(synth_ws, "overlay", "add", "demo", "wrong", "--text", "wrong-label")
+    _findings(vlm, synth_ws)
+    before = {(r["finding"], r["condition"]) for r in json.loads(vlm(synth_ws, "sql", "findings", "--format",
+                                                                        "json").out)}
+    assert (1, "clean") in before
+    _findings(vlm, synth_ws, "-c", "wrong")
+    after = {(r["finding"], r["condition"]) for r in json.loads(vlm(synth_ws, "sql", "findings", "--format",
+                                                                       "json").out)}
+    assert (1, "clean") in after and (3, "wrong") in after
+    res = vlm(synth_ws, "findings", "-c", "bogus", expect=1)
+    assert "unknown condition 'bogus'" in res.err and "wrong" in res.err and "Traceback" not in res.err
+
+
+def test_finding_3_leaves_out_an_overlay_effect_whose_runs_changed(vlm, synth_ws, tmp_path):
+    vlm(synth_ws, "overlay", "add", "demo", "wrong", "--text", "wrong-label")
+    for model, family, seed, pull in (("gen-a", "general", 31, 3.0), ("med-a", "medical", 32, 0.1)):
+        for cond in ("clean", "wrong"):
+            _plant(vlm, synth_ws, tmp_path, model, family, 2.0, seed, condition=cond, pull=pull)
+    vlm(synth_ws, "overlay", "effect", "-m", "gen-a,med-a", "-d", "demo", "-c", "wrong", *K, "--n-boot", "50")
+    assert _verdict([r for r in _findings(vlm, synth_ws, "--no-save") if r["finding"] == 3], 3) == "supported"
+    _plant(vlm, synth_ws, tmp_path, "med-a", "medical", 2.0, 33, condition="wrong", pull=3.0)  # other vectors now
+    (row,) = [r for r in _findings(vlm, synth_ws, "--no-save") if r["finding"] == 3]
+    assert row["finding_verdict"] == "not testable" and "no medical model" in row["finding_reason"]

@@ -405,6 +405,22 @@ def test_a_stale_or_damaged_index_is_refused_not_served(served_ws, tmp_path):
     service.close()
 
 
+def test_an_approximate_result_gains_the_querys_own_image_when_the_index_missed_it():
+    """HNSW can miss a stored vector's own entry (seen once in 800 queries at 100k): a query by
+    image_id must still find the image itself first, at its exact score."""
+    from vlmindex.serve.service import with_own_vector
+
+    v = np.array([3.0, 4.0], np.float32)  # cosine with itself: 1
+    scores = np.array([0.9, 0.8, 0.8, -1.0], np.float32)
+    ids = np.array([7, 5, 9, -1], np.int64)  # -1: FAISS's empty slot
+    s, i = with_own_vector(scores, ids, 42, v, 3)
+    assert i.tolist() == [42, 7, 5] and s[0] == pytest.approx(1.0, abs=1e-6)
+    s, i = with_own_vector(scores, ids, 4, v, 4)
+    assert i.tolist() == [4, 7, 5, 9]  # the padding slot gone, ties 0.8 by id
+    same = with_own_vector(scores, ids, 5, v, 3)  # present: untouched
+    assert same[1].tolist() == ids.tolist()
+
+
 def test_exact_top_k_matches_a_plain_sort_ties_included():
     from vlmindex.serve.service import exact_top_k
 

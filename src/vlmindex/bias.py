@@ -402,7 +402,7 @@ def _attack_table(q: dict[str, np.ndarray], key: RunKey, k: int, exclude_group: 
 
 # Enters every overlay effect's fingerprint: figures stored by an earlier set of figures (before
 # the attack figures) are not current and are recomputed.
-FIGURES_VERSION = "figures-2: attack figures against the clean gallery"
+FIGURES_VERSION = "figures-3: attack figures against the clean gallery, with their per-query rows"
 
 
 STAGE = "overlay_effect"

@@ -39,7 +39,9 @@ from typing import Any
 
 import numpy as np
 
+from vlmindex import bias
 from vlmindex.catalog import CLEAN, Workspace, results
+from vlmindex.catalog import conditions as catalog_conditions
 from vlmindex.catalog.embeddings import run_families
 from vlmindex.catalog.fingerprints import stale_analyses
 from vlmindex.comparable import protocol
@@ -129,6 +131,9 @@ def _judge(comparisons: list[Comparison], alpha: float) -> tuple[str, str]:
         else:
             predicted = (c.delta > 0) == (c.expected == "a > b")
             c.verdict = SUPPORTED if predicted else CONTRADICTED
+    if tested and all(c.ci_low is None for c in tested):
+        return UNDECIDED, ("nothing to resample: the compared models share fewer than two groups of scored "
+                           "queries")
     n_for = sum(c.verdict == SUPPORTED for c in tested)
     n_against = sum(c.verdict == CONTRADICTED for c in tested)
     words = f"Holm over {len(tested)} comparison(s), alpha {alpha:g}"
@@ -138,7 +143,7 @@ def _judge(comparisons: list[Comparison], alpha: float) -> tuple[str, str]:
         return CONTRADICTED, f"{n_against} of {len(tested)} comparisons contradict it, none supports it ({words})"
     if n_for and n_against:
         return UNDECIDED, f"the comparisons disagree: {n_for} support it, {n_against} contradict it ({words})"
-    return UNDECIDED, f"no comparison is decided: every interval spans 0 or does not survive Holm ({words})"
+    return UNDECIDED, f"no comparison is decided: each interval spans 0 or does not survive Holm ({words})"
 
 
 def _paired(name: str, a: str, b: str, metric: str, va: np.ndarray, vb: np.ndarray, units: np.ndarray,
@@ -146,7 +151,8 @@ def _paired(name: str, a: str, b: str, metric: str, va: np.ndarray, vb: np.ndarr
     """``a - b`` over the queries where both are finite; a macro metric when ``classes`` is given."""
     ok = np.isfinite(va) & np.isfinite(vb)
     d = va[ok] - vb[ok]
-    r = paired_delta(d, units[ok], None if classes is None else classes[ok], n_boot=opts.n_boot, seed=opts.seed)
+    r = paired_delta(d, units[ok], None if classes is None else classes[ok], n_boot=opts.n_boot, seed=opts.seed,
+                     confidence=1.0 - opts.alpha)
     if classes is None:
         mean_a, mean_b = (float(va[ok].mean()), float(vb[ok].mean())) if ok.any() else (None, None)
     else:
@@ -239,10 +245,20 @@ def compute_findings(ws: Workspace, opts: FindingsOptions | None = None) -> list
         if opts.dataset is not None and not datasets:
             raise VlmindexError(f"dataset {opts.dataset!r} has no analysis: run `vlmindex analyze -d {opts.dataset}` "
                                 "for its models first")
+        if opts.condition not in (None, CLEAN):
+            known = sorted({c for ds in datasets for c in catalog_conditions.names(con, ds)} | {CLEAN})
+            if opts.condition not in known:
+                raise VlmindexError(f"unknown condition {opts.condition!r}; conditions of "
+                                    f"{', '.join(datasets) or 'the workspace'}: {', '.join(known)}")
         recorded = {ds: run_families(con, ds) for ds in datasets}
         current = [s for s in summaries if s["analysis_id"] not in stale]
         table = results.per_query(con, [s["analysis_id"] for s in current])
         attack = {ds: results.attack_query_rows(con, ds) for ds in datasets}
+        effects = {ds: results.attack_effects(con, ds) for ds in datasets}
+    # an overlay effect whose runs changed since is not read (as stale analyses are not)
+    fresh = {ds: {e["inputs_fingerprint"] for e in rows if bias.is_current(
+                 ws, e["model"], ds, e["condition"], k=e["k"], exclude_group=e["exclude_group"],
+                 n_boot=e["n_boot"], seed=e["seed"])} for ds, rows in effects.items()}
     per_query = {aid: _Queries(c["image_id"].astype(np.int64),
                                {"ap": c["ap"].astype(float), "knn_correct": _floats(c["knn_correct"])},
                                c["label"].astype(str).astype(object), c["unit"].astype(str).astype(object))
@@ -256,17 +272,20 @@ def compute_findings(ws: Workspace, opts: FindingsOptions | None = None) -> list
         slices: dict[tuple[Any, ...], dict[str, dict[str, Any]]] = {}
         for s in current:
             if s["dataset"] == ds and s["condition"] == condition and s["analysis_id"] in per_query:
-                key = (s.get("modality"), protocol(s), s["k"])
+                # the same queries and gallery: a partial analysis (--allow-partial) pairs only with its like
+                key = (s.get("modality"), protocol(s), s["k"], int(s.get("n_missing") or 0))
                 slices.setdefault(key, {}).setdefault(s["model"], s)  # one analysis per model: the first
         if not slices:
             for n in (1, 2):
                 out.append(Finding(n, ds, None, condition, "", UNTESTABLE,
                                    f"no current analysis of {ds} under {condition}: run `vlmindex analyze`"))
-        for (modality, _, _), by_model in slices.items():
+        for (modality, *_), by_model in slices.items():
             scope = _scope(next(iter(by_model.values())))
             out.append(_finding_1(ds, modality, condition, scope, by_model, fam, per_query, opts))
             out.append(_finding_2(ds, modality, condition, scope, by_model, fam, per_query, opts))
-        out += _finding_3(ds, attack[ds], fam, opts)
+        per_modality = sorted({s["modality"] for s in summaries if s["dataset"] == ds and s.get("modality")})
+        for modality in (None, *per_modality):
+            out += _finding_3(ds, modality, attack[ds], fresh[ds], fam, opts)
     return out
 
 
@@ -330,6 +349,8 @@ def _finding_2(ds, modality, condition, scope, by_model, fam, per_query, opts) -
         macro = classes if metric.endswith("_macro") else None
         comps.append(_paired(f"best llm-enhanced {best_l} vs best medical {best_m}", best_l, best_m, metric,
                              vals[best_l][col], vals[best_m][col], units, macro, "a > b", opts))
+        if len(llm) == len(medical) == 1:
+            continue  # the family means are the two models: the same test twice would count twice in Holm
         mean_l = np.mean([vals[m][col] for m in llm], axis=0)
         mean_m = np.mean([vals[m][col] for m in medical], axis=0)
         comps.append(_paired("family mean llm-enhanced vs medical", "family:llm-enhanced", "family:medical", metric,
@@ -350,22 +371,31 @@ def _finding_2(ds, modality, condition, scope, by_model, fam, per_query, opts) -
                    sorted(by_model[m]["analysis_id"] for m in [*llm, *medical]))
 
 
-def _finding_3(ds: str, table: Any, fam: dict[str, str | None], opts: FindingsOptions) -> list[Finding]:
-    """Per overlay condition and (k, group rule) of the stored attack rows."""
+def _finding_3(ds: str, modality: str | None, table: Any, fresh: set[str], fam: dict[str, str | None],
+               opts: FindingsOptions) -> list[Finding]:
+    """Per overlay condition and (k, group rule) of the stored attack rows that are current; for
+    one modality's queries when ``modality`` is given (the dataset has per-modality analyses)."""
     slices: dict[tuple[str, int, bool], dict[str, _Queries]] = {}
     prints: dict[tuple[str, int, bool], set[str]] = {}
     cols = {c: table.column(c).to_numpy(zero_copy_only=False) for c in table.column_names}
-    rows = len(cols.get("model", []))
-    if opts.condition not in (None, CLEAN):
-        keep = cols["condition"].astype(str) == opts.condition if rows else np.zeros(0, bool)
-        cols = {c: v[keep] for c, v in cols.items()}
-        rows = int(keep.sum())
-    if rows == 0:
+    n = len(cols.get("model", []))
+    keep = np.ones(n, dtype=bool)
+    if n:
+        stale = ~np.isin(cols["inputs_fingerprint"].astype(str), list(fresh))
+        keep &= ~stale
+        if opts.condition not in (None, CLEAN):
+            keep &= cols["condition"].astype(str) == opts.condition
+        if modality is not None:
+            keep &= cols["modality"].astype(str) == modality
+    n_stale = len({(m, c) for m, c, s in zip(cols.get("model", []), cols.get("condition", []), stale if n else [],
+                                            strict=True) if s})
+    cols = {c: v[keep] for c, v in cols.items()}
+    if not keep.any():
         where = (f"overlay condition {opts.condition!r}" if opts.condition not in (None, CLEAN)
                  else "any overlay condition")
-        return [Finding(3, ds, None, opts.condition or "(overlays)", "", UNTESTABLE,
-                        f"no stored overlay effect of {where} on {ds}: run `vlmindex overlay effect -c NAME` for "
-                        "its models")]
+        why = (f"no current overlay effect of {where} on {ds}: run `vlmindex overlay effect -c NAME` for its "
+               "models" + (f" ({n_stale} stored ones are stale: their runs changed since)" if n_stale else ""))
+        return [Finding(3, ds, modality, opts.condition or "(overlays)", "", UNTESTABLE, why)]
     key = np.array([f"{c}\x00{k}\x00{g}\x00{m}" for c, k, g, m in
                     zip(cols["condition"], cols["k"], cols["exclude_group"], cols["model"], strict=True)])
     for sub, c in _split_by(cols, key).items():
@@ -387,7 +417,7 @@ def _finding_3(ds: str, table: Any, fam: dict[str, str | None], opts: FindingsOp
         if missing:
             why = (f"no {' and no '.join(missing)} model has overlay effects here (families present: "
                    f"{_families_present(fam, models)})")
-            out.append(Finding(3, ds, None, cond, scope, UNTESTABLE, why,
+            out.append(Finding(3, ds, modality, cond, scope, UNTESTABLE, why,
                                effect_fingerprints=sorted(prints[(cond, k, group)])))
             continue
         general = [m for m in models if fam.get(m) in GENERAL_SIDE]
@@ -403,7 +433,7 @@ def _finding_3(ds: str, table: Any, fam: dict[str, str | None], opts: FindingsOp
             comps.append(_paired(f"family mean {side} vs medical", f"family:{side}", "family:medical", metric, ga, mb,
                                  units, None, expected, opts))
         verdict, reason = _judge(comps, opts.alpha)
-        out.append(Finding(3, ds, None, cond, scope, verdict, reason, comps,
+        out.append(Finding(3, ds, modality, cond, scope, verdict, reason, comps,
                            effect_fingerprints=sorted(prints[(cond, k, group)])))
     return out
 
@@ -440,10 +470,11 @@ def finding_rows(findings: list[Finding], opts: FindingsOptions, created_at: dat
 
 
 def save_findings(ws: Workspace, findings: list[Finding], opts: FindingsOptions) -> list[dict[str, Any]]:
-    """Replace the ``findings`` rows of the datasets computed; the rows stored."""
+    """Replace the ``findings`` rows of the datasets computed (of ``opts.condition`` only, when
+    given: findings 1-2 of the analyses of that condition, or finding 3 of that overlay); the rows stored."""
     from vlmindex.catalog.workspace import write_wait
 
     rows = finding_rows(findings, opts)
     with ws.write(wait=write_wait()) as con:
-        results.store_findings(con, sorted({f.dataset for f in findings}), rows)
+        results.store_findings(con, sorted({f.dataset for f in findings}), rows, condition=opts.condition)
     return rows

@@ -157,6 +157,16 @@ def attacked_datasets(con: duckdb.DuckDBPyConnection, dataset: str | None = None
                                       "ORDER BY 1", [dataset, dataset]).fetchall()]
 
 
+def attack_effects(con: duckdb.DuckDBPyConnection, dataset: str) -> list[dict[str, Any]]:
+    """The stored overlay effects of ``dataset`` that have per-query attack rows: what
+    ``bias.is_current`` needs to tell whether each is still current."""
+    return _dicts(con.execute(
+        "SELECT DISTINCT o.model, o.condition, o.k, o.exclude_group, o.n_boot, o.seed, o.inputs_fingerprint "
+        "FROM overlay_effects o WHERE o.dataset = ? AND EXISTS (SELECT 1 FROM attack_queries a WHERE "
+        "a.inputs_fingerprint = o.inputs_fingerprint AND a.model = o.model AND a.dataset = o.dataset) "
+        "ORDER BY 1, 2, 3, 4", [dataset]))
+
+
 # -- findings ------------------------------------------------------------------------------------
 
 FINDING_COLUMNS = ["dataset", "modality", "condition", "scope", "finding", "claim", "finding_verdict",
@@ -165,10 +175,12 @@ FINDING_COLUMNS = ["dataset", "modality", "condition", "scope", "finding", "clai
                    "effect_fingerprints", "n_boot", "seed", "alpha", "created_at"]
 
 
-def store_findings(con: duckdb.DuckDBPyConnection, datasets: Sequence[str], rows: list[dict[str, Any]]) -> None:
-    """Replace the ``findings`` rows of ``datasets`` with ``rows``."""
+def store_findings(con: duckdb.DuckDBPyConnection, datasets: Sequence[str], rows: list[dict[str, Any]], *,
+                   condition: str | None = None) -> None:
+    """Replace the ``findings`` rows of ``datasets`` (of one ``condition``, when given) with ``rows``."""
     with transaction(con):
-        con.execute("DELETE FROM findings WHERE dataset IN (SELECT unnest(?))", [list(datasets)])
+        con.execute("DELETE FROM findings WHERE dataset IN (SELECT unnest(?)) AND (? IS NULL OR condition = ?)",
+                    [list(datasets), condition, condition])
         con.executemany(f"INSERT INTO findings ({', '.join(FINDING_COLUMNS)}) "
                         f"VALUES ({', '.join('?' * len(FINDING_COLUMNS))})",
                         [[r.get(c) for c in FINDING_COLUMNS] for r in rows])

@@ -70,8 +70,8 @@ def findings(ctx, dataset, condition, n_boot, alpha, seed, save, fmt):
     (2) LLM-enhanced models beat medical ones: best vs best, and the family means;
     (3) general models are pulled more by overlaid text: family means of the attack figures.
 
-    Each comparison is a paired difference over identical queries with a group-bootstrap 95%
-    interval; verdicts (supported, contradicted, not decided, not testable) use Holm's
+    Each comparison is a paired difference over identical queries with a group-bootstrap
+    interval (confidence 1 - alpha); verdicts (supported, contradicted, not decided, not testable) use Holm's
     correction over a finding's comparisons. Families come from the model registry or from
     `embed/embeddings import --family`. Definitions: docs/findings.md; the stored rows:
     `vlmindex sql findings`.
@@ -91,11 +91,12 @@ def findings(ctx, dataset, condition, n_boot, alpha, seed, save, fmt):
     if fmt != "table":
         click.echo(render([{k: v for k, v in r.items() if k != "created_at"} for r in rows], fmt))
         return
-    click.echo(findings_text(found))
+    click.echo(findings_text(found, n_boot))
 
 
-def findings_text(found) -> str:
-    """The findings as a reader wants them: a verdict per claim, the numbers beneath."""
+def findings_text(found, n_boot: int) -> str:
+    """The findings as a reader wants them: a verdict per claim, the numbers beneath (a p of 0,
+    no replicate reaching 0, printed as below 1/B)."""
     lines, last = [], None
     for f in found:
         where = (f.dataset + (f" · {f.modality}" if f.modality else ""), f.condition, f.scope)
@@ -107,7 +108,8 @@ def findings_text(found) -> str:
             num = "n/a" if c.delta is None else f"{c.delta:+.4f}"
             ci = f" [{c.ci_low:+.4f}, {c.ci_high:+.4f}]" if c.ci_low is not None and c.ci_high is not None else ""
             vals = "" if c.value_a is None or c.value_b is None else f" ({c.value_a:.4f} vs {c.value_b:.4f})"
-            test = (f"  p_holm {c.p_holm:.3g}  {c.verdict}" if c.p_holm is not None else
+            p = "" if c.p_holm is None else f"< {1 / n_boot:.2g}" if c.p_holm == 0 else f"{c.p_holm:.3g}"
+            test = (f"  p_holm {p}  {c.verdict}" if c.p_holm is not None else
                     f"  {c.verdict}" if c.verdict else "  shown, not tested")
             lines.append(f"    {c.comparison}  {c.metric}  Δ {num}{ci}{vals}{test}")
     return "\n".join(lines).lstrip("\n")

@@ -40,12 +40,16 @@ def _run(ctx, study, report: Path | None, fmt: str) -> None:
         attack_cols, attack_rows = attack_summary(ctx.workspace, study)
         click.echo("\nTypographic attack (overlaid queries against the clean gallery; docs/overlays.md):")
         echo_rows(attack_rows, fmt, attack_cols)
+    from vlmindex.study import study_findings
+
+    found = study_findings(ctx.workspace, study)  # stored in every format; printed with the tables
     if fmt == "table":
         from vlmindex.cli.report_cmds import findings_text
-        from vlmindex.study import study_findings
 
         click.echo("\nFindings (the study's claims tested on these analyses; `vlmindex findings`):")
-        click.echo(findings_text(study_findings(ctx.workspace, study)))
+        from vlmindex.findings import FindingsOptions
+
+        click.echo(findings_text(found, FindingsOptions().n_boot))
     out = report or (Path(study.report) if study.report else None)
     if out is not None:
         from vlmindex.report import ReportOptions, write_report

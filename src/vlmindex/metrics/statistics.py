@@ -328,8 +328,10 @@ def paired_delta(d: np.ndarray, groups: Sequence[Any] | np.ndarray | None = None
     two macro values on the same queries). Replicates are :func:`bootstrap_replicates` of the
     groups, the statistic recomputed on the drawn groups' queries; the interval is their
     ``(1 ± confidence) / 2`` quantiles and the two-sided p-value
-    :math:`\min(1, 2\,(\min(\#\{d^*_b \le 0\}, \#\{d^*_b \ge 0\}) + 1) / (B + 1))` over the
-    :math:`B` finite replicates (below 1e-12 in size counted as 0: rounding). Non-finite
+    :math:`\min(1, 2\,\min(\#\{d^*_b \le 0\}, \#\{d^*_b \ge 0\}) / B)` over the :math:`B` finite
+    replicates (below 1e-12 in size counted as 0: rounding), so that the interval at confidence
+    :math:`1 - α` excludes 0 exactly when p < α (up to the quantiles' interpolation); p = 0 means no
+    replicate reached 0, i.e. p < 1/B. Non-finite
     :math:`d_q` are dropped first; with one group there
     is nothing to resample and the p-value is NaN.
     """
@@ -356,5 +358,5 @@ def paired_delta(d: np.ndarray, groups: Sequence[Any] | np.ndarray | None = None
     tail = (1.0 - confidence) / 2
     lo, hi = np.quantile(reps, [tail, 1.0 - tail])
     below, above = int((reps <= 0).sum()), int((reps >= 0).sum())
-    p = min(1.0, 2.0 * (min(below, above) + 1) / (len(reps) + 1))
+    p = min(1.0, 2.0 * min(below, above) / len(reps))
     return DeltaResult(delta, float(lo), float(hi), p, int(d.size), n_units)

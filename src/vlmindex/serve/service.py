@@ -192,6 +192,22 @@ def _approximate_top_k(index: Any, k_fixed: int, queries: np.ndarray, k: int) ->
     return out_s[:, :k], out_i[:, :k]
 
 
+def with_own_vector(scores: np.ndarray, ids: np.ndarray, own_id: int, vector: np.ndarray,
+                    k: int) -> tuple[np.ndarray, np.ndarray]:
+    """An approximate result for a catalog image's own vector, with that image in it: its exact
+    nearest neighbour (cosine with itself), which a graph or quantised index can miss. Placed by
+    the tie rule (score descending, image_id ascending), the k-th result dropped for it."""
+    if own_id in set(ids.tolist()):
+        return scores, ids
+    v = vlm_index.normalise(np.asarray(vector, dtype=np.float32)[None, :])[0].astype(np.float64)
+    own = np.float32(v @ v)
+    valid = ids >= 0
+    s = np.concatenate([scores[valid], [own]]).astype(np.float32)
+    i = np.concatenate([ids[valid], [own_id]]).astype(np.int64)
+    order = np.lexsort((i, -s))[:k]
+    return s[order], i[order]
+
+
 RESCORE_MARGIN = 1e-4  # above float32 rounding of a 512..4096-d dot product of unit vectors
 
 
@@ -208,7 +224,8 @@ def exact_top_k(vectors: np.ndarray, ids: np.ndarray, queries: np.ndarray, k: in
     q = vlm_index.normalise(queries)
     k = min(k, len(ids))
     n = len(ids)
-    fast = (vectors @ q[0])[None, :] if len(q) == 1 else (vectors @ q.T).T
+    # q @ vectors.T, not (vectors @ q.T).T: OpenBLAS runs the wide product ~1.5x faster for 2..8 queries
+    fast = (vectors @ q[0])[None, :] if len(q) == 1 else q @ vectors.T
     out_s = np.empty((len(q), k), np.float32)
     out_i = np.empty((len(q), k), np.int64)
     for r, s in enumerate(fast):
@@ -592,6 +609,8 @@ class NeighbourService:
                 with lock:
                     vector = embed_images(extractor, [shown])[0]
             scores, ids = snap.batcher.search(np.asarray(vector, dtype=np.float32), k)
+            if image_id is not None and snap.info.kind != "flat":
+                scores, ids = with_own_vector(scores, ids, image_id, vector, k)
             out[key.model] = self._rows(ids, scores, query, condition)
             indexes[key.model] = {"kind": snap.info.kind, "count": snap.info.count, "built_at": snap.info.built_at,
                                   "verified": snap.verified}
