@@ -170,6 +170,11 @@ def _study_text(*, study: str = "", dataset: str = "synth = {}", condition: str 
      "[models] checkpoints must be a table of model = checkpoint (strings), got 'x'"),
     ({"models": 'names = ["hog"]\ncheckpoints = { hog = 3 }'},
      "[models] checkpoints must be a table of model = checkpoint (strings), got {'hog': 3}"),
+    ({"models": 'names = ["hog"]\nfamily = { hog = "doctor" }'},
+     "[models] family must be a table of model = family (medical, general, llm-enhanced, baseline), "
+     "got {'hog': 'doctor'}"),
+    ({"models": 'names = ["hog"]\nfamily = { hgo = "medical" }'},
+     "[models] family names 'hgo', not in [models] names; add them there or drop them from the table"),
     ({"models": 'names = ["hog"]\ntrust_remote_code = true'},
      "[models] trust_remote_code must be a list of model names (strings), got True"),
     ({"analysis": 'k = "ten"'}, "[analysis] k must be an integer >= 1, got 'ten'"),
