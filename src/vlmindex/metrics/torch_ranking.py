@@ -62,40 +62,47 @@ def torch_rank(device: str, xall: np.ndarray, q_row: np.ndarray, xg: np.ndarray,
     n_qry = len(q_row)
     rows = chunk_rows(dev, n_gal, n_qry)
     ranks = torch.arange(1, n_gal + 1, device=dev, dtype=torch.float64)
-    with torch.inference_mode():
-        for start in range(0, n_qry, rows):
-            sel = np.arange(start, min(n_qry, start + rows))
-            queries = torch.from_numpy(np.ascontiguousarray(xall[q_row[sel]])).to(dev)
-            sims = queries @ gallery.T
-            if expand_t is not None:
-                sims = sims.index_select(1, expand_t)
-            sims.add_(0.0)  # -0.0 -> +0.0
-            r_out, c_out = excluded(sel)
-            sims[torch.from_numpy(r_out).to(dev), torch.from_numpy(id_rank[c_out]).to(dev)] = float("-inf")
-            values, order = torch.sort(sims, dim=1, descending=True, stable=True)
-            del sims
-            cand = torch.from_numpy(n_candidates[sel]).to(dev)
-            r = torch.from_numpy(n_relevant[sel]).to(dev)
-            qc = torch.from_numpy(qry_codes[sel].astype(np.int64)).to(dev)
-            rel = codes[order] == qc[:, None]
-            rel &= ranks[None, :] <= cand[:, None]
-            hits = rel.cumsum(dim=1, dtype=torch.int32)
-            prec = torch.where(rel, hits / ranks, 0.0)
-            del hits
-            denom = r.clamp(min=1).to(torch.float64)
-            within = ranks[None, :] <= r[:, None]
-            out = {
-                "ap": (prec.sum(dim=1) / denom).cpu().numpy(),
-                "map_at_r": ((prec * within).sum(dim=1) / denom).cpu().numpy(),
-                "r_precision": ((rel & within).sum(dim=1) / denom).cpu().numpy(),
-            }
-            del prec, rel, within
-            width = min(k, n_gal)
-            cols = np.full((len(sel), k), -1, dtype=np.int64)
-            scores = np.full((len(sel), k), np.nan, dtype=np.float32)
-            cols[:, :width] = by_rank[order[:, :width].cpu().numpy()]
-            scores[:, :width] = values[:, :width].cpu().numpy()
-            short = np.arange(k)[None, :] >= n_candidates[sel][:, None]
-            cols[short] = -1
-            scores[short] = np.nan
-            yield sel, out, cols, scores
+    # full float32 products whatever the caller's process set: TF32 (a 10-bit mantissa) would
+    # reorder neighbours that the CPU path tells apart
+    precision = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision("highest")
+    try:
+        with torch.inference_mode():
+            for start in range(0, n_qry, rows):
+                sel = np.arange(start, min(n_qry, start + rows))
+                queries = torch.from_numpy(np.ascontiguousarray(xall[q_row[sel]])).to(dev)
+                sims = queries @ gallery.T
+                if expand_t is not None:
+                    sims = sims.index_select(1, expand_t)
+                sims.add_(0.0)  # -0.0 -> +0.0
+                r_out, c_out = excluded(sel)
+                sims[torch.from_numpy(r_out).to(dev), torch.from_numpy(id_rank[c_out]).to(dev)] = float("-inf")
+                values, order = torch.sort(sims, dim=1, descending=True, stable=True)
+                del sims
+                cand = torch.from_numpy(n_candidates[sel]).to(dev)
+                r = torch.from_numpy(n_relevant[sel]).to(dev)
+                qc = torch.from_numpy(qry_codes[sel].astype(np.int64)).to(dev)
+                rel = codes[order] == qc[:, None]
+                rel &= ranks[None, :] <= cand[:, None]
+                hits = rel.cumsum(dim=1, dtype=torch.int32)
+                prec = torch.where(rel, hits / ranks, 0.0)
+                del hits
+                denom = r.clamp(min=1).to(torch.float64)
+                within = ranks[None, :] <= r[:, None]
+                out = {
+                    "ap": (prec.sum(dim=1) / denom).cpu().numpy(),
+                    "map_at_r": ((prec * within).sum(dim=1) / denom).cpu().numpy(),
+                    "r_precision": ((rel & within).sum(dim=1) / denom).cpu().numpy(),
+                }
+                del prec, rel, within
+                width = min(k, n_gal)
+                cols = np.full((len(sel), k), -1, dtype=np.int64)
+                scores = np.full((len(sel), k), np.nan, dtype=np.float32)
+                cols[:, :width] = by_rank[order[:, :width].cpu().numpy()]
+                scores[:, :width] = values[:, :width].cpu().numpy()
+                short = np.arange(k)[None, :] >= n_candidates[sel][:, None]
+                cols[short] = -1
+                scores[short] = np.nan
+                yield sel, out, cols, scores
+    finally:
+        torch.set_float32_matmul_precision(precision)
