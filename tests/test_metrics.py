@@ -453,6 +453,30 @@ def test_distribution_figures_against_sklearn():
     assert figs["silhouette_cosine"] == pytest.approx(silhouette_cosine(raw, y))
 
 
+def test_tight_classes_keep_their_spread_instead_of_rounding_noise():
+    """Classes of near-copies (1e-7 apart): the within-class spread must come from x - mu itself, not
+    from ||x||^2 - 2 x.mu + ||mu||^2, where it cancels to noise (CH and Fisher off by percent);
+    exact copies give a spread of (almost) 0: Davies-Bouldin ~0, Calinski-Harabasz astronomically large."""
+    base = np.random.default_rng(3).standard_normal((3, 64))
+    y = np.repeat([0, 1, 2], [5, 7, 4])
+    copies = np.repeat(base, [5, 7, 4], axis=0)
+    tight = copies + 1e-7 * np.random.default_rng(31).standard_normal(copies.shape)
+    unit = tight / np.linalg.norm(tight, axis=1, keepdims=True)
+    sw = sum(np.sum((unit[y == c] - unit[y == c].mean(axis=0)) ** 2) for c in range(3))
+    m = unit.mean(axis=0)
+    sb = sum((y == c).sum() * np.sum((unit[y == c].mean(axis=0) - m) ** 2) for c in range(3))
+    assert fisher_ratio(tight, y) == pytest.approx(sb / sw, rel=1e-6)
+    assert calinski_harabasz(tight, y) == pytest.approx(sb / sw * (len(y) - 3) / 2, rel=1e-6)
+    spread = [np.mean(np.linalg.norm(unit[y == c] - unit[y == c].mean(axis=0), axis=1)) for c in range(3)]
+    cen = np.array([unit[y == c].mean(axis=0) for c in range(3)])
+    want = np.mean([max((spread[i] + spread[j]) / np.linalg.norm(cen[i] - cen[j]) for j in range(3) if j != i)
+                    for i in range(3)])
+    assert davies_bouldin(tight, y) == pytest.approx(want, rel=1e-6)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        assert davies_bouldin(copies, y) < 1e-12 and calinski_harabasz(copies, y) > 1e20
+
+
 def test_degenerate_figures_warn_and_return_nan():
     x, _ = make_data(n=30, d=4, seed=17)
     one = np.zeros(30, dtype=int)

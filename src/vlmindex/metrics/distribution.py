@@ -62,19 +62,20 @@ _STATS_ROWS = 8192
 class ClassStats:
     r"""Everything the four figures need, from two passes over the rows in float64 blocks.
 
-    ``counts[c]`` (n_c), ``sums[c]`` (:math:`\sum_{i \in c} x_i`), ``dots[i, c]``
-    (:math:`x_i \cdot \sum_{j \in c} x_j`) and ``sq_norms[i]`` (:math:`\lVert x_i \rVert^2`), with
-    :math:`x` the (L2-normalised unless told otherwise) rows. Every figure is a closed form in these
-    (O(n·C·d) time, O(n·C + C·d) memory): with :math:`\mu_c = \text{sums}_c / n_c`,
-    :math:`\lVert x_i - \mu_c \rVert^2 = \lVert x_i \rVert^2 - 2\,\text{dots}_{ic}/n_c + \lVert \mu_c \rVert^2`.
-    No pairwise matrix and no sample: the figures are exact over all rows at any n.
+    ``counts[c]`` (n_c), ``sums[c]`` (:math:`\sum_{i \in c} x_i`) and ``dots[i, c]``
+    (:math:`x_i \cdot \sum_{j \in c} x_j`), with :math:`x` the (L2-normalised unless told otherwise)
+    rows. Every figure is a closed form in these (O(n·C·d) time, O(n·C + C·d) memory): with
+    :math:`\mu_c = \text{sums}_c / n_c`, the silhouette's class sums of cosine distances are
+    :math:`n_c - \text{dots}_{ic}`, and ``own_sq_dist[i]``
+    (:math:`\lVert x_i - \mu_{c(i)} \rVert^2`, from the difference itself in the second pass) gives the
+    within-class scatter. No pairwise matrix and no sample: the figures are exact over all rows at any n.
     """
 
     codes: np.ndarray
     counts: np.ndarray
     sums: np.ndarray
     dots: np.ndarray
-    sq_norms: np.ndarray
+    own_sq_dist: np.ndarray  # ||x_i - mu_c(i)||^2 from the difference itself (see sq_dist_to_own_centroid)
 
     @property
     def n(self) -> int:
@@ -89,11 +90,9 @@ class ClassStats:
         return self.sums / self.counts[:, None]
 
     def sq_dist_to_own_centroid(self) -> np.ndarray:
-        own = self.codes
-        n_own = self.counts[own]
-        cen_sq = np.sum(self.centroids**2, axis=1)
-        d2 = self.sq_norms - 2 * self.dots[np.arange(self.n), own] / n_own + cen_sq[own]
-        return np.maximum(d2, 0.0)
+        # computed as ||x - mu||^2 in the second pass, not by the expansion below: for a tight class
+        # the expansion's three terms of size ~1 cancel to rounding noise (percent errors in CH)
+        return self.own_sq_dist
 
     def scatter_traces(self) -> tuple[float, float]:
         """Traces of the between-class and within-class scatter matrices."""
@@ -110,7 +109,6 @@ def class_stats(embeddings: np.ndarray, codes: np.ndarray, *, normalize: bool = 
     n_classes = int(codes.max()) + 1
     counts = np.bincount(codes, minlength=n_classes).astype(np.float64)
     sums = np.zeros((n_classes, d))
-    sq_norms = np.empty(n)
 
     def block(start: int) -> np.ndarray:
         xb = np.asarray(x[start:start + _STATS_ROWS], dtype=np.float64)
@@ -127,12 +125,15 @@ def class_stats(embeddings: np.ndarray, codes: np.ndarray, *, normalize: bool = 
         xb = block(start)
         cb = codes[start:start + _STATS_ROWS]
         _add_by_class(sums, cb, xb)
-        sq_norms[start:start + len(xb)] = np.einsum("ij,ij->i", xb, xb)
     dots = np.empty((n, n_classes))
+    own = np.empty(n)
+    centroids = sums / np.maximum(counts, 1)[:, None]
     for start in range(0, n, _STATS_ROWS):
         xb = block(start)
         dots[start:start + len(xb)] = xb @ sums.T
-    return ClassStats(codes=codes, counts=counts, sums=sums, dots=dots, sq_norms=sq_norms)
+        diff = xb - centroids[codes[start:start + _STATS_ROWS]]
+        own[start:start + len(xb)] = np.einsum("ij,ij->i", diff, diff)
+    return ClassStats(codes=codes, counts=counts, sums=sums, dots=dots, own_sq_dist=own)
 
 
 def _add_by_class(sums: np.ndarray, codes: np.ndarray, xb: np.ndarray) -> None:
@@ -191,8 +192,9 @@ def davies_bouldin(embeddings: np.ndarray, labels: Any, *, normalize: bool = Tru
     centroids = st.centroids
     spread = np.bincount(st.codes, weights=np.sqrt(st.sq_dist_to_own_centroid()), minlength=n_classes)
     spread /= st.counts
-    sq = np.sum(centroids**2, axis=1)
-    centre_dist = np.sqrt(np.maximum(sq[:, None] + sq[None, :] - 2 * centroids @ centroids.T, 0.0))
+    from scipy.spatial.distance import cdist
+
+    centre_dist = cdist(centroids, centroids)  # from the differences: two near centroids stay apart
     np.fill_diagonal(centre_dist, np.inf)
     with np.errstate(divide="ignore", invalid="ignore"):
         ratio = (spread[:, None] + spread[None, :]) / centre_dist
