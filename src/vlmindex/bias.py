@@ -304,12 +304,14 @@ def attack_queries(res_clean: metrics.RetrievalResult, res_attack: metrics.Retri
                    ) -> dict[str, np.ndarray]:
     """Per scored query (R > 0, the same set in both results): what :func:`attack_figures` averages.
 
-    ``ap_clean``/``ap_attack`` and ``knn_correct_clean``/``knn_correct_attack`` of the clean and the
-    overlaid query against the clean gallery; ``attack_success`` (object: True, False or None) is
-    whether the attacked kNN vote is the written class, None where the text writes no class of
-    the query's modality other than its true one (see :func:`attack_figures`); ``success_clean``
-    whether the clean vote already was; ``names_a_class`` whether the text is a class name of the
-    query's modality; ``n_classes`` the number of classes of that modality.
+    ``<m>_clean``/``<m>_attack`` for m in :data:`ATTACK_METRICS` (``map``: the query's AP, ``knn_acc``:
+    its kNN vote right or not, ``p_at_1``) of the clean and the overlaid query against the clean
+    gallery (table ``attack_queries`` stores them as ``ap_*`` and ``knn_correct_*``);
+    ``attack_success`` (object: True, False or None) is whether the attacked kNN vote is the
+    written class, None where the text writes no class of the query's modality other than its
+    true one (see :func:`attack_figures`); ``success_clean`` whether the clean vote already was;
+    ``names_a_class`` whether the text is a class name of the query's modality; ``n_classes`` the
+    number of classes of that modality.
     """
     scored = ~res_clean.skipped
     truth = np.array([str(x) for x in labels], dtype=object)

@@ -308,8 +308,13 @@ def _embed_pending(ws: Workspace, key: RunKey, opts: EmbedOptions, sel: store.Se
             if sum(len(b) for b in buf_ids) >= opts.part_size:
                 flush()
     finally:
-        flush(final=True)  # on Ctrl-C too: finished embeddings are kept
-        bar.close()
+        try:
+            flush(final=True)  # on Ctrl-C too: finished embeddings are kept
+        finally:
+            bar.close()
+            close = getattr(source, "close", None)
+            if close is not None:  # now, not when the generator is collected: Ray's shutdown is in it
+                close()
     seconds = time.perf_counter() - t0
     stored = set(embedded_ids)
     zero = [i for i in zero if i in stored]  # a zero vector another process committed first is its to report
