@@ -62,7 +62,7 @@ from vlmindex.catalog import CLEAN, RunKey, Workspace, fingerprints, results
 from vlmindex.catalog.datasets import class_pools, require_dataset
 from vlmindex.errors import VlmindexError
 from vlmindex.metrics import registry
-from vlmindex.metrics.statistics import bootstrap_ci
+from vlmindex.metrics.statistics import bootstrap_ci, class_mean
 from vlmindex.overlay import CLASS_NAME_SOURCES, OverlayRecipe, get_condition, overlay_text_for
 
 # (figure stem, RetrievalResult attribute)
@@ -88,11 +88,6 @@ def _ratio_stat(a: np.ndarray, b: np.ndarray) -> Callable[[np.ndarray], np.ndarr
 
 def _std_stat(v: np.ndarray) -> Callable[[np.ndarray], np.ndarray]:
     return lambda idx: v[idx].std(axis=1, ddof=1) if idx.shape[1] > 1 else np.full(len(idx), np.nan)
-
-
-def _macro(v: np.ndarray, codes: np.ndarray) -> float:
-    present = np.unique(codes)
-    return float(np.mean([v[codes == c].mean() for c in present]))
 
 
 def _macro_stat(v: np.ndarray, codes: np.ndarray) -> Callable[[np.ndarray], np.ndarray]:
@@ -223,8 +218,8 @@ def overlay_analysis(
             continue
         rows.append(_row(f"delta_{stem}", d.mean(), bootstrap_ci(_mean_stat(d), m, **boot), m,
                          baseline=vc.mean()))
-        rows.append(_row(f"delta_{stem}_macro", _macro(d, codes),
-                         bootstrap_ci(_macro_stat(d, codes), m, **boot), m, baseline=_macro(vc, codes)))
+        rows.append(_row(f"delta_{stem}_macro", class_mean(d, codes),
+                         bootstrap_ci(_macro_stat(d, codes), m, **boot), m, baseline=class_mean(vc, codes)))
 
     # Embedding shift: cosine between each image's clean and overlaid embedding.
     # Clipped: rounding can put the cosine of identical vectors a hair above 1.

@@ -207,17 +207,18 @@ def embed_run(ws: Workspace, key: RunKey, options: EmbedOptions | None = None, *
     out_dir = ws.embeddings_dir(key.model, key.dataset, key.condition)
     remove_stale_temporaries(out_dir)
     _record_missing_runs(ws, key)
-    sel = _selection(ws, key, opts)
-    if not sel.todo:
+    def cached(total: int) -> EmbedReport:
         if opts.family is not None:  # nothing to embed, but the family given now is recorded
             store.set_family(ws, key, opts.family)
-        return EmbedReport(key.model, key.dataset, key.condition, 0, sel.total, 0.0, cached=True)
+        return EmbedReport(key.model, key.dataset, key.condition, 0, total, 0.0, cached=True)
+
+    sel = _selection(ws, key, opts)
+    if not sel.todo:
+        return cached(sel.total)
     with store.embedding_lock(ws, key, opts.shard) as lock_fd:
         sel = _selection(ws, key, opts)  # under the lock: what another run finished is not redone
         if not sel.todo:
-            if opts.family is not None:
-                store.set_family(ws, key, opts.family)
-            return EmbedReport(key.model, key.dataset, key.condition, 0, sel.total, 0.0, cached=True)
+            return cached(sel.total)
         return _embed_pending(ws, key, opts, sel, extractor, lock_fd)
 
 

@@ -46,7 +46,7 @@ from vlmindex.catalog.embeddings import run_families
 from vlmindex.catalog.fingerprints import stale_analyses
 from vlmindex.comparable import protocol
 from vlmindex.errors import VlmindexError
-from vlmindex.metrics.statistics import holm, paired_delta
+from vlmindex.metrics.statistics import class_mean, holm, paired_delta
 
 CLAIMS = {
     1: "Medical VLMs extract features that separate lesion classes (better than the offline floor)",
@@ -156,13 +156,10 @@ def _paired(name: str, a: str, b: str, metric: str, va: np.ndarray, vb: np.ndarr
     if classes is None:
         mean_a, mean_b = (float(va[ok].mean()), float(vb[ok].mean())) if ok.any() else (None, None)
     else:
-        mean_a, mean_b = (_macro(va[ok], classes[ok]), _macro(vb[ok], classes[ok])) if ok.any() else (None, None)
+        mean_a, mean_b = ((class_mean(va[ok], classes[ok]), class_mean(vb[ok], classes[ok])) if ok.any()
+                          else (None, None))
     return Comparison(name, a, b, metric, mean_a, mean_b, _finite(r.delta), _finite(r.ci_low), _finite(r.ci_high),
                       expected, _finite(r.p_value), None, None, r.n_queries, r.n_units)
-
-
-def _macro(v: np.ndarray, classes: np.ndarray) -> float:
-    return float(np.mean([v[classes == c].mean() for c in np.unique(classes)]))
 
 
 # --------------------------------------------------------------------------------------------------
@@ -189,17 +186,6 @@ class _Queries:
     values: dict[str, np.ndarray]  # "ap", "knn_correct" (float; NaN: undefined)
     label: np.ndarray
     unit: np.ndarray
-
-
-def _split(table: Any, key: str) -> dict[str, Any]:
-    """Arrow rows ordered by ``key`` -> {key value: column dict of NumPy arrays}."""
-    cols = {c: table.column(c).to_numpy(zero_copy_only=False) for c in table.column_names}
-    if not len(cols.get(key, [])):
-        return {}
-    keys = cols[key].astype(str)
-    cuts = np.flatnonzero(keys[1:] != keys[:-1]) + 1
-    return {str(keys[lo]): {c: v[lo:hi] for c, v in cols.items()}
-            for lo, hi in zip(np.r_[0, cuts], np.r_[cuts, len(keys)], strict=True)}
 
 
 def _align(runs: dict[str, _Queries]) -> tuple[np.ndarray, dict[str, dict[str, np.ndarray]], np.ndarray, np.ndarray]:
@@ -259,10 +245,11 @@ def compute_findings(ws: Workspace, opts: FindingsOptions | None = None) -> list
     fresh = {ds: {e["inputs_fingerprint"] for e in rows if bias.is_current(
                  ws, e["model"], ds, e["condition"], k=e["k"], exclude_group=e["exclude_group"],
                  n_boot=e["n_boot"], seed=e["seed"])} for ds, rows in effects.items()}
+    query_cols = _columns(table)
     per_query = {aid: _Queries(c["image_id"].astype(np.int64),
                                {"ap": c["ap"].astype(float), "knn_correct": _floats(c["knn_correct"])},
                                c["label"].astype(str).astype(object), c["unit"].astype(str).astype(object))
-                 for aid, c in _split(table, "analysis_id").items()}
+                 for aid, c in _split_by(query_cols, query_cols["analysis_id"].astype(str)).items()}
     out: list[Finding] = []
     condition = opts.condition or CLEAN
     for ds in datasets:
@@ -317,8 +304,7 @@ def _finding_1(ds, modality, condition, scope, by_model, fam, per_query, opts) -
     why = _need(fam, models, "medical", "baseline")
     if why:
         return _untestable(1, ds, modality, condition, scope, why, by_model)
-    floor = max((m for m in models if fam[m] == "baseline"),
-                key=lambda m: (-math.inf if by_model[m]["map_micro"] is None else by_model[m]["map_micro"], m))
+    floor = _best([m for m in models if fam[m] == "baseline"], by_model)
     medical = [m for m in models if fam[m] == "medical"]
     _, vals, classes, units = _align({m: per_query[by_model[m]["analysis_id"]] for m in [*medical, floor]})
     comps = []
@@ -332,6 +318,7 @@ def _finding_1(ds, modality, condition, scope, by_model, fam, per_query, opts) -
 
 
 def _best(models: list[str], by_model: dict[str, dict[str, Any]]) -> str:
+    """The model of highest ``map_micro`` (a missing one ranks last; ties: the later name)."""
     return max(models, key=lambda m: (-math.inf if by_model[m]["map_micro"] is None else by_model[m]["map_micro"], m))
 
 
@@ -377,7 +364,7 @@ def _finding_3(ds: str, modality: str | None, table: Any, fresh: set[str], fam: 
     one modality's queries when ``modality`` is given (the dataset has per-modality analyses)."""
     slices: dict[tuple[str, int, bool], dict[str, _Queries]] = {}
     prints: dict[tuple[str, int, bool], set[str]] = {}
-    cols = {c: table.column(c).to_numpy(zero_copy_only=False) for c in table.column_names}
+    cols = _columns(table)
     n = len(cols.get("model", []))
     keep = np.ones(n, dtype=bool)
     if n:
@@ -438,7 +425,15 @@ def _finding_3(ds: str, modality: str | None, table: Any, fresh: set[str], fam: 
     return out
 
 
+def _columns(table: Any) -> dict[str, np.ndarray]:
+    """An Arrow table as NumPy columns."""
+    return {c: table.column(c).to_numpy(zero_copy_only=False) for c in table.column_names}
+
+
 def _split_by(cols: dict[str, np.ndarray], key: np.ndarray) -> dict[str, dict[str, np.ndarray]]:
+    """Rows grouped by ``key`` (stably: a group keeps the rows' order) -> {key: its columns}."""
+    if len(key) == 0:
+        return {}
     order = np.argsort(key, kind="stable")
     key = key[order]
     cols = {c: v[order] for c, v in cols.items()}

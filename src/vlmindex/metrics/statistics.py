@@ -41,6 +41,7 @@ __all__ = [
     "bootstrap_ci",
     "bootstrap_mean_ci",
     "bootstrap_replicates",
+    "class_mean",
     "group_codes",
     "holm",
     "paired_comparison",
@@ -272,6 +273,13 @@ def bootstrap_class_mean_ci(values: np.ndarray, classes: np.ndarray, groups: Seq
     return lo, hi
 
 
+def class_mean(values: np.ndarray, classes: Sequence[Any] | np.ndarray) -> float:
+    """The mean over the classes present of the class means of ``values`` (a macro figure)."""
+    v = np.asarray(values, dtype=float)
+    c = np.asarray(classes)
+    return float(np.mean([v[c == k].mean() for k in np.unique(c)]))
+
+
 def _class_codes(classes: Sequence[Any] | np.ndarray) -> np.ndarray:
     return np.unique(np.asarray(classes).astype(str), return_inverse=True)[1].reshape(-1)
 
@@ -347,7 +355,7 @@ def paired_delta(d: np.ndarray, groups: Sequence[Any] | np.ndarray | None = None
         stat = _group_mean_stat(d, codes)
     else:
         cls = _class_codes(np.asarray(classes, dtype=object)[ok])
-        delta = float(np.mean([d[cls == c].mean() for c in np.unique(cls)]))
+        delta = class_mean(d, cls)
         stat = _class_mean_stat(d, codes, cls)
     n_units = int(codes.max()) + 1
     if n_units < 2 or n_boot < 1:
