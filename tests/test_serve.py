@@ -500,3 +500,105 @@ def test_a_replaced_snapshot_still_answers_the_requests_that_hold_it():
         assert not t.is_alive()
     after = batcher.search(vectors[3], 4)  # after close: answered in the calling thread
     assert after[1].tolist() == before[1].tolist() and after[1][0] == 21
+
+
+def test_the_search_batcher_batches_waiting_queries_and_runs_a_lone_one_in_its_caller():
+    """Found by the load benchmark: a lone upload paid two thread hand-offs to a search worker.
+    Now whoever finds no search running searches itself, with every query that waits meanwhile."""
+    from vlmindex.serve.service import _Batcher, exact_top_k
+
+    rng = np.random.default_rng(2)
+    vectors = normalise(rng.normal(size=(80, 6)))
+    ids = np.arange(80, dtype=np.int64) * 3
+    threads_seen: list[threading.Thread] = []
+    gate = threading.Event()
+
+    def search(q, k):
+        threads_seen.append(threading.current_thread())
+        if len(threads_seen) == 1:
+            gate.wait(10)  # the first search is slow: the others queue behind it
+        return exact_top_k(vectors, ids, q, k)
+
+    batcher = _Batcher(search, owner=vectors)
+    answers: dict[int, tuple] = {}
+
+    def ask(i):
+        answers[i] = batcher.search(vectors[i], 5)
+
+    first = threading.Thread(target=ask, args=(0,))
+    first.start()
+    while not threads_seen:
+        threading.Event().wait(0.01)
+    rest = [threading.Thread(target=ask, args=(i,)) for i in range(1, 9)]
+    for t in rest:
+        t.start()
+    while len(batcher._waiting) < 8:
+        threading.Event().wait(0.01)
+    gate.set()
+    for t in [first, *rest]:
+        t.join(timeout=10)
+        assert not t.is_alive()
+    assert batcher.searches == 2, "the eight queries that waited went in one search"
+    for i in range(9):
+        alone = exact_top_k(vectors, ids, vectors[i:i + 1], 5)
+        assert answers[i][1].tolist() == alone[1][0].tolist() and answers[i][0].tobytes() == alone[0][0].tobytes()
+    threads_seen.clear()
+    batcher.search(vectors[4], 3)
+    assert threads_seen == [threading.current_thread()], "a lone query is searched by its own thread"
+
+    def broken(q, k):
+        raise RuntimeError("index unreadable")
+
+    with pytest.raises(RuntimeError, match="unreadable"):
+        _Batcher(broken, owner=None).search(vectors[0], 3)
+
+
+def test_a_search_interrupted_by_a_base_exception_strands_no_request():
+    """Found in review: a batch whose search raised a BaseException left its followers with None
+    and the batcher marked as searching for ever."""
+    import time as _time
+
+    from vlmindex.serve.service import _Batcher
+
+    class Abort(BaseException):
+        pass
+
+    gate = threading.Event()
+    calls: list[int] = []
+
+    def search(q, k):
+        calls.append(len(q))
+        if len(calls) == 1:
+            gate.wait(10)  # the first search is slow: two requests queue behind it
+        elif len(calls) == 2:
+            raise Abort()  # their batch is interrupted
+        return np.zeros((len(q), k), np.float32), np.arange(len(q) * k, dtype=np.int64).reshape(len(q), k)
+
+    batcher = _Batcher(search, owner=None)
+    got: dict[str, object] = {}
+
+    def ask(name):
+        try:
+            got[name] = batcher.search(np.ones(4, np.float32), 3)
+        except BaseException as exc:  # noqa: BLE001 - what each caller saw is the point
+            got[name] = exc
+
+    threads = [threading.Thread(target=ask, args=("first",), daemon=True)]
+    threads[0].start()
+    while not calls:
+        _time.sleep(0.01)
+    for name in ("a", "b"):
+        threads.append(threading.Thread(target=ask, args=(name,), daemon=True))
+        threads[-1].start()
+    while len(batcher._waiting) < 2:
+        _time.sleep(0.01)
+    gate.set()
+    for t in threads:
+        t.join(10)
+        assert not t.is_alive()
+    assert isinstance(got["first"], tuple)
+    assert all(isinstance(got[n], BaseException) for n in ("a", "b")), got  # an error each, never None
+    later = threading.Thread(target=ask, args=("later",), daemon=True)
+    later.start()
+    later.join(10)
+    assert not later.is_alive() and isinstance(got["later"], tuple), "the batcher serves again"

@@ -98,6 +98,13 @@ def test_read_only_sql_cannot_change_the_catalog_but_write_can(vlm, ws):
     assert json.loads(vlm(ws, "sql", "SELECT a FROM notes", "--format", "json").out) == [{"a": 1}]
 
 
+def test_statements_no_flag_allows_are_not_told_to_pass_write(vlm, ws):
+    # --write would refuse these too: the hint must not send the user there.
+    for statement in ("INSTALL httpfs", "LOAD httpfs", "ATTACH 'x.duckdb' AS x", "COPY images TO 'x.csv'"):
+        res = vlm(ws, "sql", statement, expect=1)
+        assert "--write" not in res.err, (statement, res.err)
+
+
 def test_read_only_commands_do_not_create_a_workspace(vlm, tmp_path):
     for args in (["datasets"], ["sql", "SELECT 1"], ["overlay", "list"], ["report", "--out", tmp_path / "r.html"]):
         res = vlm(tmp_path / "nowhere", *args, expect=1)

@@ -61,6 +61,16 @@ def test_study_runs_the_grid_skips_unloadable_models_and_resumes(vlm, tmp_path):
     assert json.loads(second.out) == board
     assert "0 step(s) run" in second.err, "a finished study has nothing left to do"
 
+    # the printed attack table leads with the attack figures, the kNN-accuracy delta and its CI included
+    attack = vlm(ws, "run", study).out.split("Typographic attack", 1)[1].split("Findings", 1)[0]
+    header = attack.splitlines()[1].split()
+    for column in ("attack_map", "attack_d_map", "attack_d_map_ci", "attack_d_knn_acc", "attack_d_knn_acc_ci",
+                   "attack_success"):
+        assert column in header, column
+    stored = next(r for r in effects if r["model"] == "raw-pixels" and r["condition"] == "lbl")
+    printed = next(line for line in attack.splitlines() if "raw-pixels" in line and " lbl " in line)
+    assert f"{stored['attack_d_knn_acc']}" in printed and stored["attack_d_knn_acc_ci"] in printed
+
 
 PER_MODALITY_STUDY = """
 [[datasets]]

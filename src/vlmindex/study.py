@@ -582,7 +582,8 @@ def leaderboard(ws: Workspace, study: Study) -> tuple[list[str], list[dict[str, 
 
 
 ATTACK_COLUMNS = ("dataset", "condition", "model", "map_clean", "attack_map", "attack_d_map", "attack_d_map_ci",
-                  "attack_success", "attack_success_ci", "attack_success_clean", "attack_success_chance")
+                  "attack_d_knn_acc", "attack_d_knn_acc_ci", "attack_success", "attack_success_ci",
+                  "attack_success_clean", "attack_success_chance")
 
 
 def attack_summary(ws: Workspace, study: Study) -> tuple[list[str], list[dict[str, Any]]]:

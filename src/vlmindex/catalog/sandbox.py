@@ -75,7 +75,8 @@ def run(ws: Workspace, sql: str, params: dict[str, Any] | None = None, *, write:
             bad = [st for st in statements if st.type not in allowed]
             if bad:
                 kind = bad[0].type.name.lower()
-                hint = "" if write else "; pass --write to change catalog tables"
+                # Point to --write only where it would run the statement.
+                hint = "; pass --write to change catalog tables" if not write and bad[0].type in _WRITE else ""
                 raise VlmindexError(f"SQL error: vlmindex sql does not run {kind} statements "
                                     f"({' '.join(bad[0].query.split())[:80]}){hint}")
             if not statements:

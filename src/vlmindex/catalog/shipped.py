@@ -31,9 +31,12 @@ def description(path: Path) -> str:
 
 
 def _placeholders() -> dict[str, str]:
-    from vlmindex.metrics.registry import leaderboard_select
+    """``{{leaderboard_metrics}}``: ``round(<summaries column>, 4) AS <leaderboard column>`` for each
+    headline column the leaderboard shows, from the metric registry's names."""
+    from vlmindex.metrics.registry import leaderboard_columns
 
-    return {"leaderboard_metrics": leaderboard_select()}
+    metrics = ",\n       ".join(f"round({col}, 4) AS {name}" for col, name in leaderboard_columns())
+    return {"leaderboard_metrics": metrics}
 
 
 def text(name: str) -> str:

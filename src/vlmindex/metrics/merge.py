@@ -12,6 +12,11 @@ order. The k nearest neighbours come from the k-th value of the merged order: ev
 least that similar is a candidate, and the candidates are ordered by similarity, then id
 (:func:`top_k`), so the top k is exact with no tie left to chance.
 
+Without AP (``full_ap=False``) a row is ranked only to its max(R, k)-th item: a threshold at or
+below that item's similarity (:func:`top_thresholds` guesses it from a sample; the caller checks
+it and selects exactly where it fails), and :func:`split_top` keeps only the values at least as
+large, with their columns, for the same sorts and walk.
+
 The kernels release the GIL, so the chunk threads of ``run_chunks`` run them in parallel.
 """
 
@@ -20,7 +25,7 @@ from __future__ import annotations
 import numpy as np
 from numba import njit
 
-__all__ = ["merge_ranks", "split_runs", "top_k"]
+__all__ = ["merge_ranks", "split_runs", "split_top", "top_k", "top_thresholds"]
 
 
 @njit(nogil=True, cache=True)
@@ -46,19 +51,87 @@ def split_runs(sims: np.ndarray, lo: np.ndarray, hi: np.ndarray, runs: np.ndarra
 
 
 @njit(nogil=True, cache=True)
-def merge_ranks(runs: np.ndarray, n_rel: np.ndarray, n_irr: np.ndarray, k: int, sims: np.ndarray,
-                lo: np.ndarray, hi: np.ndarray, id_rank: np.ndarray, ap: np.ndarray, map_at_r: np.ndarray,
-                r_precision: np.ndarray, kth_out: np.ndarray) -> None:  # pragma: no cover - compiled
+def top_thresholds(sims: np.ndarray, depth: np.ndarray, out: np.ndarray) -> None:  # pragma: no cover - compiled
+    """Per row q, a value at or below its ``depth[q]``-th largest, most likely: a quantile of an
+    evenly spaced sample of 512 of its entries, with four standard errors of margin (+inf where
+    ``depth[q]`` is 0). The caller checks it (at least ``depth[q]`` values >= it) and selects
+    exactly where the sample was unlucky; the numbers never depend on the guess, only the time."""
+    n = sims.shape[1]
+    size = min(n, 512)
+    sample = np.empty(size, dtype=np.float32)
+    for q in range(sims.shape[0]):
+        if depth[q] == 0:
+            out[q] = np.inf
+            continue
+        for i in range(size):
+            sample[i] = sims[q, (i * n) // size]  # spread over the whole row (it is laid out by class)
+        expected = depth[q] * size / n  # sample items above the depth-th largest
+        place = int(expected + 4.0 * np.sqrt(expected) + 2.0)
+        if place >= size:
+            out[q] = -np.inf  # deep rankings: everything is kept
+            continue
+        out[q] = np.partition(sample, size - 1 - place)[size - 1 - place]
+
+
+@njit(nogil=True, cache=True)
+def split_top(sims: np.ndarray, lo: np.ndarray, hi: np.ndarray, threshold: np.ndarray, runs: np.ndarray,
+              cols: np.ndarray, n_rel: np.ndarray, n_irr: np.ndarray) -> None:  # pragma: no cover - compiled
+    """Row q of ``runs``: the relevant similarities ``>= threshold[q]`` (``n_rel[q]`` of them), then
+    the irrelevant ones (``n_irr[q]``), each in column order, their columns in ``cols[q]``; the
+    rest of the row is left as it is.
+
+    Every value equal to the threshold is kept, so a tied group is never cut in two; left-out
+    items (-inf) never are, whatever the threshold. Branch-free: each entry is written and the
+    write position moves on only when it is kept (a kept share near one half mispredicts every
+    other branch)."""
+    lowest = np.float32(np.finfo(np.float32).min)
+    for q in range(sims.shape[0]):
+        t = max(threshold[q], lowest)
+        a = 0
+        for col in range(lo[q], hi[q]):
+            v = sims[q, col]
+            runs[q, a] = v
+            cols[q, a] = col
+            a += v >= t
+        b = a
+        for col in range(lo[q]):
+            v = sims[q, col]
+            runs[q, b] = v
+            cols[q, b] = col
+            b += v >= t
+        for col in range(hi[q], sims.shape[1]):
+            v = sims[q, col]
+            runs[q, b] = v
+            cols[q, b] = col
+            b += v >= t
+        n_rel[q] = a
+        n_irr[q] = b - a
+
+
+@njit(nogil=True, cache=True)
+def merge_ranks(runs: np.ndarray, rel_width: np.ndarray, irr_end: np.ndarray, n_rel: np.ndarray,
+                n_irr: np.ndarray, n_relevant: np.ndarray, k: int, sims: np.ndarray, lo: np.ndarray,
+                hi: np.ndarray, id_rank: np.ndarray, scan: np.ndarray, n_scan: np.ndarray, ap: np.ndarray,
+                map_at_r: np.ndarray, r_precision: np.ndarray, kth_out: np.ndarray, near: np.ndarray,
+                n_near: np.ndarray) -> None:  # pragma: no cover - compiled
     """Per row q: AP, MAP@R and R-precision from the two sorted runs, and the k-th merged value.
 
-    ``runs[q]`` is :func:`split_runs`'s row with both runs sorted ascending: the similarities to the
-    row's relevant items (its first ``hi[q] - lo[q]`` entries), then to the irrelevant ones, so that
-    the last ``n_rel[q]`` and ``n_irr[q]`` entries of each run are the candidates (the left-out
-    items hold -inf and come first), best last; ``sims[q]`` is the row itself (-inf where left
-    out), its relevant run at columns ``[lo[q], hi[q])``. With ``pos`` the
-    0-based rank of the i-th relevant item, P@(pos+1) = (i+1)/(pos+1); AP sums it over all relevant
-    items, MAP@R over those with pos < R, and R-precision counts those, each divided by R. A row
-    with R = 0 keeps its metrics as they are.
+    ``runs[q]`` holds two runs sorted ascending: the similarities to relevant items in its first
+    ``rel_width[q]`` entries, then those to irrelevant items, ending at entry ``irr_end[q]``; the
+    walk takes the last ``n_rel[q]`` and ``n_irr[q]`` entries of each run (the best ones, best
+    last). In the full ranking (:func:`split_runs`) these are all the row's candidates (the
+    left-out items hold -inf and come first); in the top ranking (:func:`split_top`) they are the
+    items at least as similar as the row's L-th largest value, L >= R. ``sims[q]`` is the row
+    itself (-inf where left out), its relevant run at columns ``[lo[q], hi[q])``; ``n_relevant[q]``
+    is R. With ``pos`` the 0-based rank of the i-th relevant item, P@(pos+1) = (i+1)/(pos+1); AP
+    sums it over all relevant items, MAP@R over those with pos < R, and R-precision counts those,
+    each divided by R. A relevant item left out of a top ranking has pos >= L >= R, so MAP@R and
+    R-precision are exact there; its AP is not (the caller discards it). A row with R = 0 keeps its
+    metrics as they are. Tied items are looked for in the columns ``scan[q, :n_scan[q]]`` (the
+    kept ones of a top ranking), or in the whole row where ``n_scan[q]`` is -1. That scan also
+    collects the row's top-k candidates (columns with similarity >= ``kth_out[q]``) into
+    ``near[q, :n_near[q]]``, so that :func:`top_k` need not pass over the row again; ``n_near[q]``
+    is -1 where the row had no scan or more candidates than ``near`` holds.
 
     A value held by a relevant and an irrelevant item at once (float32 similarities tie often at
     scale: a row of 100k has ~10^9 such pairs over ~10^7 float32 values) is ordered by the id
@@ -76,11 +149,13 @@ def merge_ranks(runs: np.ndarray, n_rel: np.ndarray, n_irr: np.ndarray, k: int, 
     item_rel = np.empty(n, dtype=np.bool_)
     empty = np.uint32(0xFFFFFFFF)  # a NaN pattern: never a similarity
     seen = np.zeros(1 << 16, dtype=np.bool_)  # low 16 bits of the row's tied values
-    wi = n - 1  # runs[q, wi - j] is the j-th best irrelevant item
+    cap = near.shape[1]
     for q in range(runs.shape[0]):
         r = n_rel[q]
         m = n_irr[q]
-        wr = hi[q] - lo[q] - 1  # runs[q, wr - i] is the i-th best relevant item
+        big_r = n_relevant[q]
+        wr = rel_width[q] - 1  # runs[q, wr - i] is the i-th best relevant item
+        wi = irr_end[q]  # runs[q, wi - j] is the j-th best irrelevant item
         rel = runs[q]
         irr = runs[q]
         # The walk, placing a tied group's relevant items before its irrelevant ones for now.
@@ -101,7 +176,7 @@ def merge_ranks(runs: np.ndarray, n_rel: np.ndarray, n_irr: np.ndarray, k: int, 
             pos = i + j
             prec = (i + 1.0) / (pos + 1.0)
             s_ap += prec
-            if pos < r:
+            if pos < big_r:
                 s_map += prec
                 within += 1
         # The k-th merged value: every column at least as similar is a top-k candidate.
@@ -116,11 +191,12 @@ def merge_ranks(runs: np.ndarray, n_rel: np.ndarray, n_irr: np.ndarray, k: int, 
                 kth = irr[wi - b]
                 b += 1
         kth_out[q] = kth
+        n_near[q] = -1
         if nt == 0:
-            if r > 0:
-                ap[q] = s_ap / r
-                map_at_r[q] = s_map / r
-                r_precision[q] = within / r
+            if big_r > 0:
+                ap[q] = s_ap / big_r
+                map_at_r[q] = s_map / big_r
+                r_precision[q] = within / big_r
             continue
         size = 64
         while size < 4 * nt:
@@ -137,7 +213,14 @@ def merge_ranks(runs: np.ndarray, n_rel: np.ndarray, n_irr: np.ndarray, k: int, 
             table_bits[h] = bits
             table_idx[h] = t
         n_items = 0
-        for col in range(n):
+        whole = n_scan[q] < 0
+        m_near = 0
+        for at in range(n if whole else n_scan[q]):
+            col = at if whole else scan[q, at]
+            if sims[q, col] >= kth:
+                if m_near < cap:
+                    near[q, m_near] = col
+                m_near += 1
             # The low 16 bits first (the same for the two zeros): most columns stop here.
             if not seen[sim_bits[q, col] & 0xFFFF]:
                 continue
@@ -150,6 +233,8 @@ def merge_ranks(runs: np.ndarray, n_rel: np.ndarray, n_irr: np.ndarray, k: int, 
                     n_items += 1
                     break
                 h = (h + 1) & (size - 1)
+        if m_near <= cap:
+            n_near[q] = m_near
         for t in range(nt):
             seen[np.array([tie_vals[t]], dtype=np.float32).view(np.uint32)[0] & 0xFFFF] = False
         order = np.argsort(item_key[:n_items])
@@ -164,37 +249,43 @@ def merge_ranks(runs: np.ndarray, n_rel: np.ndarray, n_irr: np.ndarray, k: int, 
                     pos = i + j
                     prec = (i + 1.0) / (pos + 1.0)
                     s_ap += prec - prec_early
-                    if early < r:
+                    if early < big_r:
                         s_map -= prec_early
                         within -= 1
-                    if pos < r:
+                    if pos < big_r:
                         s_map += prec
                         within += 1
                     i += 1
                 else:
                     j += 1
                 g += 1
-        if r > 0:
-            ap[q] = s_ap / r
-            map_at_r[q] = s_map / r
-            r_precision[q] = within / r
+        if big_r > 0:
+            ap[q] = s_ap / big_r
+            map_at_r[q] = s_map / big_r
+            r_precision[q] = within / big_r
 
 
 @njit(nogil=True, cache=True)
-def top_k(sims: np.ndarray, kth: np.ndarray, id_rank: np.ndarray, k: int, cols: np.ndarray,
+def top_k(sims: np.ndarray, kth: np.ndarray, id_rank: np.ndarray, k: int, scan: np.ndarray, n_scan: np.ndarray,
+          near: np.ndarray, n_near: np.ndarray, cols: np.ndarray,
           scores: np.ndarray) -> None:  # pragma: no cover - compiled
     """The k nearest columns of each row, by descending similarity, then ascending ``id_rank``.
 
-    Candidates are the columns with ``sims >= kth[q]`` (excluded columns hold -inf); fewer than
-    k leave ``cols`` at -1 and ``scores`` at NaN.
+    Candidates are the columns with ``sims >= kth[q]`` (excluded columns hold -inf), looked for
+    in ``near[q, :n_near[q]]`` (:func:`merge_ranks` collected them), else in
+    ``scan[q, :n_scan[q]]``, else (both -1) in the whole row; fewer than k leave ``cols`` at -1
+    and ``scores`` at NaN.
     """
     n = sims.shape[1]
     cand = np.empty(n, dtype=np.int64)
     for q in range(sims.shape[0]):
         thr = kth[q]
         n_cand = 0
+        collected = n_near[q] >= 0
+        whole = not collected and n_scan[q] < 0
         if np.isfinite(thr):
-            for col in range(n):
+            for at in range(n if whole else (n_near[q] if collected else n_scan[q])):
+                col = at if whole else (near[q, at] if collected else scan[q, at])
                 if sims[q, col] >= thr:
                     cand[n_cand] = col
                     n_cand += 1

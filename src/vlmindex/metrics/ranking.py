@@ -10,8 +10,9 @@ the last bit). Bit-identical gallery rows share one computed column (:func:`uniq
 duplicates tie exactly.
 
 Queries are processed in chunks (:func:`run_chunks`), each thread reusing its own buffers
-(:class:`Scratch`), so memory is bounded by ``n_threads × chunk_size × |gallery| × 8 B`` and never
-by ``|queries| × |gallery|``; the value sorts and the tie rule are in :mod:`vlmindex.metrics.merge`.
+(:class:`Scratch`), so memory is bounded by ``n_threads × chunk_size × |gallery| × 8 B`` (12 B
+without full AP, which also keeps the kept columns of each row) and never by
+``|queries| × |gallery|``; the value sorts and the tie rule are in :mod:`vlmindex.metrics.merge`.
 """
 
 from __future__ import annotations
@@ -85,6 +86,14 @@ def l2_normalize(x: np.ndarray) -> np.ndarray:
 def unique_rows(x: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
     """Distinct rows of ``x`` and the map back (None when all rows are distinct)."""
     if len(x) < 2:
+        return x, None
+    # Equal rows hash alike, so distinct hashes settle "all distinct" without sorting the rows.
+    bits = np.ascontiguousarray(x).view(np.uint32 if x.dtype.itemsize == 4 else np.uint8).reshape(len(x), -1)
+    weights = np.random.default_rng(0).integers(1, 2**63, size=bits.shape[1], dtype=np.uint64) | np.uint64(1)
+    hashes = np.empty(len(x), dtype=np.uint64)
+    for start in range(0, len(x), 4096):
+        hashes[start:start + 4096] = (bits[start:start + 4096].astype(np.uint64) * weights).sum(axis=1)
+    if len(np.unique(hashes)) == len(x):
         return x, None
     flat = np.ascontiguousarray(x).view(np.dtype((np.void, x.dtype.itemsize * x.shape[1]))).ravel()
     _, first, inverse = np.unique(flat, return_index=True, return_inverse=True)

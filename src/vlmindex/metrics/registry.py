@@ -45,7 +45,6 @@ __all__ = [
     "headline",
     "headline_columns",
     "leaderboard_columns",
-    "leaderboard_select",
     "summary_columns",
 ]
 
@@ -198,9 +197,3 @@ def headline() -> tuple[tuple[str, str, bool, str], ...]:
 def leaderboard_columns() -> tuple[tuple[str, str], ...]:
     """``(summaries column, sql/leaderboard.sql output column)`` of the headline columns it shows."""
     return tuple((c.name, c.leaderboard) for _, c in map(column, HEADLINE) if c.leaderboard is not None)
-
-
-def leaderboard_select(digits: int = 4) -> str:
-    """The metric columns of ``sql/leaderboard.sql`` (its ``{{leaderboard_metrics}}``), derived here:
-    ``round(<summaries column>, 4) AS <leaderboard column>`` for each headline column it shows."""
-    return ",\n       ".join(f"round({col}, {digits}) AS {name}" for col, name in leaderboard_columns())

@@ -227,16 +227,17 @@ def retrieval_metrics(
         Which rows are queries and which form the gallery (default: all). A query that is also in
         the gallery is removed from its own ranking; one that is not simply ranks the gallery.
     full_ap : bool
-        Report AP over the full ranking (default). With False, ``ap`` is None; the other metrics
-        are the same numbers (the ranking is computed in full either way: its value sorts cost
-        less than a partial sort of (similarity, id) keys).
+        Report AP over the full ranking (default). With False, ``ap`` is None and each row is
+        ranked only down to its max(R, k)-th item (a selection, then sorts of what lies above it),
+        which is all the other metrics read: they are the same numbers either way.
     chunk_size : int, optional
         Queries per task, rounded up to a multiple of the fixed product block (8 to 1024 rows,
         chosen from the gallery size so that a block needs at most ~256 MiB); default: one block.
         Results do not depend on it.
     n_threads : int, optional
         Tasks processed in parallel (default: CPU count, at most 8), each with single-threaded
-        BLAS. Results do not depend on it. Memory is about n_threads × chunk_size × |gallery| × 8 B.
+        BLAS. Results do not depend on it. Memory is about n_threads × chunk_size × |gallery| × 8 B
+        (12 B with ``full_ap=False``).
     device : str, optional
         None (default): the NumPy kernels on the CPU. A torch device (``"cuda"``, ``"cuda:1"``,
         ``"cpu"``): products and sorts in torch on that device (:mod:`vlmindex.metrics.torch_ranking`),
@@ -446,26 +447,57 @@ def retrieval_metrics(
             return sims
 
         def merge_chunk(sel: np.ndarray) -> None:
-            """Value sorts of each query's relevant and irrelevant runs, then the merge walk."""
-            from vlmindex.metrics.merge import merge_ranks, split_runs, top_k
+            """Value sorts of each query's relevant and irrelevant runs, then the merge walk.
+
+            Without full AP only the top L = max(R, k) of a row is ranked: the values at least as
+            large as a threshold at or below the L-th largest are sorted (MAP@R, R-precision, P@1,
+            purity@k and the vote never look further down)."""
+            from vlmindex.metrics.merge import merge_ranks, split_runs, split_top, top_k, top_thresholds
 
             c = len(sel)
             code = qry_codes[sel]
             lo, hi = class_start[code], class_end[code]
             sims = similarities(sel)
             runs = scratch.array("runs", sims.shape, np.float32)
-            split_runs(sims, lo, hi, runs)
-            for q, width in enumerate(hi - lo):  # NumPy's SIMD sort; it lets go of the GIL
-                runs[q, :width].sort()
-                runs[q, width:].sort()
             r = n_relevant[sel]
+            if full_ap:
+                split_runs(sims, lo, hi, runs)
+                for q, width in enumerate(hi - lo):  # NumPy's SIMD sort; it lets go of the GIL
+                    runs[q, :width].sort()
+                    runs[q, width:].sort()
+                rel_width, irr_end = hi - lo, np.full(c, n_gal - 1, dtype=np.int64)
+                n_rel, n_irr = r, n_candidates[sel] - r
+                scan, n_scan = np.empty((1, 1), dtype=np.uint32), np.full(c, -1, dtype=np.int64)
+            else:
+                # Any threshold at or below the depth-th largest value keeps what the metrics read
+                # (every value >= it, ties whole): a sampled guess, checked, exact where it fails.
+                depth = np.minimum(np.maximum(r, k), n_candidates[sel])
+                threshold = np.empty(c, dtype=np.float32)
+                top_thresholds(sims, depth, threshold)
+                n_rel, n_irr = np.empty(c, dtype=np.int64), np.empty(c, dtype=np.int64)
+                scan = scratch.array("kept_columns", sims.shape, np.uint32)
+                split_top(sims, lo, hi, threshold, runs, scan, n_rel, n_irr)
+                for q in np.flatnonzero(n_rel + n_irr < depth):
+                    one = np.partition(sims[q], n_gal - depth[q])
+                    threshold[q] = one[n_gal - depth[q]]
+                    split_top(sims[q:q + 1], lo[q:q + 1], hi[q:q + 1], threshold[q:q + 1], runs[q:q + 1],
+                              scan[q:q + 1], n_rel[q:q + 1], n_irr[q:q + 1])
+                n_scan = n_rel + n_irr
+                for q in range(c):
+                    runs[q, :n_rel[q]].sort()
+                    runs[q, n_rel[q]:n_rel[q] + n_irr[q]].sort()
+                rel_width, irr_end = n_rel, n_rel + n_irr - 1
             values = {name: np.full(c, nan) for name in ("ap", "map_at_r", "r_precision")}
             kth = np.empty(c, dtype=np.float32)
-            merge_ranks(runs, r, n_candidates[sel] - r, k, sims, lo, hi, id_rank, values["ap"],
-                        values["map_at_r"], values["r_precision"], kth)
+            near = scratch.array("near", (c, min(n_gal, 2 * k + 64)), np.uint32)
+            n_near = np.empty(c, dtype=np.int64)
+            merge_ranks(runs, rel_width, irr_end, n_rel, n_irr, r, k, sims, lo, hi, id_rank, scan, n_scan,
+                        values["ap"], values["map_at_r"], values["r_precision"], kth, near, n_near)
+            if not full_ap:
+                del values["ap"]  # of the top L only
             cols_k = np.empty((c, k), dtype=np.int64)
             scores_k = np.empty((c, k), dtype=np.float32)
-            top_k(sims, kth, id_rank, k, cols_k, scores_k)
+            top_k(sims, kth, id_rank, k, scan, n_scan, near, n_near, cols_k, scores_k)
             write(sel, values, cols_k, scores_k)
 
         chunks = [np.arange(i, min(n_qry, i + chunk_size)) for i in range(0, n_qry, chunk_size)]

@@ -25,11 +25,9 @@ import contextlib
 import functools
 import hashlib
 import io
-import queue
 import threading
 from collections import OrderedDict
 from collections.abc import Callable, Iterator
-from concurrent.futures import Future
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -121,63 +119,63 @@ def _stat(path: Path) -> tuple[int, int, int] | None:
 
 
 class _Batcher:
-    """One worker thread per index: it takes every query waiting and searches them in one call.
+    """Queries to one index searched together: whoever arrives while no search runs searches every
+    query waiting, its own among them (leader and followers, no worker thread).
 
-    It holds the index (``owner``) whose memory ``search`` reads, so a snapshot replaced while a
-    request is still searching it is not unmapped under that request.
+    A request alone pays no hand-off to another thread; requests that arrive during a search wait
+    and go in the next one. Each query's neighbours and scores are the same alone as in any batch
+    (the searches score every row independently). ``owner`` (the index whose memory ``search`` reads) is held
+    here, so a snapshot replaced while a request is still searching it is not unmapped under it.
     """
 
     def __init__(self, search: Callable[[np.ndarray, int], tuple[np.ndarray, np.ndarray]], owner: Any) -> None:
         self._search, self._owner = search, owner
-        self._lock = threading.Lock()
-        self._closed = False
-        self.inbox: queue.SimpleQueue[tuple[np.ndarray, int, Future] | None] = queue.SimpleQueue()
-        self.thread = threading.Thread(target=self._run, daemon=True, name="vlmindex-search")
-        self.thread.start()
+        self._cond = threading.Condition()
+        self._waiting: list[list[Any]] = []  # [vector, k, answer or None, error or None]
+        self._leading = False
+        self.searches = 0  # calls of the search function (the batches)
 
     def search(self, vector: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-        done: Future = Future()
-        with self._lock:
-            closed = self._closed
-            if not closed:
-                self.inbox.put((vector, k, done))
-        if closed:  # a request that took the snapshot just before it was replaced: answer it here
-            scores, ids = self._search(vector[None, :], k)
-            return scores[0, :k], ids[0, :k]
-        return done.result()
+        mine: list[Any] = [vector, k, None, None]
+        with self._cond:
+            self._waiting.append(mine)
+            while mine[2] is None and mine[3] is None and self._leading:
+                self._cond.wait()
+            # Unanswered with no one searching: a leader answers (or fails) all it took, so ours
+            # is still waiting, and we lead.
+            batch: list[list[Any]] = []
+            if mine[2] is None and mine[3] is None:
+                self._leading = True
+                batch, self._waiting = self._waiting, []
+        if batch:
+            try:
+                self._answer(batch)
+            finally:
+                with self._cond:
+                    for item in batch:  # interrupted (a BaseException): none of them waits forever
+                        if item[2] is None and item[3] is None:
+                            item[3] = RuntimeError("the search was interrupted; send the request again")
+                    self._leading = False
+                    self._cond.notify_all()
+        if mine[3] is not None:
+            raise mine[3]
+        return mine[2]
 
     def close(self) -> None:
-        with self._lock:  # nothing is queued after this: the worker answers all before it stops
-            self._closed = True
-            self.inbox.put(None)
+        """Nothing to stop: a replaced snapshot's waiting requests are answered by their leader."""
 
-    def _run(self) -> None:
-        while True:
-            first = self.inbox.get()
-            if first is None:
-                return
-            batch = [first]
-            while True:
-                try:
-                    item = self.inbox.get_nowait()
-                except queue.Empty:
-                    break
-                if item is None:
-                    self._answer(batch)
-                    return
-                batch.append(item)
-            self._answer(batch)
-
-    def _answer(self, batch: list[tuple[np.ndarray, int, Future]]) -> None:
+    def _answer(self, batch: list[list[Any]]) -> None:
+        self.searches += 1
         try:
-            k = max(k for _, k, _ in batch)
-            scores, ids = self._search(np.stack([v for v, _, _ in batch]), k)
+            k = max(item[1] for item in batch)
+            scores, ids = self._search(np.stack([item[0] for item in batch]), k)
+            answers = [(scores[row, :item[1]], ids[row, :item[1]]) for row, item in enumerate(batch)]
         except Exception as exc:  # noqa: BLE001 - each waiting request gets the error, none hangs
-            for _, _, fut in batch:
-                fut.set_exception(exc)
+            for item in batch:
+                item[3] = exc
             return
-        for row, (_, kq, fut) in enumerate(batch):
-            fut.set_result((scores[row, :kq], ids[row, :kq]))
+        for item, answer in zip(batch, answers, strict=True):
+            item[2] = answer
 
 
 def _approximate_top_k(index: Any, k_fixed: int, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
@@ -384,17 +382,18 @@ class NeighbourService:
         """``message`` without the server's file-system paths (errors go to whoever asked)."""
         return message.replace(str(self.ws.root), "<workspace>")
 
-    def _dataset_meta(self, dataset: str) -> None:
-        """Load (or refresh after a catalog write) the image rows of ``dataset``."""
+    def _dataset_meta(self, dataset: str) -> tuple:
+        """Load (or refresh after a catalog write) the image rows of ``dataset``; the catalog
+        signature they were read at (one request checks the catalog once)."""
         sig = self._catalog_signature()
         if self._meta_signature.get(dataset) == sig:
-            return
+            return sig
         try:
             with self.ws.read(views=False, wait=READ_WAIT) as con:
                 rows = catalog_datasets.images(con, dataset, columns=IMAGE_FIELDS)
         except WorkspaceBusy:
             if dataset in self._meta_signature:
-                return  # a writer is at work: the rows read last stay until it has finished
+                return self._meta_signature[dataset]  # a writer is at work: the rows read last stay
             raise Busy(BUSY) from None
         with self._lock:
             for key in [k for k in self._by_sha if k[0] == dataset]:
@@ -409,11 +408,13 @@ class NeighbourService:
                 if m.pixel_sha256:
                     self._by_sha[(dataset, "pixels:" + m.pixel_sha256)] = m.image_id
             self._meta_signature[dataset] = sig
+        return sig
 
-    def image(self, image_id: int) -> ImageMeta:
-        """The catalog row of an image; while a writer holds the catalog, the one read last."""
+    def image(self, image_id: int, catalog_signature: tuple | None = None) -> ImageMeta:
+        """The catalog row of an image; while a writer holds the catalog, the one read last.
+        ``catalog_signature``: the one this request already read (else it is read here)."""
         m = self._meta.get(image_id)
-        if m is not None and self._meta_signature.get(m.dataset) == self._catalog_signature():
+        if m is not None and self._meta_signature.get(m.dataset) == (catalog_signature or self._catalog_signature()):
             return m
         try:
             with self._reading() as con:
@@ -569,10 +570,10 @@ class NeighbourService:
         from vlmindex.query import check_weights, embed_images
 
         keys = self._resolve(dataset, models, condition, k)
-        self._dataset_meta(dataset)
+        catalog_sig = self._dataset_meta(dataset)
         img = None
         if image_id is not None:
-            meta = self.image(image_id)
+            meta = self.image(image_id, catalog_sig)
             if meta.dataset != dataset:
                 raise NotFound(f"image_id {image_id} is not in dataset {dataset!r} (it is in {meta.dataset!r})")
             query: dict[str, Any] = {"in_catalog": True, **meta.public()}
@@ -611,7 +612,8 @@ class NeighbourService:
             scores, ids = snap.batcher.search(np.asarray(vector, dtype=np.float32), k)
             if image_id is not None and snap.info.kind != "flat":
                 scores, ids = with_own_vector(scores, ids, image_id, vector, k)
-            out[key.model] = self._rows(ids, scores, query, condition)
+            # the rows of the catalog as it is now (the snapshot may be newer than the request's start)
+            out[key.model] = self._rows(ids, scores, query, condition, self._dataset_meta(dataset))
             indexes[key.model] = {"kind": snap.info.kind, "count": snap.info.count, "built_at": snap.info.built_at,
                                   "verified": snap.verified}
         return {"query": query, "condition": condition, "k": k, "results": out, "indexes": indexes}
@@ -638,12 +640,13 @@ class NeighbourService:
         return apply_overlay(img, recipe, image_id=int(query.get("image_id") or 0), label=query.get("label"),
                              class_names=names)
 
-    def _rows(self, ids: np.ndarray, scores: np.ndarray, query: dict[str, Any], condition: str) -> list[dict]:
+    def _rows(self, ids: np.ndarray, scores: np.ndarray, query: dict[str, Any], condition: str,
+              catalog_sig: tuple) -> list[dict]:
         rows = []
         for rank, (i, s) in enumerate(zip(ids.tolist(), scores.tolist(), strict=True), start=1):
             if i < 0:
                 continue
-            m = self.image(int(i))
+            m = self.image(int(i), catalog_sig)
             row = {"rank": rank, "image_id": m.image_id, "score": round(float(s), 6), "label": m.label,
                    "split": m.split, "group_id": m.group_id, "modality": m.modality,
                    "thumbnail_url": f"/api/images/{m.image_id}/thumbnail"
