@@ -145,6 +145,9 @@ def test_finds_every_exact_and_reencoded_copy_and_the_resized_ones(vlm, leaky):
     cross = sum(not r["same_split"] for r in distinct.values())
     mismatch = sum(not r["same_label"] for r in distinct.values())
     assert f"{len(distinct)} duplicate pairs" in summary and f"in {n_clusters} clusters" in summary, summary
+    # exact copies are near ones too: the per-kind counts overlap, and the line must say so
+    both = len(rows) - len(distinct)
+    assert both > 0 and f"{both} found as exact and near" in summary, summary
     assert f"{cross} cross a split boundary, {mismatch} have different labels" in summary, summary
     assert rows[0]["same_split"] is False, "cross-split pairs come first"
 

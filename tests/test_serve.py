@@ -482,8 +482,8 @@ def test_concurrent_first_uploads_load_a_model_once(served_ws, monkeypatch):
 
 
 def test_a_replaced_snapshot_still_answers_the_requests_that_hold_it():
-    """A request may take a snapshot just before another replaces it (and closes its search
-    thread): it must get its neighbours, not wait forever."""
+    """A request may take a snapshot just before another replaces it (and closes its batcher):
+    it must get its neighbours, not wait forever."""
     from vlmindex.serve.service import _Batcher, exact_top_k
 
     rng = np.random.default_rng(1)

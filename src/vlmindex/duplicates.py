@@ -222,6 +222,9 @@ class DuplicateReport:
         for r in self.rows:
             by_kind[r["kind"]] = by_kind.get(r["kind"], 0) + 1
         kinds = ", ".join(f"{k} {n}" for k, n in sorted(by_kind.items()))
+        both = len(self.rows) - self.n_pairs  # a pair stored under two kinds (an exact copy is near too)
+        if both:
+            kinds += f"; {both} found as exact and near"
         line = (f"{self.dataset}: {self.n_pairs} duplicate pairs" + (f" ({kinds})" if kinds else "")
                 + f" in {self.n_clusters} clusters over {self.n_images} images; "
                 f"{self._distinct('same_split')} cross a split boundary, {self._distinct('same_label')} have "

@@ -1,4 +1,4 @@
-"""Compiled row kernels of the full-ranking path: merging two value-sorted runs, and the exact top k.
+"""Compiled row kernels of the exact ranking: merging two value-sorted runs, and the exact top k.
 
 The full-ranking path (:func:`vlmindex.metrics.retrieval.retrieval_metrics` with ``full_ap=True``)
 lays the gallery out by class, so that for a query of class c its relevant items are one

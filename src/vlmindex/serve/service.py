@@ -124,8 +124,9 @@ class _Batcher:
 
     A request alone pays no hand-off to another thread; requests that arrive during a search wait
     and go in the next one. Each query's neighbours and scores are the same alone as in any batch
-    (the searches score every row independently). ``owner`` (the index whose memory ``search`` reads) is held
-    here, so a snapshot replaced while a request is still searching it is not unmapped under it.
+    (the searches score every row independently). ``owner`` (the index whose memory ``search``
+    reads) is held here, so a snapshot replaced while a request is still searching it is not
+    unmapped under it.
     """
 
     def __init__(self, search: Callable[[np.ndarray, int], tuple[np.ndarray, np.ndarray]], owner: Any) -> None:
