@@ -129,6 +129,12 @@ def analyze_cmd(ws: Path, n: int, *extra: str) -> list[str]:
             "-k", "10", "--exclude-group", "--no-probe", "--format", "json", *extra]
 
 
+def unit_rows(x: np.ndarray) -> tuple[np.ndarray, int]:
+    """The unit vectors, and the chunk height: analyze's own rule (metrics.ranking.block_rows)."""
+    unit = (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)
+    return unit, max(8, min(1024, (256 * 2**20) // (8 * len(unit))))
+
+
 def floor_seconds(x: np.ndarray, threads: int, schedules: tuple[str, ...] = ("per-thread", "blas-threads"),
                   ) -> tuple[float, str]:
     """The unavoidable work, chunk products and a value sort of every row, under the faster of the
@@ -136,9 +142,8 @@ def floor_seconds(x: np.ndarray, threads: int, schedules: tuple[str, ...] = ("pe
     BLAS threads and the sorts on one thread per core. Returns (seconds, schedule)."""
     from threadpoolctl import threadpool_limits
 
-    unit = (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)
+    unit, rows = unit_rows(x)
     n = len(unit)
-    rows = max(8, min(1024, (256 * 2**20) // (8 * n)))  # analyze's own rule (metrics.ranking.block_rows)
     chunks = [slice(s, min(n, s + rows)) for s in range(0, n, rows)]
 
     local = threading.local()  # one product buffer per thread: no page faults of fresh arrays
@@ -182,9 +187,8 @@ def half_products_floor(x: np.ndarray, threads: int) -> float:
     best; the rest of each row is a plain copy, cheaper than the transposed copy it needs."""
     from threadpoolctl import threadpool_limits
 
-    unit = (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)
+    unit, rows = unit_rows(x)
     n = len(unit)
-    rows = max(8, min(1024, (256 * 2**20) // (8 * n)))
     local = threading.local()
     filler = unit[:rows] @ unit.T  # real, unsorted similarities for the half not multiplied
 

@@ -87,25 +87,23 @@ def split_top(sims: np.ndarray, lo: np.ndarray, hi: np.ndarray, threshold: np.nd
     lowest = np.float32(np.finfo(np.float32).min)
     for q in range(sims.shape[0]):
         t = max(threshold[q], lowest)
-        a = 0
-        for col in range(lo[q], hi[q]):
-            v = sims[q, col]
-            runs[q, a] = v
-            cols[q, a] = col
-            a += v >= t
-        b = a
-        for col in range(lo[q]):
-            v = sims[q, col]
-            runs[q, b] = v
-            cols[q, b] = col
-            b += v >= t
-        for col in range(hi[q], sims.shape[1]):
-            v = sims[q, col]
-            runs[q, b] = v
-            cols[q, b] = col
-            b += v >= t
+        a = _keep_from(sims, q, lo[q], hi[q], t, runs, cols, 0)
+        b = _keep_from(sims, q, 0, lo[q], t, runs, cols, a)
+        b = _keep_from(sims, q, hi[q], sims.shape[1], t, runs, cols, b)
         n_rel[q] = a
         n_irr[q] = b - a
+
+
+@njit(nogil=True, cache=True, inline="always")
+def _keep_from(sims: np.ndarray, q: int, start: int, stop: int, t: np.float32, runs: np.ndarray, cols: np.ndarray,
+               at: int) -> int:  # pragma: no cover - compiled
+    """Append the values ``>= t`` of ``sims[q, start:stop]`` (and their columns) at ``at``; the new end."""
+    for col in range(start, stop):
+        v = sims[q, col]
+        runs[q, at] = v
+        cols[q, at] = col
+        at += v >= t
+    return at
 
 
 @njit(nogil=True, cache=True)
