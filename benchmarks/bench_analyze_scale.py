@@ -8,7 +8,7 @@ memory (the child's max RSS), next to the floor measured in the same run on the 
 the chunked float32 product of every query with the whole gallery plus NumPy's value sort of every
 row, which any exact full-ranking metric must do. The floor is the better of two schedules (one
 thread per core, each with single-threaded BLAS; or multi-threaded BLAS products with the sorts
-on one thread per core), with chunks as tall as analyze's (256 MiB each, at most 1024 rows)
+on one thread per core), with chunks as tall as analyze's (256 MiB of similarities each, at most 1024 rows)
 written into reused buffers (no page faults of fresh arrays), so it is the best this baseline can
 do. Printed: analyze / floor. A second reference is printed next to it: the same sorts with only
 the part of the similarity matrix on and above the diagonal multiplied, the best any method
@@ -130,9 +130,11 @@ def analyze_cmd(ws: Path, n: int, *extra: str) -> list[str]:
 
 
 def unit_rows(x: np.ndarray) -> tuple[np.ndarray, int]:
-    """The unit vectors, and the chunk height: analyze's own rule (metrics.ranking.block_rows)."""
+    """The unit vectors, and the chunk height: analyze's own rule, in the same memory."""
+    from vlmindex.metrics.ranking import block_rows
+
     unit = (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)
-    return unit, max(8, min(1024, (256 * 2**20) // (8 * len(unit))))
+    return unit, block_rows(len(unit))
 
 
 def floor_seconds(x: np.ndarray, threads: int, schedules: tuple[str, ...] = ("per-thread", "blas-threads"),

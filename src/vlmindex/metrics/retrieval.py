@@ -44,6 +44,7 @@ from vlmindex.errors import VlmindexError
 from vlmindex.metrics import registry
 from vlmindex.metrics.inputs import as_embeddings, as_mask, factorize
 from vlmindex.metrics.ranking import (
+    CACHED_ROWS,
     MAX_THREADS,
     Scratch,
     block_products,
@@ -236,8 +237,7 @@ def retrieval_metrics(
         Results do not depend on it.
     n_threads : int, optional
         Tasks processed in parallel (default: CPU count, at most 8), each with single-threaded
-        BLAS. Results do not depend on it. Memory is about n_threads × chunk_size × |gallery| × 8 B
-        (12 B with ``full_ap=False``).
+        BLAS. Results do not depend on it. Memory is about n_threads × chunk_size × |gallery| × 4 B.
     device : str, optional
         None (default): the NumPy kernels on the CPU. A torch device (``"cuda"``, ``"cuda:1"``,
         ``"cpu"``): products and sorts in torch on that device (:mod:`vlmindex.metrics.torch_ranking`),
@@ -447,27 +447,27 @@ def retrieval_metrics(
             return sims
 
         def merge_chunk(sel: np.ndarray) -> None:
-            """Value sorts of each query's relevant and irrelevant runs, then the merge walk.
+            """Value sorts of each query's relevant and irrelevant runs, the merge walk, the top k.
 
-            Without full AP only the top L = max(R, k) of a row is ranked: the values at least as
-            large as a threshold at or below the L-th largest are sorted (MAP@R, R-precision, P@1,
-            purity@k and the vote never look further down)."""
+            Rows go through these steps a few at a time (:data:`CACHED_ROWS`), so that a row's
+            sorted copy and its second reading (the tie scan) are served from the cache, not from
+            memory. Without full AP only the top L = max(R, k) of a row is ranked: the values at
+            least as large as a threshold at or below the L-th largest are sorted (MAP@R,
+            R-precision, P@1, purity@k and the vote never look further down)."""
             from vlmindex.metrics.merge import merge_ranks, split_runs, split_top, top_k, top_thresholds
 
             c = len(sel)
             code = qry_codes[sel]
             lo, hi = class_start[code], class_end[code]
             sims = similarities(sel)
-            runs = scratch.array("runs", sims.shape, np.float32)
             r = n_relevant[sel]
+            rows = min(c, CACHED_ROWS)
+            runs = scratch.array("runs", (rows, n_gal), np.float32)
             if full_ap:
-                split_runs(sims, lo, hi, runs)
-                for q, width in enumerate(hi - lo):  # NumPy's SIMD sort; it lets go of the GIL
-                    runs[q, :width].sort()
-                    runs[q, width:].sort()
+                threshold = None
                 rel_width, irr_end = hi - lo, np.full(c, n_gal - 1, dtype=np.int64)
                 n_rel, n_irr = r, n_candidates[sel] - r
-                scan, n_scan = np.empty((1, 1), dtype=np.uint32), np.full(c, -1, dtype=np.int64)
+                scan, n_scan = np.empty((rows, 1), dtype=np.uint32), np.full(c, -1, dtype=np.int64)
             else:
                 # Any threshold at or below the depth-th largest value keeps what the metrics read
                 # (every value >= it, ties whole): a sampled guess, checked, exact where it fails.
@@ -475,29 +475,41 @@ def retrieval_metrics(
                 threshold = np.empty(c, dtype=np.float32)
                 top_thresholds(sims, depth, threshold)
                 n_rel, n_irr = np.empty(c, dtype=np.int64), np.empty(c, dtype=np.int64)
-                scan = scratch.array("kept_columns", sims.shape, np.uint32)
-                split_top(sims, lo, hi, threshold, runs, scan, n_rel, n_irr)
-                for q in np.flatnonzero(n_rel + n_irr < depth):
-                    one = np.partition(sims[q], n_gal - depth[q])
-                    threshold[q] = one[n_gal - depth[q]]
-                    split_top(sims[q:q + 1], lo[q:q + 1], hi[q:q + 1], threshold[q:q + 1], runs[q:q + 1],
-                              scan[q:q + 1], n_rel[q:q + 1], n_irr[q:q + 1])
-                n_scan = n_rel + n_irr
-                for q in range(c):
-                    runs[q, :n_rel[q]].sort()
-                    runs[q, n_rel[q]:n_rel[q] + n_irr[q]].sort()
-                rel_width, irr_end = n_rel, n_rel + n_irr - 1
+                scan = scratch.array("kept_columns", (rows, n_gal), np.uint32)
+                rel_width, irr_end, n_scan = n_rel, np.empty(c, dtype=np.int64), np.empty(c, dtype=np.int64)
             values = {name: np.full(c, nan) for name in ("ap", "map_at_r", "r_precision")}
             kth = np.empty(c, dtype=np.float32)
-            near = scratch.array("near", (c, min(n_gal, 2 * k + 64)), np.uint32)
+            near = scratch.array("near", (rows, min(n_gal, 2 * k + 64)), np.uint32)
             n_near = np.empty(c, dtype=np.int64)
-            merge_ranks(runs, rel_width, irr_end, n_rel, n_irr, r, k, sims, lo, hi, id_rank, scan, n_scan,
-                        values["ap"], values["map_at_r"], values["r_precision"], kth, near, n_near)
-            if not full_ap:
-                del values["ap"]  # of the top L only
             cols_k = np.empty((c, k), dtype=np.int64)
             scores_k = np.empty((c, k), dtype=np.float32)
-            top_k(sims, kth, id_rank, k, scan, n_scan, near, n_near, cols_k, scores_k)
+            for b0 in range(0, c, rows):
+                b = slice(b0, min(c, b0 + rows))
+                m = b.stop - b0
+                if full_ap:
+                    split_runs(sims[b], lo[b], hi[b], runs)
+                    for q, width in enumerate(rel_width[b]):  # NumPy's SIMD sort; it lets go of the GIL
+                        runs[q, :width].sort()
+                        runs[q, width:].sort()
+                else:
+                    split_top(sims[b], lo[b], hi[b], threshold[b], runs, scan, n_rel[b], n_irr[b])
+                    for q in np.flatnonzero(n_rel[b] + n_irr[b] < depth[b]):
+                        one = np.partition(sims[b0 + q], n_gal - depth[b0 + q])
+                        threshold[b0 + q] = one[n_gal - depth[b0 + q]]
+                        split_top(sims[b0 + q:b0 + q + 1], lo[b0 + q:b0 + q + 1], hi[b0 + q:b0 + q + 1],
+                                  threshold[b0 + q:b0 + q + 1], runs[q:q + 1], scan[q:q + 1],
+                                  n_rel[b0 + q:b0 + q + 1], n_irr[b0 + q:b0 + q + 1])
+                    n_scan[b] = n_rel[b] + n_irr[b]
+                    irr_end[b] = n_scan[b] - 1
+                    for q in range(m):
+                        runs[q, :n_rel[b0 + q]].sort()
+                        runs[q, n_rel[b0 + q]:n_scan[b0 + q]].sort()
+                merge_ranks(runs[:m], rel_width[b], irr_end[b], n_rel[b], n_irr[b], r[b], k, sims[b], lo[b], hi[b],
+                            id_rank, scan[:m], n_scan[b], values["ap"][b], values["map_at_r"][b],
+                            values["r_precision"][b], kth[b], near[:m], n_near[b])
+                top_k(sims[b], kth[b], id_rank, k, scan[:m], n_scan[b], near[:m], n_near[b], cols_k[b], scores_k[b])
+            if not full_ap:
+                del values["ap"]  # of the top L only
             write(sel, values, cols_k, scores_k)
 
         chunks = [np.arange(i, min(n_qry, i + chunk_size)) for i in range(0, n_qry, chunk_size)]
