@@ -481,6 +481,45 @@ def test_concurrent_first_uploads_load_a_model_once(served_ws, monkeypatch):
     assert codes == [200] * 4 and loads == ["hog"]
 
 
+def test_every_model_load_and_embedding_runs_on_one_thread(served_ws, monkeypatch):
+    """Found by the load benchmark: torch called from several request threads gives each its own
+    OpenMP team, the teams spin against each other, and one ViT forward pass took 2-3x longer."""
+    import vlmindex.query
+    from vlmindex.models import LoadOptions
+
+    used: list[tuple[str, int]] = []
+    real_load, real_embed = LoadOptions.load, vlmindex.query.embed_images
+
+    def load(self, name):
+        used.append(("load", threading.get_ident()))
+        return real_load(self, name)
+
+    def embed(extractor, images, *args, **kwargs):
+        used.append(("embed", threading.get_ident()))
+        return real_embed(extractor, images, *args, **kwargs)
+
+    monkeypatch.setattr(LoadOptions, "load", load)
+    monkeypatch.setattr(vlmindex.query, "embed_images", embed)
+    service = NeighbourService(Workspace(served_ws))
+    callers: list[int] = []
+    codes: list[int] = []
+
+    def upload(path: str) -> None:
+        callers.append(threading.get_ident())
+        for model in MODELS:
+            codes.append(service.knn("demo", models=[model], upload=Path(path).read_bytes())["k"])
+
+    threads = [threading.Thread(target=upload, args=(r[1],)) for r in _images(served_ws)[:4]]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    service.close()
+    assert codes == [10] * 8
+    assert sorted(kind for kind, _ in used) == ["embed"] * 8 + ["load"] * 2
+    assert len({ident for _, ident in used}) == 1 and used[0][1] not in callers
+
+
 def test_a_replaced_snapshot_still_answers_the_requests_that_hold_it():
     """A request may take a snapshot just before another replaces it (and closes its batcher):
     it must get its neighbours, not wait forever."""

@@ -113,7 +113,7 @@ def serve(ctx, host, port, max_upload_mb, max_upload_pixels, max_models, load):
         max_bytes=int(max_upload_mb * 1024 * 1024), max_pixels=max_upload_pixels, max_models=max_models))
     _warn_host(host)
     click.echo(f"vlmindex serve: workspace {ctx.workspace.root} on http://{host}:{port} (Ctrl-C stops it)", err=True)
-    uvicorn.run(create_app(service), host=host, port=port, log_level="warning")
+    uvicorn.run(create_app(service), host=host, port=port, log_level="warning", access_log=False)
 
 
 def _warn_host(host: str) -> None:

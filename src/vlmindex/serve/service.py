@@ -12,7 +12,8 @@ Read-only over a workspace. What it keeps in memory, and why each is safe with w
 - the catalog rows of each dataset's images, the dataset and condition names and the index
   sidecars, read again whenever the catalog file (or an index sidecar) changed.
 - loaded models, at most ``Limits.max_models`` (least recently used goes first): each loads once
-  per process.
+  per process, and every load and embedding runs on one thread (torch's thread teams of two
+  threads spin against each other; see :meth:`NeighbourService.on_model_thread`).
 - thumbnails, by (image, its sha256, condition recipe, size).
 
 Queries that arrive together on one index are searched together (one pass over the vectors for
@@ -28,6 +29,7 @@ import io
 import threading
 from collections import OrderedDict
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -278,14 +280,14 @@ class NeighbourService:
         self._lock = threading.Lock()
         self._snapshots: dict[RunKey, _Snapshot] = {}
         self._key_locks: dict[RunKey, threading.Lock] = {}
-        self._models: OrderedDict[str, tuple[Any, threading.Lock]] = OrderedDict()
+        self._models: OrderedDict[str, Any] = OrderedDict()
         self._model_lock = threading.Lock()
+        self._model_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="vlmindex-models")
         self._meta: dict[int, ImageMeta] = {}
         self._by_sha: dict[tuple[str, str], int] = {}
         self._meta_signature: dict[str, tuple] = {}
         self._catalog: _CatalogState | None = None
         self._current: dict[RunKey, tuple[tuple, bool]] = {}
-        self._load_lock = threading.Lock()
         self.thumbnail = functools.lru_cache(maxsize=self.limits.thumbnail_cache)(self._thumbnail)
 
     # -- catalog reads ------------------------------------------------------------------------------
@@ -493,28 +495,40 @@ class NeighbourService:
         return _Snapshot(key, index, info, sig, weights, {int(i): p for p, i in enumerate(ids.tolist())}, batcher)
 
     # -- models -----------------------------------------------------------------------------------------
-    def extractor(self, model: str) -> tuple[Any, threading.Lock]:
-        """The loaded model, loading it once. Loads are serial (``_load_lock``): two threads
-        building one model at once would interleave their draws from torch's global RNG (seeded
-        weights would differ). Models already loaded are handed out meanwhile."""
+    def extractor(self, model: str) -> Any:
+        """The loaded model, loading it once, on the model thread (:meth:`on_model_thread`): loads
+        are serial there, so two requests never build one model at once (their draws from torch's
+        global RNG would interleave, and seeded weights differ). Models already loaded are handed
+        out meanwhile; a request for one waits behind a load only for its embedding."""
         with self._model_lock:
             if model in self._models:
                 self._models.move_to_end(model)
                 return self._models[model]
-        with self._load_lock:
+
+        def load() -> Any:
             with self._model_lock:
-                if model in self._models:  # loaded by the request we waited for
+                if model in self._models:  # loaded by a request queued before this one
                     return self._models[model]
-            try:
-                loaded = (self.load.load(model), threading.Lock())
-            except VlmindexError as exc:
-                raise Conflict(f"model {model!r} cannot embed an uploaded image here: {self.public(str(exc))}"
-                               ) from None
+            loaded = self.load.load(model)
             with self._model_lock:
                 self._models[model] = loaded
                 while len(self._models) > self.limits.max_models:
                     self._models.popitem(last=False)
             return loaded
+
+        try:
+            return self.on_model_thread(load)
+        except VlmindexError as exc:
+            raise Conflict(f"model {model!r} cannot embed an uploaded image here: {self.public(str(exc))}") from None
+
+    def on_model_thread(self, fn: Callable[[], Any]) -> Any:
+        """``fn()`` on the one thread that runs torch in this process, and its result.
+
+        Each thread that runs torch gets its own OpenMP team, and the teams of two threads spin
+        against each other: on 2 cores one ViT forward pass took 4.3 ms on one thread, 10.6 and
+        14.8 ms once a second thread had used torch too. So every load and embedding is queued
+        here, which also makes them serial."""
+        return self._model_thread.submit(fn).result()
 
     # -- requests ---------------------------------------------------------------------------------------
     def _resolve(self, dataset: str, models: list[str] | None, condition: str, k: int) -> list[RunKey]:
@@ -600,7 +614,7 @@ class NeighbourService:
                     raise Conflict(f"image_id {image_id} has no embedding in the index of {key}; run `vlmindex embed "
                                    f"{key.cli_args()}` and `vlmindex index build {key.cli_args()}`")
             else:
-                extractor, lock = self.extractor(key.model)
+                extractor = self.extractor(key.model)
                 try:
                     check_weights(extractor, key, snap.weights)
                 except VlmindexError as exc:
@@ -608,8 +622,7 @@ class NeighbourService:
                 shown = img
                 if condition != CLEAN:
                     shown = self._overlay_upload(img, dataset, condition, query)
-                with lock:
-                    vector = embed_images(extractor, [shown])[0]
+                vector = self.on_model_thread(lambda ex=extractor, im=shown: embed_images(ex, [im])[0])
             scores, ids = snap.batcher.search(np.asarray(vector, dtype=np.float32), k)
             if image_id is not None and snap.info.kind != "flat":
                 scores, ids = with_own_vector(scores, ids, image_id, vector, k)
@@ -690,6 +703,7 @@ class NeighbourService:
     def close(self) -> None:
         for key in list(self._snapshots):
             self._drop(key)
+        self._model_thread.shutdown(wait=True)
 
 
 def explore_app(ws: Workspace, key: RunKey) -> Path | None:
