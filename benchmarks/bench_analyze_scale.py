@@ -8,9 +8,9 @@ memory (the child's max RSS), next to the floor measured in the same run on the 
 the chunked float32 product of every query with the whole gallery plus NumPy's value sort of every
 row, which any exact full-ranking metric must do. The floor is the better of two schedules (one
 thread per core, each with single-threaded BLAS; or multi-threaded BLAS products with the sorts
-on one thread per core), with chunks as tall as analyze's (256 MiB of similarities each, at most 1024 rows)
-written into reused buffers (no page faults of fresh arrays), so it is the best this baseline can
-do. Printed: analyze / floor. A second reference is printed next to it: the same sorts with only
+on one thread per core), with chunks as tall as analyze's (256 MiB of similarities each, at most
+1024 rows) written into reused buffers (no page faults of fresh arrays), so it is the best this
+baseline can do. Printed: analyze / floor. A second reference is printed next to it: the same sorts with only
 the part of the similarity matrix on and above the diagonal multiplied, the best any method
 using its symmetry could do (analyze does not: see docs/metrics.md).
 

@@ -10,8 +10,8 @@ one keep-alive connection each). Prints requests/s, p50 and p99 latency and the 
 The upload baseline is measured in the same run: decoding and embedding the same images, one at
 a time, in this process with the same extractor; for 8 clients also under the same load (8
 threads of this process embedding at once, no HTTP), since 8 requests in flight on a machine with
-fewer cores each wait for the others whatever the service does. Targets: p50 <= 20 ms by image_id at 100k; by
-upload, p50 within 1.5x of embedding the image alone.
+fewer cores each wait for the others whatever the service does. Targets: p50 <= 20 ms by
+image_id at 100k; by upload, p50 within 1.5x of embedding the image alone.
 
     python benchmarks/bench_serve.py [--n 100000] [--requests 400] [--model raw-pixels]
 """

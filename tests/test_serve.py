@@ -502,12 +502,12 @@ def test_every_model_load_and_embedding_runs_on_one_thread(served_ws, monkeypatc
     monkeypatch.setattr(vlmindex.query, "embed_images", embed)
     service = NeighbourService(Workspace(served_ws))
     callers: list[int] = []
-    codes: list[int] = []
+    answered: list[int] = []
 
     def upload(path: str) -> None:
         callers.append(threading.get_ident())
         for model in MODELS:
-            codes.append(service.knn("demo", models=[model], upload=Path(path).read_bytes())["k"])
+            answered.append(len(service.knn("demo", models=[model], upload=Path(path).read_bytes())["results"][model]))
 
     threads = [threading.Thread(target=upload, args=(r[1],)) for r in _images(served_ws)[:4]]
     for t in threads:
@@ -515,7 +515,7 @@ def test_every_model_load_and_embedding_runs_on_one_thread(served_ws, monkeypatc
     for t in threads:
         t.join()
     service.close()
-    assert codes == [10] * 8
+    assert answered == [10] * 8
     assert sorted(kind for kind, _ in used) == ["embed"] * 8 + ["load"] * 2
     assert len({ident for _, ident in used}) == 1 and used[0][1] not in callers
 

@@ -464,7 +464,6 @@ def retrieval_metrics(
             rows = min(c, CACHED_ROWS)
             runs = scratch.array("runs", (rows, n_gal), np.float32)
             if full_ap:
-                threshold = None
                 rel_width, irr_end = hi - lo, np.full(c, n_gal - 1, dtype=np.int64)
                 n_rel, n_irr = r, n_candidates[sel] - r
                 scan, n_scan = np.empty((rows, 1), dtype=np.uint32), np.full(c, -1, dtype=np.int64)

@@ -499,7 +499,7 @@ class NeighbourService:
         """The loaded model, loading it once, on the model thread (:meth:`on_model_thread`): loads
         are serial there, so two requests never build one model at once (their draws from torch's
         global RNG would interleave, and seeded weights differ). Models already loaded are handed
-        out meanwhile; a request for one waits behind a load only for its embedding."""
+        out meanwhile; their embeddings queue behind a load in progress."""
         with self._model_lock:
             if model in self._models:
                 self._models.move_to_end(model)
