@@ -91,3 +91,23 @@ def test_the_sampled_threshold_lies_below_the_depth_th_value_on_real_rows():
     assert (out <= kth).mean() >= 0.99  # a miss is allowed (it is caught), not the rule
     kept = (sims >= out[:, None]).sum(axis=1)
     assert np.median(kept / depth) < 1.6, "the guess keeps the sorts short"
+
+
+def test_each_ranking_kernel_compiles_one_signature_only():
+    """Found by bench_metrics (a segfault): lazily typed kernels compiled one cache entry per array
+    layout they met, processes numbered those entries differently, and two of them writing one
+    cache left an index pointing at another signature's code. One signature per kernel, and an
+    array of another layout is refused instead of compiled."""
+    from vlmindex.metrics import merge
+
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(40, 8))
+    y = np.arange(40) % 3
+    retrieval_metrics(x, y, k=3)
+    retrieval_metrics(x, y, k=3, full_ap=False)
+    retrieval_metrics(np.vstack([x, x[:5]]), np.concatenate([y, y[:5]]), k=3)  # duplicate rows: copied columns
+    for name in [*merge.__all__, "_canonical", "_hash"]:
+        assert len(getattr(merge, name).signatures) == 1, name
+    lo, hi = np.zeros(4, np.int64), np.ones(4, np.int64)
+    with pytest.raises(TypeError):
+        merge.split_runs(np.zeros((6, 4), np.float32).T, lo, hi, np.zeros((4, 6), np.float32))

@@ -23,23 +23,40 @@ The kernels release the GIL, so the chunk threads of ``run_chunks`` run them in 
 from __future__ import annotations
 
 import numpy as np
-from numba import njit
+from numba import njit, types
 
 __all__ = ["merge_ranks", "split_runs", "split_top", "top_k", "top_thresholds"]
 
+# One signature per kernel, compiled on first import and cached: with lazy typing, processes that
+# met differently laid-out arrays numbered their cache entries differently, and two of them
+# writing one cache at once left an index pointing at another signature's code (a segfault in
+# a later run). C-contiguous arrays only: the callers pass nothing else.
+_F2, _F1, _D1 = types.float32[:, ::1], types.float32[::1], types.float64[::1]
+_I2, _I1, _U2 = types.int64[:, ::1], types.int64[::1], types.uint32[:, ::1]
+_SIGNATURES = {
+    "_canonical": types.uint32(types.uint32),
+    "_hash": types.int64(types.uint32, types.uint64),
+    "split_runs": types.void(_F2, _I1, _I1, _F2),
+    "top_thresholds": types.void(_F2, _I1, _F1),
+    "split_top": types.void(_F2, _I1, _I1, _F1, _F2, _U2, _I1, _I1),
+    "merge_ranks": types.void(_F2, _I1, _I1, _I1, _I1, _I1, types.int64, _F2, _I1, _I1, _I1, _U2, _I1, _D1, _D1,
+                              _D1, _F1, _U2, _I1),
+    "top_k": types.void(_F2, _F1, _I1, types.int64, _U2, _I1, _U2, _I1, _I2, _F2),
+}
 
-@njit(nogil=True, cache=True)
+
+@njit(_SIGNATURES["_canonical"], nogil=True, cache=True)
 def _canonical(bits: np.uint32) -> np.uint32:  # pragma: no cover - compiled
     """The float32 bit pattern with -0.0 as +0.0, so that the two equal zeros hash alike."""
     return np.uint32(0) if (bits & np.uint32(0x7FFFFFFF)) == 0 else bits
 
 
-@njit(nogil=True, cache=True)
+@njit(_SIGNATURES["_hash"], nogil=True, cache=True)
 def _hash(bits: np.uint32, shift: np.uint64) -> np.int64:  # pragma: no cover - compiled
     return np.int64((np.uint64(bits) * np.uint64(0x9E3779B97F4A7C15)) >> shift)
 
 
-@njit(nogil=True, cache=True)
+@njit(_SIGNATURES["split_runs"], nogil=True, cache=True)
 def split_runs(sims: np.ndarray, lo: np.ndarray, hi: np.ndarray, runs: np.ndarray) -> None:  # pragma: no cover
     """Row q of ``runs``: the relevant run ``sims[q, lo[q]:hi[q]]``, then the rest of the row."""
     for q in range(sims.shape[0]):
@@ -50,7 +67,7 @@ def split_runs(sims: np.ndarray, lo: np.ndarray, hi: np.ndarray, runs: np.ndarra
         runs[q, w + a:] = sims[q, hi[q]:]
 
 
-@njit(nogil=True, cache=True)
+@njit(_SIGNATURES["top_thresholds"], nogil=True, cache=True)
 def top_thresholds(sims: np.ndarray, depth: np.ndarray, out: np.ndarray) -> None:  # pragma: no cover - compiled
     """Per row q, a value at or below its ``depth[q]``-th largest, most likely: a quantile of an
     evenly spaced sample of 512 of its entries, with four standard errors of margin (+inf where
@@ -73,7 +90,19 @@ def top_thresholds(sims: np.ndarray, depth: np.ndarray, out: np.ndarray) -> None
         out[q] = np.partition(sample, size - 1 - place)[size - 1 - place]
 
 
-@njit(nogil=True, cache=True)
+@njit(nogil=True, cache=True, inline="always")
+def _keep_from(sims: np.ndarray, q: int, start: int, stop: int, t: np.float32, runs: np.ndarray, cols: np.ndarray,
+               at: int) -> int:  # pragma: no cover - compiled
+    """Append the values ``>= t`` of ``sims[q, start:stop]`` (and their columns) at ``at``; the new end."""
+    for col in range(start, stop):
+        v = sims[q, col]
+        runs[q, at] = v
+        cols[q, at] = col
+        at += v >= t
+    return at
+
+
+@njit(_SIGNATURES["split_top"], nogil=True, cache=True)
 def split_top(sims: np.ndarray, lo: np.ndarray, hi: np.ndarray, threshold: np.ndarray, runs: np.ndarray,
               cols: np.ndarray, n_rel: np.ndarray, n_irr: np.ndarray) -> None:  # pragma: no cover - compiled
     """Row q of ``runs``: the relevant similarities ``>= threshold[q]`` (``n_rel[q]`` of them), then
@@ -94,19 +123,7 @@ def split_top(sims: np.ndarray, lo: np.ndarray, hi: np.ndarray, threshold: np.nd
         n_irr[q] = b - a
 
 
-@njit(nogil=True, cache=True, inline="always")
-def _keep_from(sims: np.ndarray, q: int, start: int, stop: int, t: np.float32, runs: np.ndarray, cols: np.ndarray,
-               at: int) -> int:  # pragma: no cover - compiled
-    """Append the values ``>= t`` of ``sims[q, start:stop]`` (and their columns) at ``at``; the new end."""
-    for col in range(start, stop):
-        v = sims[q, col]
-        runs[q, at] = v
-        cols[q, at] = col
-        at += v >= t
-    return at
-
-
-@njit(nogil=True, cache=True)
+@njit(_SIGNATURES["merge_ranks"], nogil=True, cache=True)
 def merge_ranks(runs: np.ndarray, rel_width: np.ndarray, irr_end: np.ndarray, n_rel: np.ndarray,
                 n_irr: np.ndarray, n_relevant: np.ndarray, k: int, sims: np.ndarray, lo: np.ndarray,
                 hi: np.ndarray, id_rank: np.ndarray, scan: np.ndarray, n_scan: np.ndarray, ap: np.ndarray,
@@ -265,7 +282,7 @@ def merge_ranks(runs: np.ndarray, rel_width: np.ndarray, irr_end: np.ndarray, n_
             r_precision[q] = within / big_r
 
 
-@njit(nogil=True, cache=True)
+@njit(_SIGNATURES["top_k"], nogil=True, cache=True)
 def top_k(sims: np.ndarray, kth: np.ndarray, id_rank: np.ndarray, k: int, scan: np.ndarray, n_scan: np.ndarray,
           near: np.ndarray, n_near: np.ndarray, cols: np.ndarray,
           scores: np.ndarray) -> None:  # pragma: no cover - compiled

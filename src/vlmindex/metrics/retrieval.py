@@ -442,7 +442,7 @@ def retrieval_metrics(
             """The chunk's similarities to every gallery column, -inf where an item is left out."""
             sims = block_products(xall, q_row[sel], xg_unique, block, scratch)
             if expand is not None:
-                sims = sims[:, expand]
+                sims = np.ascontiguousarray(sims[:, expand])  # the kernels take C-ordered rows only
             sims[excluded(sel)] = -np.inf
             return sims
 
