@@ -146,30 +146,11 @@ def load(port: int, requests: list[tuple[bytes, str, int | None]], clients: int)
             "p50": float(np.percentile(lat, 50)), "p99": float(np.percentile(lat, 99))}
 
 
-def embed_alone(paths: list[str], model: str, repeats: int) -> float:
-    """Median ms to decode and embed one image in this process (the upload's unavoidable work)."""
-    import io
-
-    from vlmindex.imageio import load_image
-    from vlmindex.models import LoadOptions
-    from vlmindex.query import embed_images
-
-    extractor = LoadOptions().load(model)
-    data = [Path(p).read_bytes() for p in paths]
-    times = []
-    for r in range(repeats):
-        blob = data[r % len(data)]
-        t = time.perf_counter()
-        embed_images(extractor, [load_image(io.BytesIO(blob))])
-        times.append(time.perf_counter() - t)
-    return statistics.median(times) * 1000
-
-
-def embed_alone_concurrent(paths: list[str], model: str, clients: int, per_client: int) -> float:
+def embed_alone(paths: list[str], model: str, clients: int, per_client: int) -> float:
     """Median ms to decode and embed one image when ``clients`` threads of this process do so at
-    once, each one image at a time, with one model object: the upload's own work under the same
-    load, with no HTTP. The better of two schedules: the threads take turns on the model (a lock,
-    as the service does) or run it at the same time."""
+    once (1: alone), each one image at a time, with one model object: the upload's own work under
+    the same load, with no HTTP. The better of two schedules: the threads take turns on the model
+    (a lock; the service runs every embedding on one thread) or run it at the same time."""
     import io
 
     from vlmindex.imageio import load_image
@@ -280,8 +261,8 @@ def main() -> None:
         for m in models:
             load(port, uploads[m][:8], 2)  # and the model loaded
 
-        alone = {m: embed_alone(demo[:50], m, 100) for m in models}
-        alone8 = {m: embed_alone_concurrent(demo[:50], m, 8, 25) for m in models}
+        alone = {m: embed_alone(demo[:50], m, 1, 100) for m in models}
+        alone8 = {m: embed_alone(demo[:50], m, 8, 25) for m in models}
         floor = scan_floor(ws.parent / "feats.parquet")
         rows = []
         for name, reqs in (*((f"by image_id (100k {kind})", r) for kind, r in by_id.items()),

@@ -492,17 +492,17 @@ def retrieval_metrics(
                         runs[q, width:].sort()
                 else:
                     split_top(sims[b], lo[b], hi[b], threshold[b], runs, scan, n_rel[b], n_irr[b])
-                    for q in np.flatnonzero(n_rel[b] + n_irr[b] < depth[b]):
-                        one = np.partition(sims[b0 + q], n_gal - depth[b0 + q])
-                        threshold[b0 + q] = one[n_gal - depth[b0 + q]]
-                        split_top(sims[b0 + q:b0 + q + 1], lo[b0 + q:b0 + q + 1], hi[b0 + q:b0 + q + 1],
-                                  threshold[b0 + q:b0 + q + 1], runs[q:q + 1], scan[q:q + 1],
-                                  n_rel[b0 + q:b0 + q + 1], n_irr[b0 + q:b0 + q + 1])
+                    for q in np.flatnonzero(n_rel[b] + n_irr[b] < depth[b]):  # q: in the batch; g: in the chunk
+                        g, one = b0 + q, slice(b0 + q, b0 + q + 1)
+                        threshold[g] = np.partition(sims[g], n_gal - depth[g])[n_gal - depth[g]]
+                        split_top(sims[one], lo[one], hi[one], threshold[one], runs[q:q + 1], scan[q:q + 1],
+                                  n_rel[one], n_irr[one])
                     n_scan[b] = n_rel[b] + n_irr[b]
                     irr_end[b] = n_scan[b] - 1
                     for q in range(m):
-                        runs[q, :n_rel[b0 + q]].sort()
-                        runs[q, n_rel[b0 + q]:n_scan[b0 + q]].sort()
+                        g = b0 + q
+                        runs[q, :n_rel[g]].sort()
+                        runs[q, n_rel[g]:n_scan[g]].sort()
                 merge_ranks(runs[:m], rel_width[b], irr_end[b], n_rel[b], n_irr[b], r[b], k, sims[b], lo[b], hi[b],
                             id_rank, scan[:m], n_scan[b], values["ap"][b], values["map_at_r"][b],
                             values["r_precision"][b], kth[b], near[:m], n_near[b])
