@@ -454,7 +454,14 @@ def retrieval_metrics(
             memory. Without full AP only the top L = max(R, k) of a row is ranked: the values at
             least as large as a threshold at or below the L-th largest are sorted (MAP@R,
             R-precision, P@1, purity@k and the vote never look further down)."""
-            from vlmindex.metrics.merge import merge_ranks, split_runs, split_top, top_k, top_thresholds
+            from vlmindex.metrics.merge import (
+                merge_ranks,
+                split_runs,
+                split_top,
+                top_k,
+                top_thresholds,
+                value_sort,
+            )
 
             c = len(sel)
             code = qry_codes[sel]
@@ -463,6 +470,7 @@ def retrieval_metrics(
             r = n_relevant[sel]
             rows = min(c, CACHED_ROWS)
             runs = scratch.array("runs", (rows, n_gal), np.float32)
+            sort_tmp = scratch.array("sort_tmp", (n_gal,), np.uint32)
             if full_ap:
                 rel_width, irr_end = hi - lo, np.full(c, n_gal - 1, dtype=np.int64)
                 n_rel, n_irr = r, n_candidates[sel] - r
@@ -487,9 +495,9 @@ def retrieval_metrics(
                 m = b.stop - b0
                 if full_ap:
                     split_runs(sims[b], lo[b], hi[b], runs)
-                    for q, width in enumerate(rel_width[b]):  # NumPy's SIMD sort; it lets go of the GIL
-                        runs[q, :width].sort()
-                        runs[q, width:].sort()
+                    for q, width in enumerate(rel_width[b]):  # both sorts let go of the GIL
+                        value_sort(runs[q, :width], sort_tmp)
+                        value_sort(runs[q, width:], sort_tmp)
                 else:
                     split_top(sims[b], lo[b], hi[b], threshold[b], runs, scan, n_rel[b], n_irr[b])
                     for q in np.flatnonzero(n_rel[b] + n_irr[b] < depth[b]):  # q: in the batch; g: in the chunk
@@ -501,8 +509,8 @@ def retrieval_metrics(
                     irr_end[b] = n_scan[b] - 1
                     for q in range(m):
                         g = b0 + q
-                        runs[q, :n_rel[g]].sort()
-                        runs[q, n_rel[g]:n_scan[g]].sort()
+                        value_sort(runs[q, :n_rel[g]], sort_tmp)
+                        value_sort(runs[q, n_rel[g]:n_scan[g]], sort_tmp)
                 merge_ranks(runs[:m], rel_width[b], irr_end[b], n_rel[b], n_irr[b], r[b], k, sims[b], lo[b], hi[b],
                             id_rank, scan[:m], n_scan[b], values["ap"][b], values["map_at_r"][b],
                             values["r_precision"][b], kth[b], near[:m], n_near[b])
