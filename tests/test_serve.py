@@ -258,6 +258,45 @@ def test_ivf_indexes_are_memory_mapped_and_flat_ones_read(served_ws, tmp_path):
     service.close()
 
 
+def test_approximate_searches_of_two_requests_run_at_once(served_ws, tmp_path, monkeypatch):
+    """Found by the load benchmark: the batcher let one search run at a time, which suits a flat
+    scan (a batch costs hardly more than one query) but not a graph or inverted lists, whose
+    queries cost the same alone as in a batch: under load the searches of requests queued on one
+    core. Two requests on an approximate index search at the same time, each its own query for
+    its own k (as `vlmindex query -k` does; batched, every query had to ask for the largest k)."""
+    from vlmindex import index as vlm_index
+
+    root = _copy_ws(served_ws, tmp_path / "ws")
+    _cli(root, "index", "build", "-m", "raw-pixels", "-d", "demo", "--kind", "hnsw")
+    service = NeighbourService(Workspace(root))
+    images = [r[0] for r in _images(root)[:2]]
+    for image_id in images:  # the snapshot opened and checked before the searches are timed
+        service.knn("demo", models=["raw-pixels"], image_id=image_id, k=3)
+    together = threading.Barrier(2, timeout=10)
+    batch_sizes: list[tuple[int, int]] = []
+    real = vlm_index.search
+
+    def search(index, queries, k, **kwargs):
+        batch_sizes.append((len(queries), k))
+        together.wait()  # both requests inside a search at once, or a BrokenBarrierError
+        return real(index, queries, k, **kwargs)
+
+    monkeypatch.setattr(vlm_index, "search", search)
+    firsts: dict[int, int] = {}
+
+    def request(image_id: int) -> None:
+        firsts[image_id] = service.knn("demo", models=["raw-pixels"], image_id=image_id, k=3)[
+            "results"]["raw-pixels"][0]["image_id"]
+
+    threads = [threading.Thread(target=request, args=(i,)) for i in images]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    service.close()
+    assert batch_sizes == [(1, 3), (1, 3)] and firsts == {i: i for i in images}
+
+
 def test_errors_name_no_server_path(served_ws, tmp_path):
     root = _copy_ws(served_ws, tmp_path / "ws")
     ws = Workspace(root)
@@ -419,6 +458,44 @@ def test_an_approximate_result_gains_the_querys_own_image_when_the_index_missed_
     assert i.tolist() == [4, 7, 5, 9]  # the padding slot gone, ties 0.8 by id
     same = with_own_vector(scores, ids, 5, v, 3)  # present: untouched
     assert same[1].tolist() == ids.tolist()
+
+
+def test_an_approximate_search_runs_on_the_request_thread_alone(monkeypatch):
+    """Found by the load benchmark: FAISS searched one query with an OpenMP team of every core,
+    the idle members spinning (4.1 ms of CPU for a 2 ms request at 100k, HNSW), and each request
+    thread that led a search had a team of its own. The search runs on its caller's thread only,
+    and that thread's OpenMP setting is restored afterwards."""
+    import faiss
+
+    from vlmindex import index as vlm_index
+    from vlmindex.serve.service import _approximate_top_k
+
+    rng = np.random.default_rng(0)
+    x = normalise(rng.normal(size=(300, 16)).astype(np.float32))
+    index = faiss.IndexHNSWFlat(16, 8, faiss.METRIC_INNER_PRODUCT)
+    index.add(x)
+    seen: list[int] = []
+    real = vlm_index.search
+
+    def search(*args, **kwargs):
+        seen.append(faiss.omp_get_max_threads())
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(vlm_index, "search", search)
+    before: list[int] = []
+    after: list[int] = []
+
+    def request() -> None:
+        faiss.omp_set_num_threads(3)
+        before.append(faiss.omp_get_max_threads())
+        scores, ids = _approximate_top_k(index, x[:4], 5)
+        assert ids[:, 0].tolist() == [0, 1, 2, 3]
+        after.append(faiss.omp_get_max_threads())
+
+    t = threading.Thread(target=request)
+    t.start()
+    t.join()
+    assert before == [3] and seen == [1] and after == [3]
 
 
 def test_exact_top_k_matches_a_plain_sort_ties_included():

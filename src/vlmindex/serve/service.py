@@ -121,8 +121,9 @@ def _stat(path: Path) -> tuple[int, int, int] | None:
 
 
 class _Batcher:
-    """Queries to one index searched together: whoever arrives while no search runs searches every
-    query waiting, its own among them (leader and followers, no worker thread).
+    """Queries to one flat index searched together (one pass over its vectors serves them all):
+    whoever arrives while no search runs searches every query waiting, its own among them (leader
+    and followers, no worker thread).
 
     A request alone pays no hand-off to another thread; requests that arrive during a search wait
     and go in the next one. Each query's neighbours and scores are the same alone as in any batch
@@ -181,16 +182,55 @@ class _Batcher:
             item[2] = answer
 
 
-def _approximate_top_k(index: Any, k_fixed: int, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-    """FAISS search of an approximate index, always for ``k_fixed`` results (refinement and probes
-    scale with k: a query's answer must not depend on the k of others in its batch), then score
-    descending and image_id ascending among equal scores."""
-    scores, ids = vlm_index.search(index, queries, k_fixed)
+class _Alone:
+    """Each query searched by itself on its caller's thread, several requests' searches at once.
+
+    For indexes whose queries cost the same alone as in a batch (a graph, inverted lists; unlike
+    a flat scan, where a batch shares one pass over the vectors): batched, one search ran at a
+    time and a query's answer had to be searched for the largest k allowed, so as not to depend
+    on the k of the others. ``owner`` as in :class:`_Batcher`."""
+
+    def __init__(self, search: Callable[[np.ndarray, int], tuple[np.ndarray, np.ndarray]], owner: Any) -> None:
+        self._search, self._owner = search, owner
+
+    def search(self, vector: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        scores, ids = self._search(vector[None, :], k)
+        return scores[0, :k], ids[0, :k]
+
+    def close(self) -> None:
+        """Nothing waits here."""
+
+
+_NO_ID = np.iinfo(np.int64).max  # FAISS's empty slots (-1) sort last among equal scores
+
+
+@contextlib.contextmanager
+def _one_openmp_thread() -> Iterator[None]:
+    """FAISS runs its searches on the calling thread alone meanwhile. It splits a batch's queries
+    over an OpenMP team of every core, and a batch here is one to a few queries: the idle members
+    spun (an HNSW request at 100k used 4.1 ms of CPU for 2 ms of wall time), and each request
+    thread that led a search kept a team of its own. The caller's setting is restored."""
+    import faiss
+
+    before = faiss.omp_get_max_threads()
+    faiss.omp_set_num_threads(1)
+    try:
+        yield
+    finally:
+        faiss.omp_set_num_threads(before)
+
+
+def _approximate_top_k(index: Any, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """FAISS search of an approximate index for ``k`` results, then score descending and
+    image_id ascending among equal scores. Refinement and probes scale with k, so a query's
+    answer is its own k's (each is searched alone, :class:`_Alone`), as `vlmindex query -k` gives."""
+    with _one_openmp_thread():
+        scores, ids = vlm_index.search(index, queries, k)
     out_s, out_i = np.empty_like(scores), np.empty_like(ids)
     for r in range(len(scores)):
-        order = np.lexsort((np.where(ids[r] < 0, np.iinfo(np.int64).max, ids[r]), -scores[r]))
+        order = np.lexsort((np.where(ids[r] < 0, _NO_ID, ids[r]), -scores[r]))
         out_s[r], out_i[r] = scores[r][order], ids[r][order]
-    return out_s[:, :k], out_i[:, :k]
+    return out_s, out_i
 
 
 def with_own_vector(scores: np.ndarray, ids: np.ndarray, own_id: int, vector: np.ndarray,
@@ -246,7 +286,7 @@ class _Snapshot:
     signature: tuple
     weights: str | None
     positions: dict[int, int]
-    batcher: _Batcher
+    batcher: _Batcher | _Alone
     verified: bool = True
 
     def vector(self, image_id: int) -> np.ndarray | None:
@@ -491,7 +531,7 @@ class NeighbourService:
             xb = faiss.rev_swig_ptr(inner.get_xb(), inner.ntotal * inner.d).reshape(inner.ntotal, inner.d)
             batcher = _Batcher(functools.partial(exact_top_k, xb, ids.astype(np.int64)), index)
         else:
-            batcher = _Batcher(functools.partial(_approximate_top_k, index, self.limits.max_k), index)
+            batcher = _Alone(functools.partial(_approximate_top_k, index), index)
         return _Snapshot(key, index, info, sig, weights, {int(i): p for p, i in enumerate(ids.tolist())}, batcher)
 
     # -- models -----------------------------------------------------------------------------------------
