@@ -23,7 +23,7 @@ The kernels release the GIL, so the chunk threads of ``run_chunks`` run them in 
 
 from __future__ import annotations
 
-import functools
+import threading
 import time
 
 import numpy as np
@@ -107,10 +107,22 @@ def radix_sort_bits(bits: np.ndarray, tmp: np.ndarray) -> None:  # pragma: no co
         bits[i] = key & ~top if key & top else ~key
 
 
-@functools.cache
+_TIMING = threading.Lock()
+_RADIX_FASTER: list[bool] = []  # the answer, once timed
+
+
 def _radix_is_faster() -> bool:
     """Whether radix_sort_bits beats NumPy's sort on this machine, timed once per process on rows
-    of similarities (NumPy's SIMD sort is several times faster on some CPUs than on others)."""
+    of similarities (NumPy's SIMD sort is several times faster on some CPUs than on others).
+    The chunk threads ask at once: one of them times it, the others wait for its answer."""
+    if not _RADIX_FASTER:
+        with _TIMING:
+            if not _RADIX_FASTER:
+                _RADIX_FASTER.append(_time_the_sorts())
+    return _RADIX_FASTER[0]
+
+
+def _time_the_sorts() -> bool:
     rng = np.random.default_rng(0)
     rows = (rng.standard_normal((3, 16 * RADIX_FROM)) * 0.1 + 0.3).astype(np.float32)
     tmp = np.empty(rows.shape[1], dtype=np.uint32)
