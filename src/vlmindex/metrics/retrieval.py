@@ -495,9 +495,6 @@ def retrieval_metrics(
                 m = b.stop - b0
                 if full_ap:
                     split_runs(sims[b], lo[b], hi[b], runs)
-                    for q, width in enumerate(rel_width[b]):  # both sorts let go of the GIL
-                        value_sort(runs[q, :width], sort_tmp)
-                        value_sort(runs[q, width:], sort_tmp)
                 else:
                     split_top(sims[b], lo[b], hi[b], threshold[b], runs, scan, n_rel[b], n_irr[b])
                     for q in np.flatnonzero(n_rel[b] + n_irr[b] < depth[b]):  # q: in the batch; g: in the chunk
@@ -507,10 +504,10 @@ def retrieval_metrics(
                                   n_rel[one], n_irr[one])
                     n_scan[b] = n_rel[b] + n_irr[b]
                     irr_end[b] = n_scan[b] - 1
-                    for q in range(m):
-                        g = b0 + q
-                        value_sort(runs[q, :n_rel[g]], sort_tmp)
-                        value_sort(runs[q, n_rel[g]:n_scan[g]], sort_tmp)
+                for q in range(m):  # the relevant run, then the rest; both sorts let go of the GIL
+                    g = b0 + q
+                    value_sort(runs[q, :rel_width[g]], sort_tmp)
+                    value_sort(runs[q, rel_width[g]:irr_end[g] + 1], sort_tmp)
                 merge_ranks(runs[:m], rel_width[b], irr_end[b], n_rel[b], n_irr[b], r[b], k, sims[b], lo[b], hi[b],
                             id_rank, scan[:m], n_scan[b], values["ap"][b], values["map_at_r"][b],
                             values["r_precision"][b], kth[b], near[:m], n_near[b])

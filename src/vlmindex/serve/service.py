@@ -16,8 +16,10 @@ Read-only over a workspace. What it keeps in memory, and why each is safe with w
   threads spin against each other; see :meth:`NeighbourService.on_model_thread`).
 - thumbnails, by (image, its sha256, condition recipe, size).
 
-Queries that arrive together on one index are searched together (one pass over the vectors for
-all of them): under concurrent clients that is what keeps the latency flat.
+Queries that arrive together on one flat index are searched together (one pass over the vectors
+for all of them): under concurrent clients that is what keeps the latency flat. Queries to an
+approximate index cost the same alone as in a batch, so each is searched by itself, several at
+once (:class:`_Alone`).
 """
 
 from __future__ import annotations
@@ -195,7 +197,7 @@ class _Alone:
 
     def search(self, vector: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         scores, ids = self._search(vector[None, :], k)
-        return scores[0, :k], ids[0, :k]
+        return scores[0], ids[0]
 
     def close(self) -> None:
         """Nothing waits here."""
