@@ -416,6 +416,35 @@ def test_index_rebuilt_while_serving_never_fails_a_request(served_ws, tmp_path):
     assert errors == []
 
 
+def test_an_index_removed_or_built_while_serving_is_seen_by_requests_naming_it(served_ws, tmp_path, monkeypatch):
+    root = _copy_ws(served_ws, tmp_path / "ws")
+    ws = Workspace(root)
+    image_id = _images(root)[0][0]
+    service = NeighbourService(ws)
+    walks = []
+    walk = NeighbourService._index_files
+    monkeypatch.setattr(NeighbourService, "_index_files", lambda self: walks.append(1) or walk(self))
+    ask = {"image_id": image_id, "dataset": "demo", "models": "hog"}
+    with TestClient(create_app(service)) as c:
+        assert c.post("/api/knn", json=ask).status_code == 200
+        walked = len(walks)
+        for _ in range(3):
+            assert c.post("/api/knn", json=ask).status_code == 200
+        assert len(walks) == walked  # named models: their own files are stat'ed, the folder is not walked
+        saved = {p: p.read_bytes() for p in ws.index_path("hog", "demo", "clean").parent.glob("clean.*")}
+        for p in saved:
+            p.unlink()
+        res = c.post("/api/knn", json=ask)
+        assert res.status_code == 404 and res.json()["choices"] == ["raw-pixels"]
+        assert c.post("/api/knn", json={**ask, "models": "raw-pixels"}).status_code == 200
+        subprocess.run([sys.executable, "-m", "vlmindex", "-w", str(root), "index", "build", "-m", "hog",
+                        "-d", "demo"], check=True, capture_output=True, env=_env())
+        res = c.post("/api/knn", json=ask)
+        assert res.status_code == 200 and res.json()["results"]["hog"][0]["image_id"] == image_id
+        assert sorted(c.post("/api/knn", json={**ask, "models": ""}).json()["results"]) == ["hog", "raw-pixels"]
+    service.close()
+
+
 def test_a_stale_or_damaged_index_is_refused_not_served(served_ws, tmp_path):
     root = _copy_ws(served_ws, tmp_path / "ws")
     ws = Workspace(root)

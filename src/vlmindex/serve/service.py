@@ -9,8 +9,9 @@ Read-only over a workspace. What it keeps in memory, and why each is safe with w
   request; when it moved, the snapshot is checked again from scratch, and a stale or damaged
   index is refused (409). While a writer holds the catalog, the last verified snapshot answers
   (``"verified": false``) only if its own index and run files did not move; otherwise 503.
-- the catalog rows of each dataset's images, the dataset and condition names and the index
-  sidecars, read again whenever the catalog file (or an index sidecar) changed.
+- the catalog rows of each dataset's images and the dataset and condition names, read again
+  whenever the catalog file changed; the index sidecars, listed again whenever one of them (or its
+  index file) changed: a request that names its models stats only their two files each.
 - loaded models, at most ``Limits.max_models`` (least recently used goes first): each loads once
   per process, and every load and embedding runs on one thread (torch's thread teams of two
   threads spin against each other; see :meth:`NeighbourService.on_model_thread`).
@@ -28,6 +29,7 @@ import contextlib
 import functools
 import hashlib
 import io
+import os
 import threading
 from collections import OrderedDict
 from collections.abc import Callable, Iterator
@@ -114,9 +116,9 @@ class ImageMeta:
                 "group_id": self.group_id, "modality": self.modality}
 
 
-def _stat(path: Path) -> tuple[int, int, int] | None:
+def _stat(path: str | Path) -> tuple[int, int, int] | None:
     try:
-        st = path.stat()
+        st = os.stat(path)
     except OSError:
         return None
     return st.st_ino, st.st_size, st.st_mtime_ns
@@ -309,8 +311,13 @@ class _CatalogState:
     signature: tuple
     datasets: list[str]
     conditions: dict[str, list[str]]
-    indexes: list[vlm_index.IndexInfo]
     recipes: dict[tuple[str, str], str | None]  # (dataset, condition) -> recipe JSON
+
+
+@dataclass(frozen=True)
+class _IndexListing:
+    files: dict[str, tuple]  # sidecar path -> (its stat, its index file's stat), taken before reading
+    indexes: list[vlm_index.IndexInfo]
 
 
 class NeighbourService:
@@ -330,20 +337,58 @@ class NeighbourService:
         self._by_sha: dict[tuple[str, str], int] = {}
         self._meta_signature: dict[str, tuple] = {}
         self._catalog: _CatalogState | None = None
+        self._index_listing: _IndexListing | None = None
+        self._key_paths: dict[RunKey, tuple[str, str, str]] = {}
+        self._catalog_files = (str(self.ws.root / "catalog.duckdb"), str(self.ws.root / "catalog.duckdb.wal"))
         self._current: dict[RunKey, tuple[tuple, bool]] = {}
         self.thumbnail = functools.lru_cache(maxsize=self.limits.thumbnail_cache)(self._thumbnail)
 
     # -- catalog reads ------------------------------------------------------------------------------
     def _catalog_signature(self) -> tuple:
-        root = self.ws.root
-        return _stat(root / "catalog.duckdb"), _stat(root / "catalog.duckdb.wal")
+        return tuple(_stat(p) for p in self._catalog_files)
 
-    def _indexes_signature(self) -> tuple:
-        return tuple((str(p), _stat(p)) for p in sorted((self.ws.root / "indexes").glob("*/*/*.json")))
+    def _index_files(self) -> dict[str, tuple]:
+        """Every index sidecar of the workspace, with its stat and its index file's."""
+        found = {}
+        for p in sorted((self.ws.root / "indexes").glob("*/*/*.json")):
+            found[str(p)] = (_stat(p), _stat(p.with_suffix(".faiss")))
+        return found
+
+    def _paths(self, key: RunKey) -> tuple[str, str, str]:
+        """The index file, its sidecar and the run's folder of ``key``, as strings (stat'ed per request)."""
+        paths = self._key_paths.get(key)
+        if paths is None:
+            index = self.ws.index_path(key.model, key.dataset, key.condition)
+            run_dir = self.ws.embeddings_dir(key.model, key.dataset, key.condition)
+            paths = self._key_paths[key] = (str(index), str(index.with_suffix(".json")), str(run_dir))
+        return paths
+
+    def _listing(self, keys: list[RunKey] | None = None) -> _IndexListing:
+        """The index sidecars of the workspace, listed again only when one moved.
+
+        With ``keys``, only their own two files are stat'ed: the listing is kept when each is as
+        it was listed (absent then, absent now). A request naming its models then costs two stats
+        per model instead of a walk of the indexes folder, which was the largest part of a
+        by-image_id request's own time under load (a fifth of it)."""
+        listing = self._index_listing
+        if listing is not None and keys is not None:
+            unchanged = True
+            for key in keys:
+                index, sidecar, _ = self._paths(key)
+                if listing.files.get(sidecar, (None, None)) != (_stat(sidecar), _stat(index)):
+                    unchanged = False
+                    break
+            if unchanged:
+                return listing
+        files = self._index_files()  # before the sidecars are read: a write after it is seen next time
+        if listing is not None and listing.files == files:
+            return listing
+        self._index_listing = _IndexListing(files, vlm_index.list_indexes(self.ws))
+        return self._index_listing
 
     def _state(self) -> _CatalogState:
-        """Dataset and condition names and the index sidecars, read again only after a write."""
-        sig = (self._catalog_signature(), self._indexes_signature())
+        """Dataset and condition names and the overlay recipes, read again only after a catalog write."""
+        sig = self._catalog_signature()
         state = self._catalog
         if state is not None and state.signature == sig:
             return state
@@ -357,7 +402,7 @@ class NeighbourService:
             if state is not None:
                 return state
             raise Busy(BUSY) from None
-        self._catalog = _CatalogState(sig, names, conds, vlm_index.list_indexes(self.ws), recipes)
+        self._catalog = _CatalogState(sig, names, conds, recipes)
         return self._catalog
 
     def datasets(self) -> list[dict[str, Any]]:
@@ -377,7 +422,7 @@ class NeighbourService:
         return list(self._state().conditions.get(dataset, [CLEAN]))
 
     def indexes(self, dataset: str) -> list[vlm_index.IndexInfo]:
-        return [i for i in self._state().indexes if i.dataset == dataset]
+        return [i for i in self._listing().indexes if i.dataset == dataset]
 
     def models(self, dataset: str) -> list[dict[str, Any]]:
         """Each model with an index on ``dataset``: its conditions, kind, size and whether current."""
@@ -478,9 +523,8 @@ class NeighbourService:
 
     # -- indexes --------------------------------------------------------------------------------------
     def _signature(self, key: RunKey) -> tuple:
-        path = self.ws.index_path(key.model, key.dataset, key.condition)
-        run_dir = self.ws.embeddings_dir(key.model, key.dataset, key.condition)
-        return _stat(path), _stat(path.with_suffix(".json")), _stat(run_dir), self._catalog_signature()
+        index, sidecar, run_dir = self._paths(key)
+        return _stat(index), _stat(sidecar), _stat(run_dir), self._catalog_signature()
 
     def snapshot(self, key: RunKey) -> _Snapshot:
         """The verified index of ``key``, reloaded when anything it was read from changed."""
@@ -575,7 +619,7 @@ class NeighbourService:
 
     # -- requests ---------------------------------------------------------------------------------------
     def _resolve(self, dataset: str, models: list[str] | None, condition: str, k: int) -> list[RunKey]:
-        state = self._state()  # once per request: it stats the catalog and every index sidecar
+        state = self._state()  # once per request: it stats the catalog
         if dataset not in state.datasets:
             raise NotFound(f"unknown dataset {dataset!r}", list(state.datasets))
         if not 1 <= k <= self.limits.max_k:
@@ -583,12 +627,17 @@ class NeighbourService:
         conditions = state.conditions.get(dataset, [CLEAN])
         if condition not in conditions:
             raise NotFound(f"unknown condition {condition!r} for dataset {dataset!r}", list(conditions))
-        indexed = sorted({i.model for i in state.indexes if i.dataset == dataset and i.condition == condition})
+        listing = self._listing([RunKey(m, dataset, condition) for m in models] if models else None)
+        indexed = sorted({i.model for i in listing.indexes if i.dataset == dataset and i.condition == condition})
         if not indexed:
             raise NotFound(f"no model has an index on {dataset}/{condition}; build one with `vlmindex index build "
                            f"-m MODEL -d {dataset} -c {condition}`", [])
         chosen = models or indexed
         unknown = [m for m in chosen if m not in indexed]
+        if unknown and models:  # the choices named below: every index as it is now
+            indexed = sorted({i.model for i in self._listing().indexes
+                              if i.dataset == dataset and i.condition == condition})
+            unknown = [m for m in chosen if m not in indexed]
         if unknown:
             raise NotFound(f"no index of {', '.join(map(repr, unknown))} on {dataset}/{condition}", indexed)
         return [RunKey(m, dataset, condition) for m in chosen]
