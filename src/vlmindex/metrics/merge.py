@@ -228,6 +228,9 @@ def split_top(sims: np.ndarray, lo: np.ndarray, hi: np.ndarray, threshold: np.nd
         n_irr[q] = b - a
 
 
+_STRIDE = 8
+
+
 @njit(_SIGNATURES["merge_ranks"], nogil=True, cache=True)
 def merge_ranks(runs: np.ndarray, rel_width: np.ndarray, irr_end: np.ndarray, n_rel: np.ndarray,
                 n_irr: np.ndarray, n_relevant: np.ndarray, k: int, sims: np.ndarray, lo: np.ndarray,
@@ -288,6 +291,10 @@ def merge_ranks(runs: np.ndarray, rel_width: np.ndarray, irr_end: np.ndarray, n_
         j = 0
         for i in range(r):
             v = rel[wr - i]
+            # Eight at a time where the irrelevant items ahead are all more similar (the tail of
+            # a ranking, where relevant items are sparse), then one at a time.
+            while j + _STRIDE < m and irr[wi - j - _STRIDE] > v:
+                j += _STRIDE
             while j < m and irr[wi - j] > v:
                 j += 1
             if j < m and irr[wi - j] == v and (nt == 0 or tie_vals[nt - 1] != v):
