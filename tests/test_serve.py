@@ -431,6 +431,9 @@ def test_an_index_removed_or_built_while_serving_is_seen_by_requests_naming_it(s
         for _ in range(3):
             assert c.post("/api/knn", json=ask).status_code == 200
         assert len(walks) == walked  # named models: their own files are stat'ed, the folder is not walked
+        for n in range(20):  # names a request made up are looked for, not remembered
+            assert c.post("/api/knn", json={**ask, "models": f"made-up-{n}"}).status_code == 404
+        assert {key.model for key in service._key_paths} <= {"hog", "raw-pixels"}
         saved = {p: p.read_bytes() for p in ws.index_path("hog", "demo", "clean").parent.glob("clean.*")}
         for p in saved:
             p.unlink()

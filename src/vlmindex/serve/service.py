@@ -354,13 +354,17 @@ class NeighbourService:
             found[str(p)] = (_stat(p), _stat(p.with_suffix(".faiss")))
         return found
 
-    def _paths(self, key: RunKey) -> tuple[str, str, str]:
-        """The index file, its sidecar and the run's folder of ``key``, as strings (stat'ed per request)."""
+    def _paths(self, key: RunKey, *, remember: bool = True) -> tuple[str, str, str]:
+        """The index file, its sidecar and the run's folder of ``key``, as strings (stat'ed per
+        request). ``remember=False`` for a model name not yet checked: requests must not grow the
+        memo with names of their choosing."""
         paths = self._key_paths.get(key)
         if paths is None:
             index = self.ws.index_path(key.model, key.dataset, key.condition)
             run_dir = self.ws.embeddings_dir(key.model, key.dataset, key.condition)
-            paths = self._key_paths[key] = (str(index), str(index.with_suffix(".json")), str(run_dir))
+            paths = (str(index), str(index.with_suffix(".json")), str(run_dir))
+            if remember:
+                self._key_paths[key] = paths
         return paths
 
     def _listing(self, keys: list[RunKey] | None = None) -> _IndexListing:
@@ -374,7 +378,7 @@ class NeighbourService:
         if listing is not None and keys is not None:
             unchanged = True
             for key in keys:
-                index, sidecar, _ = self._paths(key)
+                index, sidecar, _ = self._paths(key, remember=False)
                 if listing.files.get(sidecar, (None, None)) != (_stat(sidecar), _stat(index)):
                     unchanged = False
                     break
