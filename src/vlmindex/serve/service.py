@@ -633,15 +633,14 @@ class NeighbourService:
             raise NotFound(f"unknown condition {condition!r} for dataset {dataset!r}", list(conditions))
         listing = self._listing([RunKey(m, dataset, condition) for m in models] if models else None)
         indexed = sorted({i.model for i in listing.indexes if i.dataset == dataset and i.condition == condition})
+        if models and any(m not in indexed for m in models):  # a 404 names every index as it is now
+            indexed = sorted({i.model for i in self._listing().indexes
+                              if i.dataset == dataset and i.condition == condition})
         if not indexed:
             raise NotFound(f"no model has an index on {dataset}/{condition}; build one with `vlmindex index build "
                            f"-m MODEL -d {dataset} -c {condition}`", [])
         chosen = models or indexed
         unknown = [m for m in chosen if m not in indexed]
-        if unknown and models:  # the choices named below: every index as it is now
-            indexed = sorted({i.model for i in self._listing().indexes
-                              if i.dataset == dataset and i.condition == condition})
-            unknown = [m for m in chosen if m not in indexed]
         if unknown:
             raise NotFound(f"no index of {', '.join(map(repr, unknown))} on {dataset}/{condition}", indexed)
         return [RunKey(m, dataset, condition) for m in chosen]
