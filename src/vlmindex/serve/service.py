@@ -349,10 +349,8 @@ class NeighbourService:
 
     def _index_files(self) -> dict[str, tuple]:
         """Every index sidecar of the workspace, with its stat and its index file's."""
-        found = {}
-        for p in sorted((self.ws.root / "indexes").glob("*/*/*.json")):
-            found[str(p)] = (_stat(p), _stat(p.with_suffix(".faiss")))
-        return found
+        return {str(p): (_stat(p), _stat(p.with_suffix(".faiss")))
+                for p in sorted((self.ws.root / "indexes").glob("*/*/*.json"))}
 
     def _paths(self, key: RunKey, *, remember: bool = True) -> tuple[str, str, str]:
         """The index file, its sidecar and the run's folder of ``key``, as strings (stat'ed per
@@ -375,15 +373,10 @@ class NeighbourService:
         per model instead of a walk of the indexes folder, which was the largest part of a
         by-image_id request's own time under load (a fifth of it)."""
         listing = self._index_listing
-        if listing is not None and keys is not None:
-            unchanged = True
-            for key in keys:
-                index, sidecar, _ = self._paths(key, remember=False)
-                if listing.files.get(sidecar, (None, None)) != (_stat(sidecar), _stat(index)):
-                    unchanged = False
-                    break
-            if unchanged:
-                return listing
+        if listing is not None and keys is not None and all(
+                listing.files.get(sidecar, (None, None)) == (_stat(sidecar), _stat(index))
+                for index, sidecar, _ in (self._paths(key, remember=False) for key in keys)):
+            return listing
         files = self._index_files()  # before the sidecars are read: a write after it is seen next time
         if listing is not None and listing.files == files:
             return listing
@@ -631,11 +624,12 @@ class NeighbourService:
         conditions = state.conditions.get(dataset, [CLEAN])
         if condition not in conditions:
             raise NotFound(f"unknown condition {condition!r} for dataset {dataset!r}", list(conditions))
-        listing = self._listing([RunKey(m, dataset, condition) for m in models] if models else None)
-        indexed = sorted({i.model for i in listing.indexes if i.dataset == dataset and i.condition == condition})
+        def indexed_in(listing: _IndexListing) -> list[str]:
+            return sorted({i.model for i in listing.indexes if i.dataset == dataset and i.condition == condition})
+
+        indexed = indexed_in(self._listing([RunKey(m, dataset, condition) for m in models] if models else None))
         if models and any(m not in indexed for m in models):  # a 404 names every index as it is now
-            indexed = sorted({i.model for i in self._listing().indexes
-                              if i.dataset == dataset and i.condition == condition})
+            indexed = indexed_in(self._listing())
         if not indexed:
             raise NotFound(f"no model has an index on {dataset}/{condition}; build one with `vlmindex index build "
                            f"-m MODEL -d {dataset} -c {condition}`", [])
