@@ -1,11 +1,12 @@
 """Load on `vlmindex serve` over loopback: /api/knn by image_id at 100,000 vectors, and by upload.
 
 Builds a workspace in a temporary folder: 100,000 28-px images ingested from a MedMNIST-format
-file with 512-d class-structured embeddings imported for them and a flat index, plus the
-synthetic lesion set embedded by an offline extractor (for uploads). Starts `vlmindex serve` in
-its own process on 127.0.0.1 and sends requests from 1 and from 8 concurrent clients (threads,
-one keep-alive connection each). Prints requests/s, p50 and p99 latency and the error count
-(a non-200 answer, or an image_id query whose first result is not the image itself).
+file with 512-d class-structured embeddings imported for them and indexed twice (flat and HNSW),
+plus the synthetic lesion set embedded by offline extractors (for uploads). Starts `vlmindex
+serve` on 127.0.0.1, with one worker process and then with one per core (`--workers`), and sends
+requests from 1 and from 8 concurrent clients (threads, one keep-alive connection each). Prints
+requests/s, p50 and p99 latency and the error count (a non-200 answer, or an image_id query
+whose first result is not the image itself).
 
 The upload baseline is measured in the same run: decoding and embedding the same images, one at
 a time, in this process with the same extractor; for 8 clients also under the same load (8
@@ -13,7 +14,7 @@ threads of this process embedding at once, no HTTP), since 8 requests in flight 
 fewer cores each wait for the others whatever the service does. Targets: p50 <= 20 ms by
 image_id at 100k; by upload, p50 within 1.5x of embedding the image alone.
 
-    python benchmarks/bench_serve.py [--n 100000] [--requests 400] [--model raw-pixels]
+    python benchmarks/bench_serve.py [--n 100000] [--requests 400] [--model raw-pixels] [--workers 1,2]
 """
 
 from __future__ import annotations
@@ -216,6 +217,9 @@ def main() -> None:
                     help="offline extractor for uploads (the cheapest: the service's own overhead shows most)")
     ap.add_argument("--model2", default="untrained-vit-tiny",
                     help="a second one with a real forward pass (as CLIP-like models have); '' to skip")
+    ap.add_argument("--workers", type=lambda v: [int(w) for w in v.split(",")],
+                    default=sorted({1, os.cpu_count() or 1}),
+                    help="comma-separated `serve --workers` counts, each measured in turn (default: 1 and the cores)")
     ap.add_argument("--keep", type=Path, default=None, help="build (or reuse) the workspace here")
     args = ap.parse_args()
 
@@ -236,63 +240,66 @@ def main() -> None:
         big_ids = [r[0] for r in catalog_datasets.images(con, "big", columns=("image_id",))]
         demo = [r[0] for r in catalog_datasets.images(con, "demo", columns=("path",))]
 
-    port = _free_port()
-    env = dict(os.environ)
-    server = subprocess.Popen([sys.executable, "-m", "vlmindex", "-w", str(ws), "serve", "--port", str(port)],
-                              env=env, stderr=subprocess.PIPE, text=True)
-    try:
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline:
-            try:
-                socket.create_connection(("127.0.0.1", port), timeout=1).close()
-                break
-            except OSError:
-                time.sleep(0.2)
-        rng = np.random.default_rng(1)
-        picked = rng.choice(big_ids, size=args.requests)
-        by_id = {kind: [(json.dumps({"image_id": int(i), "dataset": "big", "models": model, "k": 10}).encode(),
-                         "application/json", int(i)) for i in picked]
-                 for model, kind in BIG_INDEXES.items()}
-        picks = rng.choice(demo, size=args.requests // 2)
-        uploads = {m: [(*_multipart(Path(p).read_bytes(), {"dataset": "demo", "models": m, "k": "10"}), None)
-                       for p in picks] for m in models}
-        for reqs in by_id.values():
-            load(port, reqs[:16], 2)  # warm: the index is opened and checked on first use
-        for m in models:
-            load(port, uploads[m][:8], 2)  # and the model loaded
+    rng = np.random.default_rng(1)
+    picked = rng.choice(big_ids, size=args.requests)
+    by_id = {kind: [(json.dumps({"image_id": int(i), "dataset": "big", "models": model, "k": 10}).encode(),
+                     "application/json", int(i)) for i in picked]
+             for model, kind in BIG_INDEXES.items()}
+    picks = rng.choice(demo, size=args.requests // 2)
+    uploads = {m: [(*_multipart(Path(p).read_bytes(), {"dataset": "demo", "models": m, "k": "10"}), None)
+                   for p in picks] for m in models}
+    alone = {m: embed_alone(demo[:50], m, 1, 100) for m in models}
+    alone8 = {m: embed_alone(demo[:50], m, 8, 25) for m in models}
+    floor = scan_floor(ws.parent / "feats.parquet")
+    rows = []
+    for workers in args.workers:
+        port = _free_port()
+        server = subprocess.Popen([sys.executable, "-m", "vlmindex", "-w", str(ws), "serve", "--port", str(port),
+                                   "--workers", str(workers)])  # its errors, if any, on this terminal
+        try:
+            deadline = time.monotonic() + 60
+            while time.monotonic() < deadline:
+                try:
+                    socket.create_connection(("127.0.0.1", port), timeout=1).close()
+                    break
+                except OSError:
+                    time.sleep(0.2)
+            # warm: each worker opens and checks an index on its first use of it, and loads a model;
+            # connections go to whichever worker accepts them, so each warm-up opens 8 of them, 3 times
+            for _ in range(3):
+                for reqs in by_id.values():
+                    load(port, reqs[:16], 8)
+                for m in models:
+                    load(port, uploads[m][:16], 8)
+            for name, reqs in (*((f"by image_id (100k {kind})", r) for kind, r in by_id.items()),
+                               *((f"upload {m}", uploads[m]) for m in models)):
+                for clients in (1, 8):
+                    rows.append((name, workers, clients, load(port, reqs, clients)))
+        finally:
+            server.terminate()
+            server.wait(timeout=30)
 
-        alone = {m: embed_alone(demo[:50], m, 1, 100) for m in models}
-        alone8 = {m: embed_alone(demo[:50], m, 8, 25) for m in models}
-        floor = scan_floor(ws.parent / "feats.parquet")
-        rows = []
-        for name, reqs in (*((f"by image_id (100k {kind})", r) for kind, r in by_id.items()),
-                           *((f"upload {m}", uploads[m]) for m in models)):
-            for clients in (1, 8):
-                r = load(port, reqs, clients)
-                rows.append((name, clients, r))
-    finally:
-        server.terminate()
-        server.wait(timeout=30)
-
-    print(f"\n{'requests':<26} {'clients':>7} {'n':>5} {'errors':>6} {'req/s':>8} {'p50 ms':>8} {'p99 ms':>8}")
-    for name, clients, r in rows:
-        print(f"{name:<26} {clients:>7} {r['requests']:>5} {r['errors']:>6} {r['rps']:>8.1f} {r['p50']:>8.1f} "
-              f"{r['p99']:>8.1f}")
+    print(f"\n{'requests':<26} {'workers':>7} {'clients':>7} {'n':>5} {'errors':>6} {'req/s':>8} {'p50 ms':>8} "
+          f"{'p99 ms':>8}")
+    for name, workers, clients, r in rows:
+        print(f"{name:<26} {workers:>7} {clients:>7} {r['requests']:>5} {r['errors']:>6} {r['rps']:>8.1f} "
+              f"{r['p50']:>8.1f} {r['p99']:>8.1f}")
     print()
     for m in models:
         print(f"embedding one image alone ({m}, decode + preprocess + encode, in-process): {alone[m]:.2f} ms")
         print(f"embedding one image alone ({m}), 8 threads at once in-process: {alone8[m]:.2f} ms")
-    for name, clients, r in rows:
+    for name, workers, clients, r in rows:
         if name.startswith("upload "):
             m = name.split(" ", 1)[1]
-            print(f"upload {m} p50 / embedding alone, {clients} client(s): {r['p50'] / alone[m]:.2f} "
+            print(f"upload {m} p50 / embedding alone, {workers} worker(s), {clients} client(s): "
+                  f"{r['p50'] / alone[m]:.2f} "
                   "(target <= 1.5)" + (f"; / embedding alone under the same load (8 threads): "
                                       f"{r['p50'] / alone8[m]:.2f}" if clients == 8 else ""))
     for b, ms in floor.items():
         print(f"exact search alone over the 100k vectors, a batch of {b} (in-process, no HTTP): {ms:.1f} ms")
-    for name, clients, r in rows:
+    for name, workers, clients, r in rows:
         if name.startswith("by image_id"):
-            print(f"{name} p50, {clients} client(s): {r['p50']:.1f} ms (target <= 20 ms)")
+            print(f"{name} p50, {workers} worker(s), {clients} client(s): {r['p50']:.1f} ms (target <= 20 ms)")
     tmp.cleanup()
 
 

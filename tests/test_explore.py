@@ -142,6 +142,8 @@ def test_publish_writes_into_the_workspace_and_bad_options_are_one_line(served_w
     assert "no current analysis" in res.err
     res = vlm(copy, "serve", "--max-models", "0", expect=1)
     assert res.err.count("\n") == 1 and "--max-models" in res.err
+    res = vlm(copy, "serve", "--workers", "0", expect=1)
+    assert res.err.count("\n") == 1 and "--workers" in res.err
 
 
 def test_export_refuses_a_folder_that_is_not_an_explorer(served_ws, tmp_path):

@@ -749,3 +749,90 @@ def test_a_search_interrupted_by_a_base_exception_strands_no_request():
     later.start()
     later.join(10)
     assert not later.is_alive() and isinstance(got["later"], tuple), "the batcher serves again"
+
+
+def _children(pid: int) -> list[int]:
+    kids = []
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        kids += [int(c) for c in (task / "children").read_text().split()]
+    return kids
+
+
+def _is_worker(pid: int) -> bool:
+    try:
+        return b"spawn_main" in Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return False
+
+
+@pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="reads the process tree from /proc (Linux)")
+def test_serve_with_two_workers_answers_with_its_settings_and_stops_on_ctrl_c(served_ws, tmp_path):
+    """`serve --workers 2`: two processes behind one port, each with the command's limits, all
+    gone after one Ctrl-C (SIGINT to the process group, as a terminal sends it)."""
+    import http.client
+    import json
+    import signal
+    import socket
+    import time
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    image_id, path = _images(served_ws)[5][:2]
+    png = Path(path).read_bytes()
+    limit_mb = (len(png) - 1) / (1024 * 1024)  # this image is one byte too large for the workers
+    proc = subprocess.Popen([sys.executable, "-m", "vlmindex", "-w", str(served_ws), "serve", "--port", str(port),
+                             "--workers", "2", "--max-upload-mb", repr(limit_mb)],
+                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+    workers: list[int] = []
+    try:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and proc.poll() is None:
+            workers = [p for p in _children(proc.pid) if _is_worker(p)]
+            if len(workers) == 2:
+                try:
+                    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+                    conn.request("GET", "/api/datasets")
+                    if conn.getresponse().status == 200:
+                        break
+                except OSError:
+                    pass
+            time.sleep(0.3)
+        assert len(workers) == 2, proc.stderr.read() if proc.poll() is not None else "no two workers"
+
+        def ask(body: bytes, kind: str) -> tuple[int, dict]:
+            conn = http.client.HTTPConnection("127.0.0.1", port, timeout=60)  # a new connection each time
+            conn.request("POST", "/api/knn", body=body, headers={"Content-Type": kind})
+            res = conn.getresponse()
+            return res.status, json.loads(res.read())
+
+        answers: list[tuple[int, dict]] = []
+        body = json.dumps({"image_id": image_id, "dataset": "demo", "models": "hog", "k": 3}).encode()
+        threads = [threading.Thread(target=lambda: answers.append(ask(body, "application/json"))) for _ in range(8)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert [a[0] for a in answers] == [200] * 8
+        for _, out in answers:
+            first = out["results"]["hog"][0]
+            assert first["image_id"] == image_id and first["score"] == pytest.approx(1.0, abs=1e-5)
+        boundary = "b0undary"
+        form = (f"--{boundary}\r\nContent-Disposition: form-data; name=\"dataset\"\r\n\r\ndemo\r\n"
+                f"--{boundary}\r\nContent-Disposition: form-data; name=\"file\"; filename=\"q.png\"\r\n"
+                "Content-Type: image/png\r\n\r\n").encode() + png + f"\r\n--{boundary}--\r\n".encode()
+        for _ in range(4):  # whichever worker takes it applies the command's upload limit
+            status, out = ask(form, f"multipart/form-data; boundary={boundary}")
+            assert status == 413 and f"the limit is {int(limit_mb * 1024 * 1024)}" in out["error"]
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGINT)
+        try:
+            err = proc.communicate(timeout=60)[1]
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            raise
+    assert proc.returncode == 0, err
+    assert "Traceback" not in err and "2 workers" in err
+    time.sleep(0.5)
+    assert not [p for p in workers if Path(f"/proc/{p}").exists() and _is_worker(p)]

@@ -1,3 +1,4 @@
 from vlmindex.cli import main
 
-main()
+if __name__ == "__main__":  # not again in a worker process that imports this module
+    main()

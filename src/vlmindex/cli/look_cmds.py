@@ -78,10 +78,15 @@ def explore(ctx, model, dataset, condition, analysis_id, port, host, export, pub
               help="Largest upload accepted (413 above).")
 @click.option("--max-upload-pixels", type=int, default=50_000_000, show_default=True,
               help="Largest upload in width × height, checked before decoding (413 above).")
-@click.option("--max-models", type=int, default=4, show_default=True, help="Models kept loaded at once.")
+@click.option("--max-models", type=int, default=4, show_default=True,
+              help="Models kept loaded at once (by each worker).")
+@click.option("--workers", type=int, default=1, show_default=True,
+              help="Processes answering requests. One answers about one request at a time (Python's GIL); "
+                   "as many as the machine has cores serve concurrent clients faster. Each keeps its own "
+                   "loaded models, so memory for models grows with it.")
 @load_options
 @pass_ctx
-def serve(ctx, host, port, max_upload_mb, max_upload_pixels, max_models, load):
+def serve(ctx, host, port, max_upload_mb, max_upload_pixels, max_models, workers, load):
     """Serve the workspace read-only: a nearest-neighbour API and a page to try it.
 
     \b
@@ -99,21 +104,24 @@ def serve(ctx, host, port, max_upload_mb, max_upload_pixels, max_models, load):
     \b
     Example:
       vlmindex serve --port 8765        # then open http://127.0.0.1:8765
+      vlmindex serve --workers 2        # two processes, for several clients at once
     """
     try:
-        import uvicorn
+        import uvicorn  # noqa: F401 - checked here: the message says how to install it
 
-        from vlmindex.serve import Limits, NeighbourService, create_app
+        from vlmindex.serve import Limits, NeighbourService
+        from vlmindex.serve.app import run
     except ImportError:
         raise VlmindexError("the service needs FastAPI and uvicorn; install them with "
                             "`pip install 'vlmindex[serve]'`") from None
-    if max_upload_mb <= 0 or max_upload_pixels <= 0 or max_models < 1:
-        raise VlmindexError("--max-upload-mb, --max-upload-pixels and --max-models must be positive")
+    if max_upload_mb <= 0 or max_upload_pixels <= 0 or max_models < 1 or workers < 1:
+        raise VlmindexError("--max-upload-mb, --max-upload-pixels, --max-models and --workers must be positive")
     service = NeighbourService(ctx.workspace, load=load, limits=Limits(
         max_bytes=int(max_upload_mb * 1024 * 1024), max_pixels=max_upload_pixels, max_models=max_models))
     _warn_host(host)
-    click.echo(f"vlmindex serve: workspace {ctx.workspace.root} on http://{host}:{port} (Ctrl-C stops it)", err=True)
-    uvicorn.run(create_app(service), host=host, port=port, log_level="warning", access_log=False)
+    click.echo(f"vlmindex serve: workspace {ctx.workspace.root} on http://{host}:{port}"
+               + (f", {workers} workers" if workers > 1 else "") + " (Ctrl-C stops it)", err=True)
+    run(service, host=host, port=port, workers=workers)
 
 
 def _warn_host(host: str) -> None:
