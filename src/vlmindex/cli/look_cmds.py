@@ -81,9 +81,9 @@ def explore(ctx, model, dataset, condition, analysis_id, port, host, export, pub
 @click.option("--max-models", type=int, default=4, show_default=True,
               help="Models kept loaded at once (by each worker).")
 @click.option("--workers", type=int, default=1, show_default=True,
-              help="Processes answering requests. One answers about one request at a time (Python's GIL); "
-                   "as many as the machine has cores serve concurrent clients faster. Each keeps its own "
-                   "loaded models, so memory for models grows with it.")
+              help="Processes answering requests. One runs one request's Python at a time (the GIL), so "
+                   "for several clients at once one per core answers faster. Each loads its own models "
+                   "(memory grows with N) and gets the cores divided by N for its thread teams.")
 @load_options
 @pass_ctx
 def serve(ctx, host, port, max_upload_mb, max_upload_pixels, max_models, workers, load):
