@@ -766,7 +766,7 @@ def _is_worker(pid: int) -> bool:
 
 
 @pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="reads the process tree from /proc (Linux)")
-def test_serve_with_two_workers_answers_with_its_settings_and_stops_on_ctrl_c(served_ws, tmp_path):
+def test_serve_with_two_workers_answers_with_its_settings_and_stops_on_ctrl_c(served_ws):
     """`serve --workers 2`: two processes behind one port, each with the command's limits, all
     gone after one Ctrl-C (SIGINT to the process group, as a terminal sends it)."""
     import http.client
@@ -836,3 +836,45 @@ def test_serve_with_two_workers_answers_with_its_settings_and_stops_on_ctrl_c(se
     assert "Traceback" not in err and "2 workers" in err
     time.sleep(0.5)
     assert not [p for p in workers if Path(f"/proc/{p}").exists() and _is_worker(p)]
+
+
+def test_workers_get_the_commands_settings_and_a_vanished_workspace_stops_them_in_one_line(
+        served_ws, tmp_path, monkeypatch, capsys):
+    """What `serve --workers 2` hands each worker, and a workspace removed after the command
+    checked it: each worker says so in one line and exits with uvicorn's startup-failure code
+    (its supervisor then stops, rather than restarting it), and the command itself fails."""
+    import uvicorn
+    from uvicorn.config import STARTUP_FAILURE
+
+    from vlmindex.errors import VlmindexError
+    from vlmindex.models import LoadOptions
+    from vlmindex.serve import app as serve_app
+
+    copy = tmp_path / "ws"
+    shutil.copytree(served_ws, copy, ignore=shutil.ignore_patterns(".lock"))
+    for variable in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS", serve_app.SETTINGS_ENV):
+        monkeypatch.setenv(variable, "")  # recorded as it was, so what run() sets is undone after the test
+        monkeypatch.delenv(variable)
+    limits = Limits(max_bytes=1234, max_pixels=5678, max_models=2)
+    service = NeighbourService(Workspace(copy), limits=limits, load=LoadOptions(trust_remote_code=True))
+    seen = {}
+
+    def supervisor(app, **kwargs):  # what uvicorn's would do: each worker builds its app, then all stop
+        seen["app"], seen["kwargs"] = app, kwargs
+        worker = serve_app.app_from_environment()
+        seen["limits"], seen["load"] = worker.state.service.limits, worker.state.service.load
+        (copy / "catalog.duckdb").unlink()
+        with pytest.raises(SystemExit) as stopped:
+            serve_app.app_from_environment()
+        seen["exit"] = stopped.value.code
+
+    monkeypatch.setattr(uvicorn, "run", supervisor)
+    with pytest.raises(VlmindexError, match="no vlmindex workspace"):
+        serve_app.run(service, host="127.0.0.1", port=1, workers=2)
+    assert seen["app"] == "vlmindex.serve.app:app_from_environment" and seen["kwargs"]["workers"] == 2
+    assert seen["limits"] == limits and seen["load"] == LoadOptions(trust_remote_code=True)
+    assert seen["exit"] == STARTUP_FAILURE
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("Error: no vlmindex workspace") and "Traceback" not in err
+    cores = len(os.sched_getaffinity(0))
+    assert os.environ["OMP_NUM_THREADS"] == os.environ["OPENBLAS_NUM_THREADS"] == str(max(1, cores // 2))

@@ -12,6 +12,7 @@ import dataclasses
 import json
 import mimetypes
 import os
+import sys
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -25,6 +26,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from vlmindex import __version__
 from vlmindex.catalog import CLEAN, RunKey, Workspace
+from vlmindex.errors import VlmindexError
 from vlmindex.models import LoadOptions
 from vlmindex.serve.service import (
     BadRequest,
@@ -66,13 +68,25 @@ def run(service: NeighbourService, *, host: str, port: int, workers: int = 1) ->
                                            "load": dataclasses.asdict(service.load)})
     uvicorn.run(f"{__name__}:app_from_environment", factory=True, host=host, port=port, workers=workers,
                 log_level="warning", access_log=False)
+    service.ws.require()  # a worker that found no workspace stopped them all: the same one line, and exit 1
 
 
 def app_from_environment() -> FastAPI:
-    """The application of one worker process of ``serve --workers N``, from its parent's settings."""
+    """The application of one worker process of ``serve --workers N``, from its parent's settings.
+
+    A workspace gone since the parent checked it is one line and uvicorn's startup-failure
+    exit code, on which its supervisor stops instead of starting the worker again (it did, with
+    a traceback each time, for any other exit)."""
+    from uvicorn.config import STARTUP_FAILURE
+
     settings = json.loads(os.environ[SETTINGS_ENV])
-    return create_app(NeighbourService(Workspace(Path(settings["workspace"])), limits=Limits(**settings["limits"]),
-                                       load=LoadOptions(**settings["load"])))
+    try:
+        service = NeighbourService(Workspace(Path(settings["workspace"])), limits=Limits(**settings["limits"]),
+                                   load=LoadOptions(**settings["load"]))
+    except VlmindexError as exc:
+        print(f"Error: {exc}", file=sys.stderr, flush=True)
+        sys.exit(STARTUP_FAILURE)
+    return create_app(service)
 
 
 def _error(status: int, message: str, choices: list[str] | None = None) -> JSONResponse:
