@@ -75,8 +75,8 @@ def app_from_environment() -> FastAPI:
     """The application of one worker process of ``serve --workers N``, from its parent's settings.
 
     A workspace gone since the parent checked it is one line and uvicorn's startup-failure
-    exit code, on which its supervisor stops instead of starting the worker again (it did, with
-    a traceback each time, for any other exit)."""
+    exit code, on which its supervisor (in uvicorn releases of 2026 on) stops instead of
+    starting the worker again: it did, with a traceback each time, for any other exit."""
     from uvicorn.config import STARTUP_FAILURE
 
     settings = json.loads(os.environ[SETTINGS_ENV])
