@@ -3,6 +3,7 @@ and a service that keeps answering (never with a stale or damaged index) while w
 
 from __future__ import annotations
 
+import contextlib
 import io
 import os
 import shutil
@@ -765,40 +766,85 @@ def _is_worker(pid: int) -> bool:
         return False
 
 
-@pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="reads the process tree from /proc (Linux)")
-def test_serve_with_two_workers_answers_with_its_settings_and_stops_on_ctrl_c(served_ws):
-    """`serve --workers 2`: two processes behind one port, each with the command's limits, all
-    gone after one Ctrl-C (SIGINT to the process group, as a terminal sends it)."""
-    import http.client
-    import json
-    import signal
+def _free_port() -> int:
     import socket
-    import time
 
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+        return s.getsockname()[1]
+
+
+def _serve_workers(ws: Path, port: int, *args: str) -> tuple[subprocess.Popen, list[int]]:
+    """`vlmindex serve --workers 2` in its own process group, once both workers answer."""
+    import http.client
+    import time
+
+    proc = subprocess.Popen([sys.executable, "-m", "vlmindex", "-w", str(ws), "serve", "--port", str(port),
+                             "--workers", "2", *args], stderr=subprocess.PIPE, text=True, start_new_session=True)
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and proc.poll() is None:
+        workers = [p for p in _children(proc.pid) if _is_worker(p)]
+        if len(workers) == 2:
+            try:
+                conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+                conn.request("GET", "/api/datasets")
+                if conn.getresponse().status == 200:
+                    return proc, workers
+            except OSError:
+                pass
+        time.sleep(0.3)
+    _stop(proc)
+    pytest.fail(f"no two workers answered: {proc.stderr.read()}")
+
+
+def _stop(proc: subprocess.Popen) -> str:
+    import signal
+
+    if proc.poll() is None:
+        os.killpg(proc.pid, signal.SIGINT)
+    try:
+        return proc.communicate(timeout=60)[1]
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        raise
+
+
+def _gone(pids: list[int], within: float) -> bool:
+    import time
+
+    deadline = time.monotonic() + within
+    while time.monotonic() < deadline:
+        if not [p for p in pids if _is_worker(p)]:
+            return True
+        time.sleep(0.2)
+    return False
+
+
+linux_only = pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="reads the process tree from /proc")
+
+
+@linux_only
+def test_serve_with_two_workers_answers_with_its_settings_and_stops_on_ctrl_c(served_ws):
+    """`serve --workers 2`: two processes behind one port, each started with the command's
+    limits and its share of the cores, all gone after one Ctrl-C (SIGINT to the process group,
+    as a terminal sends it)."""
+    import http.client
+    import json
+
+    from vlmindex.serve.server import SETTINGS_ENV, cores
+
+    port = _free_port()
     image_id, path = _images(served_ws)[5][:2]
     png = Path(path).read_bytes()
     limit_mb = (len(png) - 1) / (1024 * 1024)  # this image is one byte too large for the workers
-    proc = subprocess.Popen([sys.executable, "-m", "vlmindex", "-w", str(served_ws), "serve", "--port", str(port),
-                             "--workers", "2", "--max-upload-mb", repr(limit_mb)],
-                            stderr=subprocess.PIPE, text=True, start_new_session=True)
-    workers: list[int] = []
+    limit = int(limit_mb * 1024 * 1024)
+    proc, workers = _serve_workers(served_ws, port, "--max-upload-mb", repr(limit_mb))
     try:
-        deadline = time.monotonic() + 120
-        while time.monotonic() < deadline and proc.poll() is None:
-            workers = [p for p in _children(proc.pid) if _is_worker(p)]
-            if len(workers) == 2:
-                try:
-                    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
-                    conn.request("GET", "/api/datasets")
-                    if conn.getresponse().status == 200:
-                        break
-                except OSError:
-                    pass
-            time.sleep(0.3)
-        assert len(workers) == 2, proc.stderr.read() if proc.poll() is not None else "no two workers"
+        threads = os.environ.get("OMP_NUM_THREADS") or str(max(1, cores() // 2))
+        for pid in workers:
+            environ = dict(v.split("=", 1) for v in Path(f"/proc/{pid}/environ").read_text().split("\0") if "=" in v)
+            assert json.loads(environ[SETTINGS_ENV])["limits"]["max_bytes"] == limit
+            assert environ["OMP_NUM_THREADS"] == threads
 
         def ask(body: bytes, kind: str) -> tuple[int, dict]:
             conn = http.client.HTTPConnection("127.0.0.1", port, timeout=60)  # a new connection each time
@@ -808,10 +854,10 @@ def test_serve_with_two_workers_answers_with_its_settings_and_stops_on_ctrl_c(se
 
         answers: list[tuple[int, dict]] = []
         body = json.dumps({"image_id": image_id, "dataset": "demo", "models": "hog", "k": 3}).encode()
-        threads = [threading.Thread(target=lambda: answers.append(ask(body, "application/json"))) for _ in range(8)]
-        for t in threads:
+        requests = [threading.Thread(target=lambda: answers.append(ask(body, "application/json"))) for _ in range(8)]
+        for t in requests:
             t.start()
-        for t in threads:
+        for t in requests:
             t.join()
         assert [a[0] for a in answers] == [200] * 8
         for _, out in answers:
@@ -823,58 +869,102 @@ def test_serve_with_two_workers_answers_with_its_settings_and_stops_on_ctrl_c(se
                 "Content-Type: image/png\r\n\r\n").encode() + png + f"\r\n--{boundary}--\r\n".encode()
         for _ in range(4):  # whichever worker takes it applies the command's upload limit
             status, out = ask(form, f"multipart/form-data; boundary={boundary}")
-            assert status == 413 and f"the limit is {int(limit_mb * 1024 * 1024)}" in out["error"]
+            assert status == 413 and f"the limit is {limit}" in out["error"]
     finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGINT)
-        try:
-            err = proc.communicate(timeout=60)[1]
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            raise
+        err = _stop(proc)
     assert proc.returncode == 0, err
     assert "Traceback" not in err and "2 workers" in err
-    time.sleep(0.5)
-    assert not [p for p in workers if Path(f"/proc/{p}").exists() and _is_worker(p)]
+    assert _gone(workers, within=10)
 
 
-def test_workers_get_the_commands_settings_and_a_vanished_workspace_stops_them_in_one_line(
-        served_ws, tmp_path, monkeypatch, capsys):
-    """What `serve --workers 2` hands each worker, and a workspace removed after the command
-    checked it: each worker says so in one line and exits with uvicorn's startup-failure code
-    (its supervisor then stops, rather than restarting it), and the command itself fails."""
+@linux_only
+def test_workers_stop_when_their_supervisor_is_killed_and_free_the_port(served_ws):
+    """SIGKILL (or the OOM killer) takes the supervisor: its workers stop too rather than go on
+    serving, and the port is free for the next `serve`."""
+    import signal
+    import socket
+
+    port = _free_port()
+    proc, workers = _serve_workers(served_ws, port)
+    try:
+        os.kill(proc.pid, signal.SIGKILL)
+        assert _gone(workers, within=30), "the workers outlived their supervisor"
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.communicate(timeout=60)
+    with socket.socket() as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        s.bind(("127.0.0.1", port))  # raises while a worker still holds it
+
+
+def test_workers_are_started_with_the_commands_settings(served_ws, monkeypatch):
+    """What `serve --workers 2` hands each worker: the workspace, the limits, the load options
+    (--trust-remote-code among them) and its share of the cores for its thread teams."""
     import uvicorn
-    from uvicorn.config import STARTUP_FAILURE
 
-    from vlmindex.errors import VlmindexError
     from vlmindex.models import LoadOptions
-    from vlmindex.serve import app as serve_app
+    from vlmindex.serve import server
 
-    copy = tmp_path / "ws"
-    shutil.copytree(served_ws, copy, ignore=shutil.ignore_patterns(".lock"))
-    for variable in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS", serve_app.SETTINGS_ENV):
+    for variable in (*server.THREAD_VARIABLES, server.SETTINGS_ENV):
         monkeypatch.setenv(variable, "")  # recorded as it was, so what run() sets is undone after the test
         monkeypatch.delenv(variable)
     limits = Limits(max_bytes=1234, max_pixels=5678, max_models=2)
-    service = NeighbourService(Workspace(copy), limits=limits, load=LoadOptions(trust_remote_code=True))
+    service = NeighbourService(Workspace(served_ws), limits=limits, load=LoadOptions(trust_remote_code=True))
     seen = {}
 
-    def supervisor(app, **kwargs):  # what uvicorn's would do: each worker builds its app, then all stop
+    def supervisor(app, **kwargs):  # in place of uvicorn's: builds one worker's app here, then stops
         seen["app"], seen["kwargs"] = app, kwargs
-        worker = serve_app.app_from_environment()
-        seen["limits"], seen["load"] = worker.state.service.limits, worker.state.service.load
-        (copy / "catalog.duckdb").unlink()
-        with pytest.raises(SystemExit) as stopped:
-            serve_app.app_from_environment()
-        seen["exit"] = stopped.value.code
+        worker = server.app_from_environment()
+        seen["ws"], seen["limits"], seen["load"] = (worker.state.service.ws.root, worker.state.service.limits,
+                                                    worker.state.service.load)
 
     monkeypatch.setattr(uvicorn, "run", supervisor)
-    with pytest.raises(VlmindexError, match="no vlmindex workspace"):
-        serve_app.run(service, host="127.0.0.1", port=1, workers=2)
-    assert seen["app"] == "vlmindex.serve.app:app_from_environment" and seen["kwargs"]["workers"] == 2
-    assert seen["limits"] == limits and seen["load"] == LoadOptions(trust_remote_code=True)
-    assert seen["exit"] == STARTUP_FAILURE
-    err = capsys.readouterr().err
-    assert err.count("\n") == 1 and err.startswith("Error: no vlmindex workspace") and "Traceback" not in err
-    cores = len(os.sched_getaffinity(0))
-    assert os.environ["OMP_NUM_THREADS"] == os.environ["OPENBLAS_NUM_THREADS"] == str(max(1, cores // 2))
+    # a worker here would watch for its parent, which this process is not the child of
+    monkeypatch.setattr(server, "_stop_with_parent", lambda parent: seen.setdefault("parent", parent))
+    server.run(service, host="127.0.0.1", port=_free_port(), workers=2)
+    assert seen["parent"] == os.getpid()
+    assert seen["app"] == "vlmindex.serve.server:app_from_environment" and seen["kwargs"]["workers"] == 2
+    assert seen["ws"] == Workspace(served_ws).root and seen["limits"] == limits
+    assert seen["load"] == LoadOptions(trust_remote_code=True)
+    assert all(os.environ[v] == str(max(1, server.cores() // 2)) for v in server.THREAD_VARIABLES)
+
+
+@linux_only
+def test_a_workspace_gone_before_the_workers_start_is_one_line_and_exit_1(served_ws, tmp_path):
+    """The workspace removed after the command checked it and before its workers started: each
+    worker exits with uvicorn's startup-failure code (its supervisor stops rather than restart
+    them), and the command says so in one line, with exit code 1."""
+    copy = tmp_path / "ws"
+    shutil.copytree(served_ws, copy, ignore=shutil.ignore_patterns(".lock", "explore"))
+    script = f"""
+import sys
+from pathlib import Path
+from vlmindex.serve import server
+real = server.run
+def run(service, **kwargs):
+    Path({str(copy / "catalog.duckdb")!r}).unlink()
+    real(service, **kwargs)
+server.run = run
+from vlmindex.cli import main
+main(["-w", {str(copy)!r}, "serve", "--port", "{_free_port()}", "--workers", "2"])
+"""
+    res = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120,
+                         start_new_session=True)
+    lines = [line for line in res.stderr.splitlines() if not line.startswith("vlmindex serve: workspace")]
+    assert res.returncode == 1, res.stderr
+    assert len(lines) == 1 and lines[0].startswith("Error: no vlmindex workspace at"), res.stderr
+
+
+def test_an_address_in_use_is_one_line_naming_it(served_ws, vlm):
+    import socket
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        for workers in ("1", "2"):
+            res = vlm(served_ws, "serve", "--port", port, "--workers", workers, expect=1)
+            assert res.err.count("\n") == 1 and f"cannot listen on 127.0.0.1:{port}" in res.err
+    res = vlm(served_ws, "serve", "--host", "no-such-host.invalid", expect=1)
+    assert res.err.count("\n") == 1 and "--host no-such-host.invalid" in res.err

@@ -81,9 +81,10 @@ def explore(ctx, model, dataset, condition, analysis_id, port, host, export, pub
 @click.option("--max-models", type=int, default=4, show_default=True,
               help="Models kept loaded at once (by each worker).")
 @click.option("--workers", type=int, default=1, show_default=True,
-              help="Processes answering requests. One runs one request's Python at a time (the GIL), so "
-                   "for several clients at once one per core answers faster. Each loads its own models "
-                   "(memory grows with N) and gets the cores divided by N for its thread teams.")
+              help="Processes answering requests (one per core is the most that helps). One runs one "
+                   "request's Python at a time (the GIL), so for several clients at once more answer faster. "
+                   "Each loads its own models (memory grows with N) and gets the cores divided by N for its "
+                   "thread teams, unless OMP_NUM_THREADS, OPENBLAS_NUM_THREADS or MKL_NUM_THREADS say otherwise.")
 @load_options
 @pass_ctx
 def serve(ctx, host, port, max_upload_mb, max_upload_pixels, max_models, workers, load):
@@ -110,14 +111,18 @@ def serve(ctx, host, port, max_upload_mb, max_upload_pixels, max_models, workers
         import uvicorn  # noqa: F401 - checked here: the message says how to install it
 
         from vlmindex.serve import Limits, NeighbourService
-        from vlmindex.serve.app import run
+        from vlmindex.serve.server import check_port, cores, run
     except ImportError:
         raise VlmindexError("the service needs FastAPI and uvicorn; install them with "
                             "`pip install 'vlmindex[serve]'`") from None
     if max_upload_mb <= 0 or max_upload_pixels <= 0 or max_models < 1 or workers < 1:
         raise VlmindexError("--max-upload-mb, --max-upload-pixels, --max-models and --workers must be positive")
+    if workers > cores():
+        click.echo(f"warning: --workers {workers} on {cores()} cores: workers beyond one per core add memory (each "
+                   "loads its own models), not speed", err=True)
     service = NeighbourService(ctx.workspace, load=load, limits=Limits(
         max_bytes=int(max_upload_mb * 1024 * 1024), max_pixels=max_upload_pixels, max_models=max_models))
+    check_port(host, port)
     _warn_host(host)
     click.echo(f"vlmindex serve: workspace {ctx.workspace.root} on http://{host}:{port}"
                + (f", {workers} workers" if workers > 1 else "") + " (Ctrl-C stops it)", err=True)

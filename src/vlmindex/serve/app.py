@@ -8,13 +8,9 @@ and condition, all checked against the catalog.
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import mimetypes
-import os
-import sys
 from importlib import resources
-from pathlib import Path
 from typing import Any
 from urllib.parse import quote
 
@@ -25,68 +21,10 @@ from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from vlmindex import __version__
-from vlmindex.catalog import CLEAN, RunKey, Workspace
-from vlmindex.errors import VlmindexError
-from vlmindex.models import LoadOptions
-from vlmindex.serve.service import (
-    BadRequest,
-    Limits,
-    NeighbourService,
-    NotFound,
-    ServiceError,
-    TooLarge,
-    explore_app,
-)
+from vlmindex.catalog import CLEAN, RunKey
+from vlmindex.serve.service import BadRequest, NeighbourService, NotFound, ServiceError, TooLarge, explore_app
 
 FORM_OVERHEAD = 64 * 1024  # multipart boundaries and the small fields beside the file
-SETTINGS_ENV = "VLMINDEX_SERVE_SETTINGS"  # how `serve --workers N` hands its service's settings to each worker
-
-
-def run(service: NeighbourService, *, host: str, port: int, workers: int = 1) -> None:
-    """Answer requests on ``host:port`` until interrupted, in ``workers`` processes.
-
-    One process runs one request's Python at a time (the GIL), so under concurrent clients it
-    leaves cores idle: 8 clients by image_id on an HNSW index of 100k vectors, on 2 cores, got
-    about 400 requests/s from one process and 420-620 from two. N workers are N processes over
-    one listening socket, each with its own service built from the settings of ``service`` (its
-    own caches and loaded models; each checks every index it opens, as one process does).
-
-    Each worker's thread teams (BLAS, OpenMP, torch) get the cores divided by N, unless the
-    environment already says: a team of every core per worker spins against the others' (2 on
-    2 cores: flat-index p50 146 ms with 8 clients, against 73 with one worker and 71-99 with
-    the cores divided)."""
-    import uvicorn
-
-    if workers == 1:
-        uvicorn.run(create_app(service), host=host, port=port, log_level="warning", access_log=False)
-        return
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    for variable in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
-        os.environ.setdefault(variable, str(max(1, cores // workers)))  # read by each worker at its start
-    os.environ[SETTINGS_ENV] = json.dumps({"workspace": str(service.ws.root),
-                                           "limits": dataclasses.asdict(service.limits),
-                                           "load": dataclasses.asdict(service.load)})
-    uvicorn.run(f"{__name__}:app_from_environment", factory=True, host=host, port=port, workers=workers,
-                log_level="warning", access_log=False)
-    service.ws.require()  # a worker that found no workspace stopped them all: the same one line, and exit 1
-
-
-def app_from_environment() -> FastAPI:
-    """The application of one worker process of ``serve --workers N``, from its parent's settings.
-
-    A workspace gone since the parent checked it is one line and uvicorn's startup-failure
-    exit code, on which its supervisor (in uvicorn releases of 2026 on) stops instead of
-    starting the worker again: it did, with a traceback each time, for any other exit."""
-    from uvicorn.config import STARTUP_FAILURE
-
-    settings = json.loads(os.environ[SETTINGS_ENV])
-    try:
-        service = NeighbourService(Workspace(Path(settings["workspace"])), limits=Limits(**settings["limits"]),
-                                   load=LoadOptions(**settings["load"]))
-    except VlmindexError as exc:
-        print(f"Error: {exc}", file=sys.stderr, flush=True)
-        sys.exit(STARTUP_FAILURE)
-    return create_app(service)
 
 
 def _error(status: int, message: str, choices: list[str] | None = None) -> JSONResponse:
