@@ -82,7 +82,9 @@ def explore(ctx, model, dataset, condition, analysis_id, port, host, export, pub
               help="Models kept loaded at once (by each worker).")
 @click.option("--workers", type=int, default=1, show_default=True,
               help="Processes answering requests (one per core is the most that helps). One runs one "
-                   "request's Python at a time (the GIL), so for several clients at once more answer faster. "
+                   "request's Python at a time (the GIL), so for several clients at once more answer faster, "
+                   "except on exact (flat) indexes: one process searches the queries waiting together, in one "
+                   "pass over the vectors, and N processes make N passes. "
                    "Each loads its own models (memory grows with N) and gets the cores divided by N for its "
                    "thread teams, unless OMP_NUM_THREADS, OPENBLAS_NUM_THREADS or MKL_NUM_THREADS say otherwise.")
 @load_options

@@ -2,14 +2,17 @@
 
 One process runs one request's Python at a time (the GIL), so under concurrent clients it leaves
 cores idle: 8 clients by image_id on an HNSW index of 100k vectors, on 2 cores, got about 400
-requests/s from one process and 420-620 from two. Each worker builds its own service from the
-settings of the command's (its own caches and loaded models; each checks every index it opens,
-as one process does), through uvicorn's supervisor, which restarts a worker that dies.
+requests/s from one process and 420-620 from two. Not so on a flat index: one process searches
+the queries waiting together in one pass over the vectors (``service._Batcher``), N processes
+make N passes (8 clients, 100k, 2 cores: 118 requests/s from one, 66 from two). Each worker
+builds its own service from the settings of the command's (its own caches and loaded models;
+each checks every index it opens, as one process does), through uvicorn's supervisor, which
+restarts a worker that dies.
 
 Each worker's thread teams (BLAS, OpenMP, torch) get the cores divided by N, unless the
 environment already sets their sizes: a team of every core per worker spins against the others'
-(2 workers on 2 cores: flat-index p50 146 ms with 8 clients, against 73 with one worker and
-71-99 with the cores divided).
+(on one host, 2 workers on 2 cores: flat-index p50 146 ms with 8 clients, against 73 with one
+worker and 71-99 with the cores divided).
 """
 
 from __future__ import annotations
