@@ -556,6 +556,49 @@ def test_exact_top_k_matches_a_plain_sort_ties_included():
         assert one_i[0].tolist() == i19[r].tolist() and one_s[0].tobytes() == s19[r].tobytes()
 
 
+def test_scan_scores_match_a_float64_product_for_any_batch_and_thread_count():
+    """The flat scan's kernel, against NumPy's float64 product: every batch size the service
+    forms, its rows split between 1 to 3 threads (more rows than one thread's share)."""
+    from vlmindex.serve import scan
+
+    rng = np.random.default_rng(3)
+    vectors = normalise(rng.normal(size=(9000, 48)))
+    queries = normalise(rng.normal(size=(8, 48)))
+    want = queries.astype(np.float64) @ vectors.astype(np.float64).T
+    for threads in (1, 2, 3):
+        for b in (1, 2, 5, 8):
+            got = scan.scores(vectors, queries[:b], threads=threads)
+            assert got.shape == (b, 9000) and got.dtype == np.float32
+            np.testing.assert_allclose(got, want[:b], atol=1e-5)
+    strided = np.asfortranarray(vectors)  # not C-ordered: copied, not misread
+    np.testing.assert_allclose(scan.scores(strided, queries[:2], threads=2), want[:2], atol=1e-5)
+
+
+def test_exact_top_k_is_exact_with_its_rows_split_between_threads(monkeypatch):
+    """A batch and each query alone, on 1 to 3 scan threads, over more rows than one thread's
+    share and with ties across the k-th place: the same neighbours and scores as a plain sort."""
+    from vlmindex.serve import scan
+    from vlmindex.serve.service import exact_top_k
+
+    rng = np.random.default_rng(4)
+    base = normalise(rng.normal(size=(40, 16)))  # few directions: many equal scores
+    vectors = base[rng.integers(0, 40, size=9000)]
+    ids = rng.choice(10**12, size=9000, replace=False).astype(np.int64)
+    queries = rng.normal(size=(6, 16)).astype(np.float32)
+    q = normalise(queries).astype(np.float64)
+    want = []
+    for r in range(len(q)):
+        s = vectors.astype(np.float64) @ q[r]
+        want.append(ids[sorted(range(9000), key=lambda j, s=s: (-s[j], ids[j]))[:25]].tolist())
+    for threads in (1, 2, 3):
+        monkeypatch.setattr(scan, "team_size", lambda threads=threads: threads)
+        scores, got = exact_top_k(vectors, ids, queries, 25)
+        assert got.tolist() == want
+        for r in range(len(q)):
+            one_s, one_i = exact_top_k(vectors, ids, queries[r:r + 1], 25)
+            assert one_i[0].tolist() == want[r] and one_s[0].tobytes() == scores[r].tobytes()
+
+
 def test_concurrent_first_uploads_load_a_model_once(served_ws, monkeypatch):
     """Found by the load benchmark: two requests loading one model at once both built it, their
     seeded draws from torch's global RNG interleaved, and the untrained ViT got other weights."""
