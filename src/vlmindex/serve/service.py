@@ -262,7 +262,7 @@ def exact_top_k(vectors: np.ndarray, ids: np.ndarray, queries: np.ndarray, k: in
     """Top-``k`` by inner product over the rows of ``vectors`` (unit rows: cosine), exactly.
 
     All queries are scored in float32 in one pass over the vectors (:func:`scan.scores`: 8
-    queries cost what 2.7 single ones do, the reading of the vectors being most of it); every vector within
+    queries cost what 2.6 single ones do, the reading of the vectors being most of it); every vector within
     :data:`RESCORE_MARGIN` of the k-th score is then scored again in float64, and those decide.
     So a query's result never depends on what else was in its batch, and the order is score
     descending, then ``image_id`` ascending among equal scores (the analyses' tie rule), also at
