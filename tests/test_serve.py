@@ -556,47 +556,122 @@ def test_exact_top_k_matches_a_plain_sort_ties_included():
         assert one_i[0].tolist() == i19[r].tolist() and one_s[0].tobytes() == s19[r].tobytes()
 
 
-def test_scan_scores_match_a_float64_product_for_any_batch_and_thread_count():
-    """The flat scan's kernel, against NumPy's float64 product: every batch size the service
-    forms, its rows split between 1 to 3 threads (more rows than one thread's share)."""
+@pytest.fixture
+def scan_shares(monkeypatch):
+    """The flat scan with a fresh thread pool, recording each share it scans: (thread, lo, hi)."""
+    from vlmindex.serve import scan
+
+    scan._forget_pool()
+    shares: list[tuple[str, int, int]] = []
+    real = scan._rows
+
+    def rows(vectors, queries, lo, hi, out):
+        shares.append((threading.current_thread().name, lo, hi))
+        real(vectors, queries, lo, hi, out)
+
+    monkeypatch.setattr(scan, "_rows", rows)
+    yield shares
+    scan._forget_pool()
+
+
+def test_scan_scores_match_a_float64_product_for_any_batch_and_thread_count(scan_shares):
+    """The flat scan's kernel, against NumPy's float64 product: batches of 1 to 8 queries, their
+    rows split into 1 to 3 shares on as many threads, all rows covered once."""
     from vlmindex.serve import scan
 
     rng = np.random.default_rng(3)
-    vectors = normalise(rng.normal(size=(9000, 48)))
+    n = 3 * scan.MIN_SHARE + 700
+    vectors = normalise(rng.normal(size=(n, 48)))
     queries = normalise(rng.normal(size=(8, 48)))
     want = queries.astype(np.float64) @ vectors.astype(np.float64).T
     for threads in (1, 2, 3):
         for b in (1, 2, 5, 8):
+            scan_shares.clear()
             got = scan.scores(vectors, queries[:b], threads=threads)
-            assert got.shape == (b, 9000) and got.dtype == np.float32
+            assert got.shape == (b, n) and got.dtype == np.float32
             np.testing.assert_allclose(got, want[:b], atol=1e-5)
+            spans = sorted((lo, hi) for _, lo, hi in scan_shares)
+            assert len(spans) == threads and spans[0][0] == 0 and spans[-1][1] == n
+            assert all(a[1] == b_[0] for a, b_ in zip(spans, spans[1:], strict=False))
     strided = np.asfortranarray(vectors)  # not C-ordered: copied, not misread
     np.testing.assert_allclose(scan.scores(strided, queries[:2], threads=2), want[:2], atol=1e-5)
+    frozen = vectors.copy()
+    frozen.setflags(write=False)  # as a read-only memory map is
+    np.testing.assert_allclose(scan.scores(frozen, queries[:3], threads=2), want[:3], atol=1e-5)
+    with pytest.raises(ValueError, match="cannot be scored"):
+        scan.scores(vectors[:, :40], queries[:2])
 
 
-def test_exact_top_k_is_exact_with_its_rows_split_between_threads(monkeypatch):
-    """A batch and each query alone, on 1 to 3 scan threads, over more rows than one thread's
-    share and with ties across the k-th place: the same neighbours and scores as a plain sort."""
+def test_a_larger_scan_after_a_smaller_one_gets_all_its_threads(scan_shares):
+    """The pool is shared by every scan of the process: one first made for a small index grows
+    for a larger split instead of queueing its shares on too few threads."""
+    from vlmindex.serve import scan
+
+    rng = np.random.default_rng(5)
+    vectors = normalise(rng.normal(size=(4 * scan.MIN_SHARE, 16)))
+    scan.scores(vectors[:2 * scan.MIN_SHARE], vectors[:2], threads=2)
+    scan_shares.clear()
+    got = scan.scores(vectors, vectors[:2], threads=4)
+    assert len(scan_shares) == 4 and scan._pool_size == 3  # 3 helpers and the caller
+    np.testing.assert_allclose(got, vectors[:2].astype(np.float64) @ vectors.astype(np.float64).T, atol=1e-5)
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork")
+def test_a_forked_child_scans_with_threads_of_its_own(scan_shares):
+    """A child forked after the parent's scans has none of the pool's threads: its scans get a
+    pool of their own instead of waiting forever on the parent's."""
+    import signal
+
+    from vlmindex.serve import scan
+
+    vectors = normalise(np.random.default_rng(6).normal(size=(2 * scan.MIN_SHARE, 8)))
+    want = vectors[:1].astype(np.float64) @ vectors.astype(np.float64).T
+    scan.scores(vectors, vectors[:1], threads=2)
+    pid = os.fork()
+    if pid == 0:  # the child: only os._exit, so nothing of pytest's runs here
+        signal.alarm(30)
+        os._exit(0 if np.allclose(scan.scores(vectors, vectors[:1], threads=2), want, atol=1e-5) else 1)
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0, "the child's scan hung (-14: killed by its alarm) or was wrong"
+
+
+def test_exact_top_k_is_exact_with_its_rows_split_between_threads(monkeypatch, scan_shares):
+    """A batch and each query alone, on 1 to 3 scan threads, with ties across the k-th place:
+    the same neighbours and scores as a plain sort."""
     from vlmindex.serve import scan
     from vlmindex.serve.service import exact_top_k
 
     rng = np.random.default_rng(4)
+    n = 3 * scan.MIN_SHARE + 700
     base = normalise(rng.normal(size=(40, 16)))  # few directions: many equal scores
-    vectors = base[rng.integers(0, 40, size=9000)]
-    ids = rng.choice(10**12, size=9000, replace=False).astype(np.int64)
+    vectors = base[rng.integers(0, 40, size=n)]
+    ids = rng.choice(10**12, size=n, replace=False).astype(np.int64)
     queries = rng.normal(size=(6, 16)).astype(np.float32)
     q = normalise(queries).astype(np.float64)
     want = []
     for r in range(len(q)):
         s = vectors.astype(np.float64) @ q[r]
-        want.append(ids[sorted(range(9000), key=lambda j, s=s: (-s[j], ids[j]))[:25]].tolist())
+        want.append(ids[sorted(range(n), key=lambda j, s=s: (-s[j], ids[j]))[:25]].tolist())
     for threads in (1, 2, 3):
         monkeypatch.setattr(scan, "team_size", lambda threads=threads: threads)
+        scan_shares.clear()
         scores, got = exact_top_k(vectors, ids, queries, 25)
-        assert got.tolist() == want
+        assert got.tolist() == want and len(scan_shares) == threads
         for r in range(len(q)):
             one_s, one_i = exact_top_k(vectors, ids, queries[r:r + 1], 25)
             assert one_i[0].tolist() == want[r] and one_s[0].tobytes() == scores[r].tobytes()
+
+
+def test_scan_threads_follow_the_thread_team_variables(monkeypatch):
+    from vlmindex.serve import scan
+
+    for variable in scan.THREAD_VARIABLES:
+        monkeypatch.delenv(variable, raising=False)
+    assert scan.team_size() == (len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count())
+    monkeypatch.setenv("MKL_NUM_THREADS", "3")
+    assert scan.team_size() == 3
+    monkeypatch.setenv("OMP_NUM_THREADS", "2,1")  # OpenMP's nested form: the outer team
+    assert scan.team_size() == 2
 
 
 def test_concurrent_first_uploads_load_a_model_once(served_ws, monkeypatch):

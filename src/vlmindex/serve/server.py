@@ -4,15 +4,16 @@ One process runs one request's Python at a time (the GIL), so under concurrent c
 cores idle: 8 clients by image_id on an HNSW index of 100k vectors, on 2 cores, got about 400
 requests/s from one process and 420-620 from two. Not so on a flat index: one process searches
 the queries waiting together in one pass over the vectors (``service._Batcher``), N processes
-make N passes (8 clients, 100k, 2 cores: 201 requests/s from one, 150 from two). Each worker
-builds its own service from the settings of the command's (its own caches and loaded models;
-each checks every index it opens, as one process does), through uvicorn's supervisor, which
-restarts a worker that dies.
+make N passes (8 clients, 100k, 2 cores, one run: 201 requests/s from one, 150 from two). Each
+worker builds its own service from the settings of the command's (its own caches and loaded
+models; each checks every index it opens, as one process does), through uvicorn's supervisor,
+which restarts a worker that dies.
 
 Each worker's thread teams (BLAS, OpenMP, torch) get the cores divided by N, unless the
 environment already sets their sizes: a team of every core per worker spins against the others'
-(on one host, 2 workers on 2 cores: flat-index p50 146 ms with 8 clients, against 73 with one
-worker and 71-99 with the cores divided).
+(on one host, 2 workers on 2 cores, when a flat index was searched by BLAS: p50 146 ms with 8
+clients, against 73 with one worker and 71-99 with the cores divided). The flat scan's threads
+(``scan.team_size``) follow the same variables.
 """
 
 from __future__ import annotations
@@ -32,10 +33,11 @@ from typing import Any
 from vlmindex.catalog import Workspace
 from vlmindex.errors import VlmindexError
 from vlmindex.models import LoadOptions
+from vlmindex.serve import scan
 from vlmindex.serve.service import Limits, NeighbourService
 
 SETTINGS_ENV = "VLMINDEX_SERVE_SETTINGS"  # how `serve --workers N` hands the command's settings to each worker
-THREAD_VARIABLES = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")
+THREAD_VARIABLES = scan.THREAD_VARIABLES
 PARENT_POLL_S = 1.0
 
 

@@ -18,9 +18,9 @@ Read-only over a workspace. What it keeps in memory, and why each is safe with w
 - thumbnails, by (image, its sha256, condition recipe, size).
 
 Queries that arrive together on one flat index are searched together (one pass over the vectors
-for all of them, :func:`scan.scores`): under concurrent clients that keeps the cost per query down. Queries to an
-approximate index cost the same alone as in a batch, so each is searched by itself, several at
-once (:class:`_Alone`).
+for all of them, :func:`scan.scores`): under concurrent clients that keeps the cost per query
+down. Queries to an approximate index cost the same alone as in a batch, so each is searched by
+itself, several at once (:class:`_Alone`).
 """
 
 from __future__ import annotations
@@ -261,8 +261,8 @@ RESCORE_MARGIN = 1e-4  # above float32 rounding of a 512..4096-d dot product of 
 def exact_top_k(vectors: np.ndarray, ids: np.ndarray, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
     """Top-``k`` by inner product over the rows of ``vectors`` (unit rows: cosine), exactly.
 
-    All queries are scored in float32 in one pass over the vectors (:func:`scan.scores`: 8
-    queries cost what 2.6 single ones do, the reading of the vectors being most of it); every vector within
+    All queries are scored in float32 in one pass over the vectors (:func:`scan.scores`: at 100k
+    × 512 on 2 cores, 19.7 ms for 8 queries, 7.6 for one); every vector within
     :data:`RESCORE_MARGIN` of the k-th score is then scored again in float64, and those decide.
     So a query's result never depends on what else was in its batch, and the order is score
     descending, then ``image_id`` ascending among equal scores (the analyses' tie rule), also at
@@ -277,7 +277,9 @@ def exact_top_k(vectors: np.ndarray, ids: np.ndarray, queries: np.ndarray, k: in
     for r, s in enumerate(fast):
         kth = np.partition(s, n - k)[n - k]
         cand = np.flatnonzero(s >= kth - RESCORE_MARGIN)
-        exact = vectors[cand].astype(np.float64) @ q[r].astype(np.float64)
+        # a product and a sum per row, not BLAS's matrix-vector product: that one gave equal rows
+        # scores 1 ulp apart by their place in the matrix, and the tie rule then ordered them by that
+        exact = (vectors[cand].astype(np.float64) * q[r].astype(np.float64)).sum(axis=1)
         order = np.lexsort((ids[cand], -exact))[:k]
         out_s[r], out_i[r] = exact[order], ids[cand[order]]
     return out_s, out_i
