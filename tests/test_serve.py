@@ -616,6 +616,45 @@ def test_a_larger_scan_after_a_smaller_one_gets_all_its_threads(scan_shares):
     np.testing.assert_allclose(got, vectors[:2].astype(np.float64) @ vectors.astype(np.float64).T, atol=1e-5)
 
 
+def test_a_scan_submitting_while_another_grows_the_pool_never_fails(scan_shares):
+    """Found by review: a scan took the pool, another replaced it with a larger one and shut the
+    old one down, and the first one's submit failed ('cannot schedule new futures after shutdown',
+    4 scans in 1000 tries; this test failed 3 runs of 3 before the fix). Thread switches are
+    forced often, to meet the window."""
+    from vlmindex.serve import scan
+
+    rng = np.random.default_rng(7)
+    small = rng.normal(size=(3 * scan.MIN_SHARE, 8)).astype(np.float32)
+    big = rng.normal(size=(4 * scan.MIN_SHARE, 8)).astype(np.float32)
+    errors: list[str] = []
+
+    def keep_scanning(stop: threading.Event) -> None:
+        while not stop.is_set():
+            try:
+                scan.scores(small, small[:1], threads=3)
+            except Exception as exc:  # noqa: BLE001 - the failure this test looks for
+                errors.append(repr(exc))
+                return
+
+    before = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)
+    try:
+        for _ in range(600):
+            scan._forget_pool()
+            scan.scores(small, small[:1], threads=3)  # a pool of 2 helpers
+            stop = threading.Event()
+            other = threading.Thread(target=keep_scanning, args=(stop,))
+            other.start()
+            scan.scores(big, big[:1], threads=4)  # grows it to 3 while the other scans
+            stop.set()
+            other.join()
+            if errors:
+                break
+    finally:
+        sys.setswitchinterval(before)
+    assert not errors, errors[0]
+
+
 @pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork")
 def test_a_forked_child_scans_with_threads_of_its_own(scan_shares):
     """A child forked after the parent's scans has none of the pool's threads: its scans get a
@@ -628,9 +667,14 @@ def test_a_forked_child_scans_with_threads_of_its_own(scan_shares):
     want = vectors[:1].astype(np.float64) @ vectors.astype(np.float64).T
     scan.scores(vectors, vectors[:1], threads=2)
     pid = os.fork()
-    if pid == 0:  # the child: only os._exit, so nothing of pytest's runs here
-        signal.alarm(30)
-        os._exit(0 if np.allclose(scan.scores(vectors, vectors[:1], threads=2), want, atol=1e-5) else 1)
+    if pid == 0:  # the child: whatever happens, os._exit, so nothing of pytest's runs here
+        code = 2
+        try:
+            signal.signal(signal.SIGALRM, signal.SIG_DFL)
+            signal.alarm(30)
+            code = 0 if np.allclose(scan.scores(vectors, vectors[:1], threads=2), want, atol=1e-5) else 1
+        finally:
+            os._exit(code)
     _, status = os.waitpid(pid, 0)
     assert os.waitstatus_to_exitcode(status) == 0, "the child's scan hung (-14: killed by its alarm) or was wrong"
 
@@ -644,13 +688,14 @@ def test_exact_top_k_is_exact_with_its_rows_split_between_threads(monkeypatch, s
     rng = np.random.default_rng(4)
     n = 3 * scan.MIN_SHARE + 700
     base = normalise(rng.normal(size=(40, 16)))  # few directions: many equal scores
-    vectors = base[rng.integers(0, 40, size=n)]
+    direction = rng.integers(0, 40, size=n)
+    vectors = base[direction]
     ids = rng.choice(10**12, size=n, replace=False).astype(np.int64)
     queries = rng.normal(size=(6, 16)).astype(np.float32)
     q = normalise(queries).astype(np.float64)
     want = []
     for r in range(len(q)):
-        s = vectors.astype(np.float64) @ q[r]
+        s = (base.astype(np.float64) @ q[r])[direction]  # equal rows, equal scores: by construction
         want.append(ids[sorted(range(n), key=lambda j, s=s: (-s[j], ids[j]))[:25]].tolist())
     for threads in (1, 2, 3):
         monkeypatch.setattr(scan, "team_size", lambda threads=threads: threads)

@@ -41,7 +41,7 @@ def _rows_py(vectors, queries, lo, hi, out):  # pragma: no cover - compiled
 
 
 def _compile(cache: bool):
-    # reassociation lets the sum vectorise; no other fast-math flag, so NaN and inf stay as IEEE says
+    # reassociation lets the sum vectorise (contraction: into FMAs); not the flags under which NaN and inf are undefined
     return njit(_SIGNATURES, nogil=True, cache=cache, fastmath={"reassoc", "contract"})(_rows_py)
 
 
@@ -74,16 +74,19 @@ def team_size() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
-def _helpers(n: int) -> concurrent.futures.ThreadPoolExecutor:
-    """A pool of at least ``n`` threads, shared by every scan of this process."""
+def _submit(shares: list[tuple], futures: list[concurrent.futures.Future]) -> None:
+    """Each share to a pool of at least ``len(shares)`` threads, shared by every scan of this
+    process, its future appended to ``futures`` as soon as it is submitted. Under the lock: a scan
+    that grows the pool never retires one another scan is submitting to."""
     global _pool, _pool_size
     with _pool_lock:
-        if _pool is None or _pool_size < n:
+        if _pool is None or _pool_size < len(shares):
             old, _pool, _pool_size = _pool, concurrent.futures.ThreadPoolExecutor(
-                n, thread_name_prefix="vlmindex-scan"), n
+                len(shares), thread_name_prefix="vlmindex-scan"), len(shares)
             if old is not None:
                 old.shutdown(wait=False)  # its queued shares still run; new ones go to the larger pool
-        return _pool
+        for share in shares:
+            futures.append(_pool.submit(_rows, *share))
 
 
 def scores(vectors: np.ndarray, queries: np.ndarray, threads: int | None = None) -> np.ndarray:
@@ -103,8 +106,7 @@ def scores(vectors: np.ndarray, queries: np.ndarray, threads: int | None = None)
     futures: list[concurrent.futures.Future] = []
     try:
         if parts > 1:
-            pool = _helpers(parts - 1)
-            futures = [pool.submit(_rows, vectors, queries, cuts[p], cuts[p + 1], out) for p in range(1, parts)]
+            _submit([(vectors, queries, cuts[p], cuts[p + 1], out) for p in range(1, parts)], futures)
         _rows(vectors, queries, cuts[0], cuts[1], out)
     finally:
         concurrent.futures.wait(futures)  # the helpers read `vectors` and write `out`: none outlives this call
