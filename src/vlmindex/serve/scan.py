@@ -76,8 +76,8 @@ def team_size() -> int:
 
 def _submit(shares: list[tuple], futures: list[concurrent.futures.Future]) -> None:
     """Each share to a pool of at least ``len(shares)`` threads, shared by every scan of this
-    process, its future appended to ``futures`` as soon as it is submitted. Under the lock: a scan
-    that grows the pool never retires one another scan is submitting to."""
+    process, its future appended to ``futures`` as soon as it is submitted. Under the lock, so a
+    scan that grows the pool never retires a pool that another scan is submitting to."""
     global _pool, _pool_size
     with _pool_lock:
         if _pool is None or _pool_size < len(shares):
