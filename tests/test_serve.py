@@ -645,9 +645,11 @@ def test_a_scan_submitting_while_another_grows_the_pool_never_fails(scan_shares)
             stop = threading.Event()
             other = threading.Thread(target=keep_scanning, args=(stop,))
             other.start()
-            scan.scores(big, big[:1], threads=4)  # grows it to 3 while the other scans
-            stop.set()
-            other.join()
+            try:
+                scan.scores(big, big[:1], threads=4)  # grows it to 3 while the other scans
+            finally:
+                stop.set()
+                other.join()
             if errors:
                 break
     finally:
