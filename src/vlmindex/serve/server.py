@@ -4,7 +4,7 @@ One process runs one request's Python at a time (the GIL), so under concurrent c
 cores idle: 8 clients by image_id on an HNSW index of 100k vectors, on 2 cores, got about 400
 requests/s from one process and 420-620 from two. Not so on a flat index: one process searches
 the queries waiting together in one pass over the vectors (``service._Batcher``), N processes
-make N passes (8 clients, 100k, 2 cores, one run: 201 requests/s from one, 150 from two). Each
+make N passes (8 clients, 100k, 2 cores: 201-219 requests/s from one, 150-160 from two). Each
 worker builds its own service from the settings of the command's (its own caches and loaded
 models; each checks every index it opens, as one process does), through uvicorn's supervisor,
 which restarts a worker that dies.
