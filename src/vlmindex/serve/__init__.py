@@ -1,8 +1,8 @@
 """``vlmindex serve``: a read-only nearest-neighbour service and page over one workspace.
 
 ``service`` holds the logic (snapshots of verified indexes, loaded models, thumbnails, limits);
-``app`` is the FastAPI skin; ``server`` runs it (one process, or N workers); ``page.html`` the
-page at ``/``.
+``scan`` the compiled scan of a flat index; ``app`` is the FastAPI skin; ``server`` runs it (one
+process, or N workers); ``page.html`` the page at ``/``.
 """
 
 from vlmindex.serve.service import Limits, NeighbourService
