@@ -118,6 +118,29 @@ def test_upload_of_a_catalog_image_is_recognised_and_embedded_with_each_models_p
     assert out.json()["query"]["image_id"] == image_id
 
 
+def test_an_upload_a_model_embeds_as_all_zeros_is_refused_not_answered(client):
+    """A uniform image has no gradients, so hog embeds it as all zeros. Every gallery image then
+    scores 0, and its 'neighbours' would be the lowest image_ids. `embed` leaves such vectors out
+    of the analyses; the service says so instead of ranking on them (400, one line, naming the model)."""
+    uniform = _png(Image.new("RGB", (96, 96), (128, 128, 128)))
+    res = client.post("/api/knn", data={"dataset": "demo", "models": "hog"}, files={"file": ("q.png", uniform)})
+    assert res.status_code == 400, res.json()
+    body = res.json()
+    assert "hog" in body["error"] and "all zeros" in body["error"] and "\n" not in body["error"]
+    assert body["choices"] == ["raw-pixels"]  # the models that can be asked instead
+    # a model that gives it a usable vector still answers
+    ok = client.post("/api/knn", data={"dataset": "demo", "models": "raw-pixels", "k": "3"},
+                     files={"file": ("q.png", uniform)})
+    assert ok.status_code == 200 and len(ok.json()["results"]["raw-pixels"]) == 3
+
+
+def test_query_of_an_image_a_model_embeds_as_all_zeros_is_one_line(served_ws, vlm, tmp_path):
+    uniform = tmp_path / "grey.png"
+    Image.new("RGB", (96, 96), (128, 128, 128)).save(uniform)
+    res = vlm(served_ws, "query", uniform, "-m", "hog", "-d", "demo", expect=1)
+    assert res.err.count("\n") == 1 and "grey.png" in res.err and "all zeros" in res.err and not res.out
+
+
 def test_upload_outside_the_catalog(client, served_ws):
     _, path, label, _, _ = _images(served_ws)[5]
     flipped = _png(Image.open(path).transpose(Image.Transpose.FLIP_LEFT_RIGHT))

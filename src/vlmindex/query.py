@@ -50,6 +50,16 @@ def check_weights(extractor, key: RunKey, indexed_with: str | None) -> None:
             "was built from")
 
 
+def require_rankable(vectors: np.ndarray, model: str, names: list[str]) -> None:
+    """Refuse query embeddings that are all zeros or not finite (hog's of a uniform image, say):
+    every gallery image scores the same against them, so their 'neighbours' would be whatever the
+    tie rule puts first. `embed` leaves such vectors out of the analyses for the same reason."""
+    bad = np.flatnonzero(~(np.isfinite(vectors).all(axis=1) & vectors.any(axis=1)))
+    if len(bad):
+        raise VlmindexError(f"model {model!r} embeds {names[int(bad[0])]} as all zeros or not finite (a uniform "
+                            "image?), so no image is nearer to it than another; ask another model")
+
+
 def query(ws: Workspace, images: list[Path], model: str, dataset: str, condition: str = "clean", *,
           k: int = 10, checkpoint: str | None = None, trust_remote_code: bool = False,
           device: str | None = None, load: LoadOptions | None = None) -> list[dict[str, Any]]:
@@ -72,6 +82,7 @@ def query(ws: Workspace, images: list[Path], model: str, dataset: str, condition
             f"{dataset}/{condition} holds {info.dim}-d ones; rebuild it with `vlmindex embed` "
             "and `vlmindex index build`, or query with the model it was built from"
         )
+    require_rankable(vectors, model, [str(p) for p in images])
     scores, ids = search(index, vectors, k, gpu=True)
     found = sorted({int(i) for i in ids.ravel() if i >= 0})
     with ws.read(views=False) as con:

@@ -673,7 +673,7 @@ class NeighbourService:
         (embedded with each model's own preprocessing). A query found in the catalog (same file
         bytes, or same decoded pixels) is marked as such, and its own group flagged in the results."""
         from vlmindex.imageio import pixels_sha256
-        from vlmindex.query import check_weights, embed_images
+        from vlmindex.query import check_weights, embed_images, require_rankable
 
         keys = self._resolve(dataset, models, condition, k)
         catalog_sig = self._dataset_meta(dataset)
@@ -714,6 +714,11 @@ class NeighbourService:
                 if condition != CLEAN:
                     shown = self._overlay_upload(img, dataset, condition, query)
                 vector = self.on_model_thread(lambda ex=extractor, im=shown: embed_images(ex, [im])[0])
+                try:
+                    require_rankable(vector[None, :], key.model, ["the upload"])
+                except VlmindexError as exc:
+                    others = sorted({i.model for i in self.indexes(dataset) if i.condition == condition} - {key.model})
+                    raise BadRequest(str(exc), others) from None
             scores, ids = snap.batcher.search(np.asarray(vector, dtype=np.float32), k)
             if image_id is not None and snap.info.kind != "flat":
                 scores, ids = with_own_vector(scores, ids, image_id, vector, k)
