@@ -39,7 +39,7 @@ from tqdm import tqdm
 from vlmindex.catalog import RunKey, Workspace
 from vlmindex.catalog import datasets as catalog_datasets
 from vlmindex.catalog import embeddings as store
-from vlmindex.catalog.parts import remove_stale_temporaries
+from vlmindex.catalog.parts import remove_stale_temporaries, unusable_rows
 from vlmindex.errors import VlmindexError, WorkspaceBusy
 from vlmindex.imageio import load_verified
 from vlmindex.models import LoadOptions, auto_device
@@ -302,7 +302,7 @@ def _embed_pending(ws: Workspace, key: RunKey, opts: EmbedOptions, sel: store.Se
             bar.update(len(failed))
             if len(ids) == 0:
                 continue
-            zero += ids[~(np.isfinite(vecs).all(axis=1) & vecs.any(axis=1))].tolist()
+            zero += ids[unusable_rows(vecs)].tolist()
             buf_ids.append(ids)
             buf_vecs.append(vecs)
             bar.update(len(vecs))

@@ -11,6 +11,7 @@ import torch
 from vlmindex.catalog import RunKey, Workspace
 from vlmindex.catalog import datasets as catalog_datasets
 from vlmindex.catalog.embeddings import newest_weights
+from vlmindex.catalog.parts import unusable_rows
 from vlmindex.errors import VlmindexError
 from vlmindex.imageio import load_image
 from vlmindex.index import load_index, search
@@ -51,10 +52,10 @@ def check_weights(extractor, key: RunKey, indexed_with: str | None) -> None:
 
 
 def require_rankable(vectors: np.ndarray, model: str, names: list[str]) -> None:
-    """Refuse query embeddings that are all zeros or not finite (hog's of a uniform image, say):
-    every gallery image scores the same against them, so their 'neighbours' would be whatever the
-    tie rule puts first. `embed` leaves such vectors out of the analyses for the same reason."""
-    bad = np.flatnonzero(~(np.isfinite(vectors).all(axis=1) & vectors.any(axis=1)))
+    """Refuse query embeddings that are all zeros or not finite (:func:`unusable_rows`): every
+    gallery image scores the same against them, so their 'neighbours' would be whatever the tie
+    rule puts first."""
+    bad = np.flatnonzero(unusable_rows(vectors))
     if len(bad):
         raise VlmindexError(f"model {model!r} embeds {names[int(bad[0])]} as all zeros or not finite (a uniform "
                             "image?), so no image is nearer to it than another; ask another model")

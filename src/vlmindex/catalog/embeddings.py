@@ -122,7 +122,7 @@ def read_run(ws: Workspace, key: RunKey, *, ids: np.ndarray | None = None,
             ) from None
     all_ids = table["image_id"].to_numpy()
     vectors = parts.vectors_of(table["embedding"])
-    bad = ~np.isfinite(vectors).all(axis=1) | ~vectors.any(axis=1) if len(vectors) else np.zeros(0, bool)
+    bad = parts.unusable_rows(vectors) if len(vectors) else np.zeros(0, bool)
     return RunEmbeddings(all_ids[~bad], np.ascontiguousarray(vectors[~bad]), all_ids[bad], fingerprint)
 
 

@@ -227,6 +227,13 @@ def read_embeddings(directory: Path) -> tuple[np.ndarray, np.ndarray]:
     return ids[keep], np.ascontiguousarray(mat[keep])
 
 
+def unusable_rows(vectors: np.ndarray) -> np.ndarray:
+    """The rows that are all zeros or not finite (a uniform image under hog, a model's NaN): no
+    image is nearer to them than another, so they are left out of indexes and analyses, and
+    refused as queries."""
+    return ~(np.isfinite(vectors).all(axis=1) & vectors.any(axis=1))
+
+
 def vectors_of(column: pa.ChunkedArray | pa.Array) -> np.ndarray:
     """A (fixed-size or variable) list column of vectors as a float32 matrix."""
     col = column.combine_chunks() if isinstance(column, pa.ChunkedArray) else column

@@ -64,6 +64,11 @@ if hasattr(os, "register_at_fork"):
     os.register_at_fork(after_in_child=_forget_pool)
 
 
+def cores() -> int:
+    """The cores this process may run on (a container's or ``taskset``'s share, not the machine's)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
 def team_size() -> int:
     """Threads for one scan: the size of the thread teams where the environment sets it
     (``serve --workers N`` sets it to the cores divided by N), else one per core."""
@@ -71,7 +76,7 @@ def team_size() -> int:
         value = os.environ.get(variable, "").split(",")[0].strip()
         if value.isdigit() and int(value) > 0:
             return int(value)
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return cores()
 
 
 def _submit(shares: list[tuple], futures: list[concurrent.futures.Future]) -> None:

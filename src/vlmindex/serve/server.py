@@ -33,17 +33,11 @@ from typing import Any
 from vlmindex.catalog import Workspace
 from vlmindex.errors import VlmindexError
 from vlmindex.models import LoadOptions
-from vlmindex.serve import scan
+from vlmindex.serve.scan import THREAD_VARIABLES, cores
 from vlmindex.serve.service import Limits, NeighbourService
 
 SETTINGS_ENV = "VLMINDEX_SERVE_SETTINGS"  # how `serve --workers N` hands the command's settings to each worker
-THREAD_VARIABLES = scan.THREAD_VARIABLES
 PARENT_POLL_S = 1.0
-
-
-def cores() -> int:
-    """The cores this process may run on (a container's or ``taskset``'s share, not the machine's)."""
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
 def check_port(host: str, port: int) -> None:
